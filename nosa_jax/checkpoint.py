@@ -1,0 +1,69 @@
+"""orbax checkpoints of the training state, crash-safe and resumable.
+
+A checkpoint is one orbax step directory holding `state` (params, optimizer
+state, step, RNG key; StandardSave) and `meta` (JSON: data position, step,
+config). orbax writes a step into a temporary directory and renames it into
+place only when complete, so a process killed mid-save leaves the previous
+checkpoint as the latest usable one; leftover temporary directories are
+removed on the next start (`cleanup_tmp_directories`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """A thin `ocp.CheckpointManager` wrapper for (state, meta) pairs."""
+
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self._mgr = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+            enable_async_checkpointing=async_save))
+
+  def latest_step(self) -> int | None:
+    return self._mgr.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._mgr.all_steps())
+
+  def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+    """Starts saving (asynchronously); `wait()` blocks until committed."""
+    self._mgr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                   force=True)
+
+  def restore(self, step: int | None, like: Any) -> tuple[Any, dict]:
+    """Restores `step` (default latest) into the structure of `like`."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    out = self._mgr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract),
+        meta=ocp.args.JsonRestore()))
+    return out.state, dict(out.meta)
+
+  def wait(self) -> None:
+    self._mgr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mgr.close()
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  """Writes JSON through a temp file + rename, never leaving half a file."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)

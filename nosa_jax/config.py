@@ -1,0 +1,308 @@
+"""Typed, frozen configuration for models, data and training.
+
+A ConfigDict from `configs/*.py` is turned into these dataclasses exactly once
+(`ExperimentConfig.from_dict(config.to_dict())`) in the entry point; the
+library never sees a ConfigDict. Frozen dataclasses are hashable, so
+`ModelConfig` / `SparseConfig` are safe as `jax.jit` static arguments.
+
+Every invalid value raises `ConfigError` with a one-line message naming the
+field and what is allowed; entry points print it and exit without a
+traceback. Sparse field names follow NOSA_SPEC.md "Project decisions" 3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, Mapping
+
+VARIANTS = ("full", "infllmv2", "dma", "nosa")
+IMPLEMENTATIONS = ("xla", "pallas")
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+class ConfigError(ValueError):
+  """An invalid configuration value; the message is one line."""
+
+
+def _require(cond: bool, field: str, allowed: str, value: Any) -> None:
+  if not cond:
+    raise ConfigError(f"{field}={value!r} is invalid: {allowed}")
+
+
+def _positive_int(obj: Any, prefix: str, *names: str) -> None:
+  for name in names:
+    v = getattr(obj, name)
+    _require(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+             f"{prefix}.{name}", "must be a positive integer", v)
+
+
+def _from_mapping(cls, d: Mapping[str, Any], prefix: str, **nested):
+  """Builds dataclass `cls` from `d`, rejecting unknown keys by name."""
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - names)
+  if unknown:
+    raise ConfigError(
+        f"{prefix}.{unknown[0]} is not a known field; known fields: "
+        f"{', '.join(sorted(names))}")
+  kwargs = dict(d)
+  kwargs.update(nested)
+  return cls(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseConfig:
+  """Attention variant and NOSA selection constants (NOSA_SPEC.md §2.0).
+
+  Attributes:
+    variant: `full` (dense causal), `infllmv2` (query-aware top-k),
+      `dma` (eviction score only, with bias) or `nosa` (two-phase, §2.5).
+    implementation: `xla` (pure JAX) or `pallas` (GPU kernels).
+    block_size: tokens per KV block (C); paper 64.
+    compress_kernel: tokens per compressed-key window; paper 32.
+    compress_stride: stride between compressed windows; paper 16.
+    topk_blocks: total selected blocks per (query, KV head) (P); paper 64.
+    query_topk_blocks: phase-1 query-aware top-k, including the forced
+      sink and window blocks; paper 33.
+    sink_blocks: always-selected initial blocks; paper 1.
+    window_blocks: always-selected blocks before the query's own block
+      (the own block is always selected too); paper 16.
+    locality_weight: weight of the differentiable locality penalty
+      (project decision 5); 0.0 reproduces the paper.
+    query_chunk: queries per chunk in the memory-bounded `xla` path.
+  """
+
+  variant: Literal["full", "infllmv2", "dma", "nosa"] = "nosa"
+  implementation: Literal["xla", "pallas"] = "xla"
+  block_size: int = 64
+  compress_kernel: int = 32
+  compress_stride: int = 16
+  topk_blocks: int = 64
+  query_topk_blocks: int = 33
+  sink_blocks: int = 1
+  window_blocks: int = 16
+  locality_weight: float = 0.0
+  query_chunk: int = 512
+
+  def __post_init__(self):
+    p = "model.sparse"
+    _require(self.variant in VARIANTS, f"{p}.variant",
+             f"must be one of {', '.join(VARIANTS)}", self.variant)
+    _require(self.implementation in IMPLEMENTATIONS, f"{p}.implementation",
+             f"must be one of {', '.join(IMPLEMENTATIONS)}",
+             self.implementation)
+    _positive_int(self, p, "block_size", "compress_kernel", "compress_stride",
+                  "topk_blocks", "query_topk_blocks", "query_chunk")
+    for name in ("sink_blocks", "window_blocks"):
+      v = getattr(self, name)
+      _require(isinstance(v, int) and v >= 0, f"{p}.{name}",
+               "must be a non-negative integer", v)
+    _require(self.block_size % self.compress_stride == 0, f"{p}.block_size",
+             f"must be divisible by compress_stride={self.compress_stride}",
+             self.block_size)
+    _require(self.compress_kernel >= self.compress_stride,
+             f"{p}.compress_kernel",
+             f"must be >= compress_stride={self.compress_stride}",
+             self.compress_kernel)
+    forced = self.sink_blocks + self.window_blocks + 1
+    _require(self.query_topk_blocks >= forced, f"{p}.query_topk_blocks",
+             f"must be >= sink_blocks + window_blocks + 1 = {forced}",
+             self.query_topk_blocks)
+    _require(self.topk_blocks >= self.query_topk_blocks, f"{p}.topk_blocks",
+             f"must be >= query_topk_blocks={self.query_topk_blocks}",
+             self.topk_blocks)
+    _require(isinstance(self.locality_weight, (int, float))
+             and self.locality_weight >= 0, f"{p}.locality_weight",
+             "must be a number >= 0", self.locality_weight)
+
+  @property
+  def has_eviction_head(self) -> bool:
+    """Whether the variant owns the eviction head (A, delta) and its bias."""
+    return self.variant in ("dma", "nosa")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Llama-style decoder shape (NOSA_SPEC.md §1).
+
+  Attributes:
+    vocab_size: V.
+    num_layers: decoder blocks.
+    model_dim: M.
+    num_heads: query heads H.
+    num_kv_heads: KV heads K; H must be divisible by K.
+    head_dim: D (even, for RoPE).
+    mlp_dim: F of the SwiGLU MLP.
+    rope_theta: RoPE base (NeoX rotate-half convention).
+    rms_eps: RMSNorm epsilon.
+    tie_embeddings: share the embedding with the LM head.
+    init_std: normal init std (HF `initializer_range`).
+    dtype: compute dtype; parameters are kept in `param_dtype`.
+    param_dtype: parameter storage dtype.
+    remat: `none`, `full` (recompute each block) or `dots` (save matmuls).
+    sparse: attention variant and selection constants.
+  """
+
+  vocab_size: int = 259
+  num_layers: int = 2
+  model_dim: int = 64
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 16
+  mlp_dim: int = 192
+  rope_theta: float = 10000.0
+  rms_eps: float = 1e-6
+  tie_embeddings: bool = False
+  init_std: float = 0.02
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: str = "none"
+  sparse: SparseConfig = dataclasses.field(default_factory=SparseConfig)
+
+  def __post_init__(self):
+    p = "model"
+    _positive_int(self, p, "vocab_size", "num_layers", "model_dim",
+                  "num_heads", "num_kv_heads", "head_dim", "mlp_dim")
+    _require(self.num_heads % self.num_kv_heads == 0, f"{p}.num_heads",
+             f"must be divisible by num_kv_heads={self.num_kv_heads}",
+             self.num_heads)
+    _require(self.head_dim % 2 == 0, f"{p}.head_dim",
+             "must be even (RoPE rotates pairs)", self.head_dim)
+    _require(self.rope_theta > 0, f"{p}.rope_theta", "must be > 0",
+             self.rope_theta)
+    _require(self.rms_eps > 0, f"{p}.rms_eps", "must be > 0", self.rms_eps)
+    _require(self.init_std > 0, f"{p}.init_std", "must be > 0", self.init_std)
+    for name in ("dtype", "param_dtype"):
+      _require(getattr(self, name) in DTYPES, f"{p}.{name}",
+               f"must be one of {', '.join(DTYPES)}", getattr(self, name))
+    _require(self.remat in REMAT_POLICIES, f"{p}.remat",
+             f"must be one of {', '.join(REMAT_POLICIES)}", self.remat)
+
+  @property
+  def group_size(self) -> int:
+    """G = H / K query heads per KV head."""
+    return self.num_heads // self.num_kv_heads
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+    d = dict(d)
+    sparse = _from_mapping(SparseConfig, d.pop("sparse", {}), "model.sparse")
+    return _from_mapping(cls, d, "model", sparse=sparse)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where tokens come from.
+
+  Attributes:
+    source: `stdlib` (the running interpreter's standard-library sources, the
+      built-in default corpus) or a path: a text file, a `.jsonl` file (field
+      `text_field`), a directory of such files, or a pre-tokenized `.npy`
+      token file.
+    tokenizer: `bytes` (256 bytes + BOS/EOS/PAD) or a path to a
+      `tokenizer.json`.
+    text_field: the jsonl field holding the text.
+    holdout_fraction: fraction of documents kept for the eval split.
+    cache_dir: where tokenized corpora are cached ('' = ~/.cache/nosa_jax).
+  """
+
+  source: str = "stdlib"
+  tokenizer: str = "bytes"
+  text_field: str = "text"
+  holdout_fraction: float = 0.01
+  cache_dir: str = ""
+
+  def __post_init__(self):
+    _require(isinstance(self.source, str) and self.source, "data.source",
+             "must be 'stdlib' or a path", self.source)
+    _require(0.0 < self.holdout_fraction < 0.5, "data.holdout_fraction",
+             "must be in (0, 0.5)", self.holdout_fraction)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation, logging and checkpointing.
+
+  Attributes:
+    seq_len: tokens per training sequence (T).
+    batch_size: sequences per step (B), global.
+    num_steps: total optimiser steps (a resumed run continues to this).
+    learning_rate: peak AdamW learning rate.
+    min_lr_ratio: final cosine learning rate as a fraction of the peak.
+    warmup_steps: linear warmup steps.
+    weight_decay: AdamW decoupled weight decay.
+    b1, b2, eps: AdamW moments.
+    grad_clip: global-norm clip (0 disables).
+    seed: parameter init, data order and dropout-free RNG stream.
+    log_every: steps between terminal / TensorBoard lines.
+    eval_every: steps between held-out evaluations (0 disables).
+    eval_batches: batches per evaluation.
+    checkpoint_every: steps between checkpoints (0: only at the end).
+    keep_checkpoints: how many checkpoints orbax keeps.
+    peak_tflops: per-device peak for the MFU estimate (0: guess from the
+      device kind; unknown devices print no MFU).
+  """
+
+  seq_len: int = 128
+  batch_size: int = 8
+  num_steps: int = 100
+  learning_rate: float = 3e-3
+  min_lr_ratio: float = 0.1
+  warmup_steps: int = 10
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  grad_clip: float = 1.0
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 50
+  eval_batches: int = 4
+  checkpoint_every: int = 50
+  keep_checkpoints: int = 3
+  peak_tflops: float = 0.0
+
+  def __post_init__(self):
+    p = "train"
+    _positive_int(self, p, "seq_len", "batch_size", "num_steps", "log_every",
+                  "eval_batches", "keep_checkpoints")
+    for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
+      v = getattr(self, name)
+      _require(isinstance(v, int) and v >= 0, f"{p}.{name}",
+               "must be a non-negative integer", v)
+    _require(self.learning_rate > 0, f"{p}.learning_rate", "must be > 0",
+             self.learning_rate)
+    _require(0.0 <= self.min_lr_ratio <= 1.0, f"{p}.min_lr_ratio",
+             "must be in [0, 1]", self.min_lr_ratio)
+    _require(self.weight_decay >= 0, f"{p}.weight_decay", "must be >= 0",
+             self.weight_decay)
+    for name in ("b1", "b2"):
+      _require(0.0 <= getattr(self, name) < 1.0, f"{p}.{name}",
+               "must be in [0, 1)", getattr(self, name))
+    _require(self.eps > 0, f"{p}.eps", "must be > 0", self.eps)
+    _require(self.grad_clip >= 0, f"{p}.grad_clip", "must be >= 0",
+             self.grad_clip)
+    _require(self.peak_tflops >= 0, f"{p}.peak_tflops", "must be >= 0",
+             self.peak_tflops)
+    _require(self.warmup_steps < self.num_steps, f"{p}.warmup_steps",
+             f"must be < num_steps={self.num_steps}", self.warmup_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """Everything one training run needs."""
+
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> ExperimentConfig:
+    """Builds and validates from a plain nested dict (ConfigDict.to_dict())."""
+    d = dict(d)
+    model = ModelConfig.from_dict(d.pop("model", {}))
+    data = _from_mapping(DataConfig, d.pop("data", {}), "data")
+    train = _from_mapping(TrainConfig, d.pop("train", {}), "train")
+    # Keys outside model/data/train (e.g. the config file's `arg`) are
+    # bookkeeping for configs/*.py and are ignored here.
+    return cls(model=model, data=data, train=train)

@@ -1,0 +1,187 @@
+"""Llama-style decoder with pluggable NOSA attention (NOSA_SPEC.md §1, §2).
+
+Flax NNX modules used functionally: build once, `nnx.split` into
+(graphdef, params), and call `apply(graphdef, params, tokens)` inside plain
+`jax.jit` steps. The attention variant comes from `SparseConfig.variant`:
+`full` is dense causal attention; `infllmv2`, `dma` and `nosa` go through
+`sparse_attention.nosa_attention` (the one place sparse variants plug in).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nosa_jax import attention
+from nosa_jax import config as config_lib
+from nosa_jax import layers
+
+Aux = dict[str, Any]
+
+
+class Attention(nnx.Module):
+  """GQA attention with RoPE and, for dma/nosa, the eviction head (§2.2)."""
+
+  def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
+    m, h, k, d = cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    std, pdt = cfg.init_std, jnp.dtype(cfg.param_dtype)
+    self.cfg = cfg
+    self.wq = layers.normal_param(rngs, (m, h, d), std, pdt)
+    self.wk = layers.normal_param(rngs, (m, k, d), std, pdt)
+    self.wv = layers.normal_param(rngs, (m, k, d), std, pdt)
+    self.wo = layers.normal_param(rngs, (h, d, m), std, pdt)
+    if cfg.sparse.has_eviction_head:
+      # b = A * softplus(delta(concat_h v_h)); A = 0 at init so the model
+      # starts as InfLLM-V2 and A moves first (§2.2). delta is stored
+      # [K*D, K]; the HF layout `delta.weight` [K, K*D] is its transpose.
+      self.evict_a = nnx.Param(jnp.zeros((k,), pdt))
+      self.evict_delta = layers.normal_param(rngs, (k * d, k), std, pdt)
+
+  def __call__(self, x_BTM: jax.Array, positions_BT: jax.Array,
+               collect_stats: bool = False) -> tuple[jax.Array, Aux]:
+    cfg = self.cfg
+    dt = x_BTM.dtype
+    q_BTHD = jnp.einsum("BTM,MHD->BTHD", x_BTM, self.wq[...].astype(dt))
+    k_BTKD = jnp.einsum("BTM,MKD->BTKD", x_BTM, self.wk[...].astype(dt))
+    v_BTKD = jnp.einsum("BTM,MKD->BTKD", x_BTM, self.wv[...].astype(dt))
+    q_BTHD = layers.apply_rope(q_BTHD, positions_BT, cfg.rope_theta)
+    k_BTKD = layers.apply_rope(k_BTKD, positions_BT, cfg.rope_theta)
+    if cfg.sparse.variant == "full":
+      out_BTHD = attention.causal_attention(q_BTHD, k_BTKD, v_BTKD)
+      aux: Aux = {}
+    else:
+      out_BTHD, aux = self._sparse(q_BTHD, k_BTKD, v_BTKD, collect_stats)
+    out_BTM = jnp.einsum("BTHD,HDM->BTM", out_BTHD, self.wo[...].astype(dt))
+    return out_BTM, aux
+
+  def _sparse(self, q_BTHD, k_BTKD, v_BTKD, collect_stats):
+    # Imported here so the dense path has no dependency on the sparse code.
+    from nosa_jax import selection, sparse_attention  # pylint: disable=g-import-not-at-top
+    bias_BTK = None
+    if self.cfg.sparse.has_eviction_head:
+      bias_BTK = selection.eviction_bias(
+          v_BTKD, self.evict_a[...], self.evict_delta[...])
+    out_BTHD, aux = sparse_attention.nosa_attention(
+        q_BTHD, k_BTKD, v_BTKD, bias_BTK, self.cfg.sparse)
+    if collect_stats and bias_BTK is not None:
+      aux = dict(aux, bias_BTK=bias_BTK)
+    if not collect_stats:
+      aux = {"locality_penalty": aux.get("locality_penalty", 0.0)}
+    return out_BTHD, aux
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block: x + attn(norm(x)); x + mlp(norm(x))."""
+
+  def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
+    pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+    self.attn_norm = layers.RMSNorm(cfg.model_dim, cfg.rms_eps, pdt,
+                                    rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = layers.RMSNorm(cfg.model_dim, cfg.rms_eps, pdt, rngs=rngs)
+    self.mlp = layers.MLP(cfg.model_dim, cfg.mlp_dim, cfg.init_std, dt, pdt,
+                          rngs=rngs)
+
+  def __call__(self, x_BTM: jax.Array, positions_BT: jax.Array,
+               collect_stats: bool = False) -> tuple[jax.Array, Aux]:
+    h_BTM, aux = self.attn(self.attn_norm(x_BTM), positions_BT, collect_stats)
+    x_BTM = x_BTM + h_BTM
+    return x_BTM + self.mlp(self.mlp_norm(x_BTM)), aux
+
+
+_REMAT_POLICY = {
+    "full": None,  # save nothing, recompute the whole block
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nnx.Module):
+  """Decoder-only LM: embed -> blocks -> RMSNorm -> (tied) LM head."""
+
+  def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.cfg = cfg
+    self.embed = layers.normal_param(rngs, (cfg.vocab_size, cfg.model_dim),
+                                     cfg.init_std, pdt)
+    self.blocks = nnx.List([Block(cfg, rngs=rngs)
+                            for _ in range(cfg.num_layers)])
+    self.final_norm = layers.RMSNorm(cfg.model_dim, cfg.rms_eps, pdt,
+                                     rngs=rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = layers.normal_param(rngs, (cfg.model_dim, cfg.vocab_size),
+                                         cfg.init_std, pdt)
+
+  def __call__(self, tokens_BT: jax.Array,
+               positions_BT: jax.Array | None = None, *, collect_stats: bool = False) -> tuple[jax.Array, Aux]:
+    """Logits for every position.
+
+    Args:
+      tokens_BT: int token ids.
+      positions_BT: absolute positions (default 0..T-1 per row).
+      collect_stats: also return per-layer selection statistics (slower;
+        used at logging steps, never inside the train step).
+
+    Returns:
+      (logits_BTV in fp32, aux) where aux has `locality_penalty` (summed
+      over layers) and, with collect_stats, `layers`: one dict per layer.
+    """
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.dtype)
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]),
+                                      tokens_BT.shape)
+    x_BTM = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt)
+    penalty = jnp.zeros((), jnp.float32)
+    layer_stats = []
+    for block in self.blocks:
+      if cfg.remat != "none" and not collect_stats:
+        run = nnx.remat(lambda blk, x, p: blk(x, p),
+                        policy=_REMAT_POLICY[cfg.remat])
+        x_BTM, aux = run(block, x_BTM, positions_BT)
+      else:
+        x_BTM, aux = block(x_BTM, positions_BT, collect_stats)
+      penalty = penalty + jnp.asarray(aux.pop("locality_penalty", 0.0),
+                                      jnp.float32)
+      layer_stats.append(aux)
+    x_BTM = self.final_norm(x_BTM)
+    head_MV = (self.embed[...].T if cfg.tie_embeddings
+               else self.lm_head[...])
+    logits_BTV = jnp.einsum("BTM,MV->BTV", x_BTM, head_MV.astype(dt),
+                            preferred_element_type=jnp.float32)
+    out: Aux = {"locality_penalty": penalty}
+    if collect_stats:
+      out["layers"] = layer_stats
+    return logits_BTV, out
+
+
+# ----------------------------------------------------------------------------
+# Functional interface.
+# ----------------------------------------------------------------------------
+
+
+def init(cfg: config_lib.ModelConfig, seed: int) -> tuple[nnx.GraphDef, Any]:
+  """Builds the model and returns (graphdef, params) as a pure pytree."""
+  model = Transformer(cfg, rngs=nnx.Rngs(params=seed))
+  graphdef, params = nnx.split(model, nnx.Param)
+  return graphdef, params
+
+
+def abstract_params(cfg: config_lib.ModelConfig) -> tuple[nnx.GraphDef, Any]:
+  """(graphdef, ShapeDtypeStruct params) without allocating (jax.eval_shape)."""
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(params=0)))
+  return nnx.split(model, nnx.Param)
+
+
+def apply(graphdef: nnx.GraphDef, params: Any, tokens_BT: jax.Array,
+          positions_BT: jax.Array | None = None, *,
+          collect_stats: bool = False) -> tuple[jax.Array, Aux]:
+  """Pure forward pass: `Transformer(tokens)` from (graphdef, params)."""
+  model = nnx.merge(graphdef, params)
+  return model(tokens_BT, positions_BT, collect_stats=collect_stats)
+
+
+def count_params(params: Any) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))

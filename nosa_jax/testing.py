@@ -1,0 +1,45 @@
+"""Tiny configurations and random inputs shared by tests and notebooks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from nosa_jax import config as config_lib
+
+# Small sparse settings that still select (8 of up to 16 blocks of 16).
+TINY_SPARSE = config_lib.SparseConfig(
+    variant="nosa", block_size=16, compress_kernel=8, compress_stride=4,
+    topk_blocks=8, query_topk_blocks=5, sink_blocks=1, window_blocks=2,
+    query_chunk=64)
+
+
+def tiny_model_config(variant: str = "full", **overrides
+                      ) -> config_lib.ModelConfig:
+  """2 layers, M=64, H=4, K=2, D=16, V=259."""
+  sparse = dataclasses.replace(TINY_SPARSE, variant=variant)
+  base = dict(vocab_size=259, num_layers=2, model_dim=64, num_heads=4,
+              num_kv_heads=2, head_dim=16, mlp_dim=128, sparse=sparse)
+  base.update(overrides)
+  return config_lib.ModelConfig(**base)
+
+
+def tiny_config(variant: str = "full", *, data_source: str = "stdlib",
+                cache_dir: str = "", **train_overrides
+                ) -> config_lib.ExperimentConfig:
+  """A whole experiment small enough for a unit test (seconds on a CPU)."""
+  train = dict(seq_len=64, batch_size=4, num_steps=6, learning_rate=3e-3,
+               warmup_steps=1, log_every=2, eval_every=0, eval_batches=1,
+               checkpoint_every=3, keep_checkpoints=5)
+  train.update(train_overrides)
+  return config_lib.ExperimentConfig(
+      model=tiny_model_config(variant),
+      data=config_lib.DataConfig(source=data_source, cache_dir=cache_dir),
+      train=config_lib.TrainConfig(**train))
+
+
+def random_tokens(key: jax.Array, batch: int, length: int,
+                  vocab: int = 259) -> jax.Array:
+  return jax.random.randint(key, (batch, length), 0, vocab, jnp.int32)

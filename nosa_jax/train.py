@@ -1,0 +1,286 @@
+"""Pretraining loop: `train_and_evaluate(cfg, workdir)`.
+
+One readable function split by banner comments (big_vision style): data,
+model and optimizer, restore, jitted steps, the loop with logging /
+evaluation / checkpointing. A resumed run reproduces the uninterrupted one:
+the data position (windows consumed), step and RNG key are checkpointed, the
+data order is a pure function of (seed, position), and the steps are
+deterministic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging as pylogging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from nosa_jax import checkpoint as checkpoint_lib
+from nosa_jax import config as config_lib
+from nosa_jax import data as data_lib
+from nosa_jax import metrics as metrics_lib
+from nosa_jax import model as model_lib
+
+State = dict[str, Any]
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+class _DropLibraryInfo(pylogging.Filter):
+  """Hides orbax's per-save INFO chatter; warnings and errors still show."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return (record.levelno >= pylogging.WARNING
+            or "/orbax/" not in record.pathname)
+
+
+def quiet_library_logs() -> None:
+  """Keeps the terminal to the trainer's own progress lines."""
+  logging.get_absl_handler().addFilter(_DropLibraryInfo())
+
+
+def make_optimizer(tc: config_lib.TrainConfig) -> optax.GradientTransformation:
+  """AdamW with linear warmup + cosine decay and global-norm clipping."""
+  schedule = learning_rate_schedule(tc)
+  # No weight decay on vectors (norm scales, the eviction gain A).
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  adamw = optax.adamw(schedule, b1=tc.b1, b2=tc.b2, eps=tc.eps,
+                      weight_decay=tc.weight_decay, mask=decay_mask)
+  if tc.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw)
+  return adamw
+
+
+def learning_rate_schedule(tc: config_lib.TrainConfig) -> optax.Schedule:
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=tc.learning_rate,
+      warmup_steps=tc.warmup_steps,
+      decay_steps=max(tc.num_steps, tc.warmup_steps + 1),
+      end_value=tc.learning_rate * tc.min_lr_ratio)
+
+
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+  """Mean next-token cross-entropy in fp32."""
+  logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+  nll_BT = -jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)
+  return jnp.mean(nll_BT)
+
+
+def loss_fn(params, graphdef, cfg: config_lib.ModelConfig,
+            batch_BT1: jax.Array) -> tuple[jax.Array, dict]:
+  """CE loss plus `locality_weight` x locality penalty (decision 5)."""
+  tokens_BT, targets_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
+  logits_BTV, aux = model_lib.apply(graphdef, params, tokens_BT)
+  ce = cross_entropy(logits_BTV, targets_BT)
+  penalty = aux["locality_penalty"]
+  loss = ce + cfg.sparse.locality_weight * penalty
+  return loss, {"loss": ce, "locality_penalty": penalty}
+
+
+def train_step(state: State, batch_BT1: jax.Array, *, graphdef,
+               cfg: config_lib.ModelConfig,
+               tx: optax.GradientTransformation) -> tuple[State, dict]:
+  """One AdamW step; pure, jitted with the state donated."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (_, metrics), grads = grad_fn(state["params"], graphdef, cfg, batch_BT1)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  rng, _ = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+  metrics["grad_norm"] = optax.tree.norm(grads)
+  new_state = {"params": params, "opt_state": opt_state,
+               "step": state["step"] + 1, "rng": jax.random.key_data(rng)}
+  return new_state, metrics
+
+
+def init_state(cfg: config_lib.ExperimentConfig, graphdef_params=None
+               ) -> tuple[Any, State, optax.GradientTransformation]:
+  """(graphdef, fresh train state, optimizer) for `cfg`."""
+  graphdef, params = graphdef_params or model_lib.init(cfg.model,
+                                                       cfg.train.seed)
+  tx = make_optimizer(cfg.train)
+  state = {"params": params, "opt_state": tx.init(params),
+           "step": jnp.zeros((), jnp.int32),
+           "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1))}
+  return graphdef, state, tx
+
+
+def _log_locality(writer, step: int, layer_stats: list[dict]) -> str:
+  """TensorBoard scalars/histograms for per-layer selection statistics."""
+  means: dict[str, list[float]] = {}
+  for i, stats in enumerate(layer_stats):
+    for key, value in stats.items():
+      value = np.asarray(value)
+      if value.ndim == 0:
+        writer.scalars(step, {f"locality/{key}/layer_{i:02d}": float(value)})
+        means.setdefault(key, []).append(float(value))
+      else:
+        writer.histogram(step, f"{key}/layer_{i:02d}", value)
+  writer.scalars(step, {f"locality/{k}": np.mean(v) for k, v in means.items()})
+  return " ".join(f"{k} {np.mean(v):.3f}" for k, v in means.items())
+
+
+def train_and_evaluate(cfg: config_lib.ExperimentConfig,
+                       workdir: str) -> dict[str, float]:
+  """Trains `cfg` in `workdir`, resuming from its latest checkpoint.
+
+  Returns the last logged metrics (train loss, eval loss when evaluated).
+  """
+  tc = cfg.train
+  os.makedirs(workdir, exist_ok=True)
+
+  # ----------------------------------------------------------------------
+  # Data.
+  # ----------------------------------------------------------------------
+  datasets = data_lib.load_datasets(cfg.data, tc.seq_len, tc.seed)
+  if cfg.model.vocab_size < datasets.vocab_size:
+    raise config_lib.ConfigError(
+        f"model.vocab_size={cfg.model.vocab_size} is invalid: must be >= the "
+        f"tokenizer's vocabulary ({datasets.vocab_size})")
+
+  # ----------------------------------------------------------------------
+  # Model, optimizer, restore.
+  # ----------------------------------------------------------------------
+  graphdef, state, tx = init_state(cfg)
+  num_params = model_lib.count_params(state["params"])
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                     keep=tc.keep_checkpoints)
+  position = 0
+  if ckpt.latest_step() is not None:
+    state, meta = ckpt.restore(None, state)
+    position = int(meta["data_position"])
+    logging.info("Resumed from step %d (data position %d) in %s",
+                 int(state["step"]), position, ckpt.directory)
+  checkpoint_lib.write_json_atomic(
+      os.path.join(workdir, "config.json"), dataclasses.asdict(cfg))
+  start = int(state["step"])
+  logging.info("Model: %s parameters, variant %s, %d layers; device %s",
+               f"{num_params:,}", cfg.model.sparse.variant,
+               cfg.model.num_layers, jax.devices()[0].device_kind)
+
+  # ----------------------------------------------------------------------
+  # Jitted steps.
+  # ----------------------------------------------------------------------
+  step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef,
+                                      cfg=cfg.model, tx=tx),
+                    donate_argnums=0)
+  eval_fn = jax.jit(lambda params, batch: loss_fn(
+      params, graphdef, cfg.model, batch)[1]["loss"])
+  stats_fn = jax.jit(lambda params, tokens: model_lib.apply(
+      graphdef, params, tokens, collect_stats=True)[1]["layers"])
+  schedule = learning_rate_schedule(tc)
+  writer = metrics_lib.MetricWriter(os.path.join(workdir, "tensorboard"))
+  tokens_per_step = tc.batch_size * tc.seq_len
+  flops = metrics_lib.flops_per_token(cfg.model, tc.seq_len, num_params)
+  peak = metrics_lib.peak_flops(jax.devices()[0].device_kind,
+                                tc.peak_tflops) * jax.device_count()
+
+  def save(step: int) -> None:
+    ckpt.save(step, state, {"step": step, "data_position": position,
+                            "variant": cfg.model.sparse.variant})
+
+  def evaluate() -> float:
+    batches = data_lib.eval_batches(datasets.eval, tc.seq_len, tc.batch_size,
+                                    tc.eval_batches)
+    return float(np.mean([eval_fn(state["params"], b) for b in batches]))
+
+  # ----------------------------------------------------------------------
+  # Loop.
+  # ----------------------------------------------------------------------
+  last: dict[str, float] = {}
+  if start == 0 and tc.eval_every:
+    # The step-0 loss is the baseline every later line is compared with.
+    last["eval_loss"] = evaluate()
+    writer.scalars(0, {"eval/loss": last["eval_loss"]})
+    logging.info("step 0 | eval loss %.4f (before training)",
+                 last["eval_loss"])
+  window: list[dict] = []
+  t_window, t_start, step = time.time(), time.time(), start
+  try:
+    for step in range(start + 1, tc.num_steps + 1):
+      batch = datasets.train.batch_at(position, tc.batch_size)
+      state, m = step_fn(state, batch)
+      position += tc.batch_size
+      window.append(m)
+
+      if step % tc.log_every == 0 or step == tc.num_steps:
+        host = jax.device_get(window)
+        losses = np.array([w["loss"] for w in host])
+        if not np.all(np.isfinite(losses)):
+          bad = step - len(window) + 1 + int(np.argmin(np.isfinite(losses)))
+          raise TrainingDiverged(
+              f"non-finite loss at step {bad}; stopping. Last good "
+              f"checkpoint: step {ckpt.latest_step()} in {ckpt.directory}")
+        dt = time.time() - t_window
+        tok_s = len(window) * tokens_per_step / dt
+        last = {"loss": float(losses.mean()),
+                "grad_norm": float(np.mean([w["grad_norm"] for w in host])),
+                "locality_penalty": float(np.mean(
+                    [w["locality_penalty"] for w in host])),
+                "lr": float(schedule(step)), "tokens_per_s": tok_s}
+        if peak:
+          last["mfu"] = tok_s * flops / peak
+        writer.scalars(step, {f"train/{k}": v for k, v in last.items()})
+        line = ""
+        if cfg.model.sparse.variant != "full":
+          stats = jax.device_get(stats_fn(state["params"], batch[:1, :-1]))
+          line = " | " + _log_locality(writer, step, stats)
+        eta = (tc.num_steps - step) * dt / len(window)
+        mfu = f" | MFU {100 * last['mfu']:.1f}%" if peak else ""
+        logging.info(
+            "step %d/%d | loss %.4f | lr %.2e | gnorm %.3f | %s tok/s%s | "
+            "ETA %s%s", step, tc.num_steps, last["loss"], last["lr"],
+            last["grad_norm"], f"{tok_s:,.0f}", mfu,
+            metrics_lib.format_duration(eta), line)
+        window, t_window = [], time.time()
+
+      if tc.eval_every and (step % tc.eval_every == 0
+                            or step == tc.num_steps):
+        t_eval = time.time()
+        last["eval_loss"] = evaluate()
+        writer.scalars(step, {"eval/loss": last["eval_loss"]})
+        logging.info("step %d | eval loss %.4f", step, last["eval_loss"])
+        t_window += time.time() - t_eval  # keep eval out of tokens/s
+      if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+        _check_finite(window, step, ckpt)
+        save(step)
+      writer.flush()
+  except TrainingDiverged:
+    ckpt.wait()  # let an in-flight (good) save finish; keep it
+    raise
+  except KeyboardInterrupt:
+    logging.warning("Interrupted at step %d; saving a checkpoint.", step)
+    _check_finite(window, step, ckpt)
+    save(int(state["step"]))
+    ckpt.wait()
+    raise
+  finally:
+    writer.close()
+
+  if ckpt.latest_step() != int(state["step"]):
+    _check_finite(window, step, ckpt)
+    save(int(state["step"]))
+  ckpt.wait()
+  ckpt.close()
+  logging.info("Done: %d steps in %s; final %s", tc.num_steps - start,
+               metrics_lib.format_duration(time.time() - t_start),
+               {k: round(v, 4) for k, v in last.items()})
+  return last
+
+
+def _check_finite(window: list[dict], step: int, ckpt) -> None:
+  """Refuses to checkpoint a state whose recent losses were not finite."""
+  losses = np.array([float(w["loss"]) for w in window])
+  if losses.size and not np.all(np.isfinite(losses)):
+    raise TrainingDiverged(
+        f"non-finite loss before step {step}; not saving. Last good "
+        f"checkpoint: step {ckpt.latest_step()} in {ckpt.directory}")

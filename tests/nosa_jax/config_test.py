@@ -1,0 +1,77 @@
+"""Each invalid config value gives a one-line error naming the field."""
+
+import subprocess
+import sys
+
+from absl.testing import absltest
+from absl.testing import parameterized
+
+from nosa_jax import config as config_lib
+
+REPO = __file__.rsplit("/tests/", 1)[0]
+
+
+class ConfigTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ("unknown_variant", {"model": {"sparse": {"variant": "dense"}}},
+       "model.sparse.variant"),
+      ("block_not_divisible", {"model": {"sparse": {"block_size": 60}}},
+       "model.sparse.block_size"),
+      ("heads_not_divisible", {"model": {"num_heads": 6, "num_kv_heads": 4}},
+       "model.num_heads"),
+      ("nonpositive_lr", {"train": {"learning_rate": 0.0}},
+       "train.learning_rate"),
+      ("nonpositive_steps", {"train": {"num_steps": 0}}, "train.num_steps"),
+      ("budget_below_forced", {"model": {"sparse": {"query_topk_blocks": 10}}},
+       "model.sparse.query_topk_blocks"),
+      ("topk_below_query_topk", {"model": {"sparse": {"topk_blocks": 20}}},
+       "model.sparse.topk_blocks"),
+      ("kernel_below_stride", {"model": {"sparse": {"compress_kernel": 8}}},
+       "model.sparse.compress_kernel"),
+      ("bad_impl", {"model": {"sparse": {"implementation": "cuda"}}},
+       "model.sparse.implementation"),
+      ("odd_head_dim", {"model": {"head_dim": 15}}, "model.head_dim"),
+      ("bad_dtype", {"model": {"dtype": "fp8"}}, "model.dtype"),
+      ("unknown_field", {"train": {"lenght": 3}}, "train.lenght"),
+      ("bool_as_int", {"train": {"batch_size": True}}, "train.batch_size"),
+      ("bad_holdout", {"data": {"holdout_fraction": 0.0}},
+       "data.holdout_fraction"),
+      ("warmup_too_long", {"train": {"warmup_steps": 100, "num_steps": 50}},
+       "train.warmup_steps"),
+  )
+  def test_invalid_value_names_field(self, overrides, field):
+    with self.assertRaises(config_lib.ConfigError) as cm:
+      config_lib.ExperimentConfig.from_dict(overrides)
+    msg = str(cm.exception)
+    self.assertStartsWith(msg, field)
+    self.assertNotIn("\n", msg)
+
+  def test_defaults_are_the_paper_constants(self):
+    s = config_lib.SparseConfig()
+    self.assertEqual(
+        (s.block_size, s.compress_kernel, s.compress_stride, s.topk_blocks,
+         s.query_topk_blocks, s.sink_blocks, s.window_blocks,
+         s.locality_weight),
+        (64, 32, 16, 64, 33, 1, 16, 0.0))
+
+  def test_configs_are_hashable_static_args(self):
+    cfg = config_lib.ExperimentConfig.from_dict({})
+    self.assertEqual(hash(cfg.model), hash(config_lib.ModelConfig()))
+
+  def test_entry_point_prints_one_line_not_a_traceback(self):
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.pretrain",
+         "--config=configs/tiny.py", "--workdir=/tmp/unused",
+         "--config.model.sparse.variant=dense"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    self.assertNotEqual(proc.returncode, 0)
+    self.assertNotIn("Traceback", proc.stderr)
+    last = proc.stderr.strip().splitlines()[-1]
+    self.assertEqual(
+        last, "config error: model.sparse.variant='dense' is invalid: must "
+        "be one of full, infllmv2, dma, nosa")
+
+
+if __name__ == "__main__":
+  absltest.main()
