@@ -115,7 +115,8 @@ class Transformer(nnx.Module):
                                          cfg.init_std, pdt)
 
   def __call__(self, tokens_BT: jax.Array,
-               positions_BT: jax.Array | None = None, *, collect_stats: bool = False) -> tuple[jax.Array, Aux]:
+               positions_BT: jax.Array | None = None, *,
+               collect_stats: bool = False) -> tuple[jax.Array, Aux]:
     """Logits for every position.
 
     Args:
@@ -125,7 +126,7 @@ class Transformer(nnx.Module):
         used at logging steps, never inside the train step).
 
     Returns:
-      (logits_BTV in fp32, aux) where aux has `locality_penalty` (summed
+      (logits_BTV in fp32, aux) where aux has `locality_penalty` (mean
       over layers) and, with collect_stats, `layers`: one dict per layer.
     """
     cfg = self.cfg
@@ -151,7 +152,8 @@ class Transformer(nnx.Module):
                else self.lm_head[...])
     logits_BTV = jnp.einsum("BTM,MV->BTV", x_BTM, head_MV.astype(dt),
                             preferred_element_type=jnp.float32)
-    out: Aux = {"locality_penalty": penalty}
+    # Mean over layers, so `locality_weight` does not scale with depth.
+    out: Aux = {"locality_penalty": penalty / cfg.num_layers}
     if collect_stats:
       out["layers"] = layer_stats
     return logits_BTV, out

@@ -1,0 +1,584 @@
+"""NOSA block selection (NOSA_SPEC.md §2.2-§2.6, §3; project decisions 2-5).
+
+Per query token t and KV head, NOSA attends a set of key blocks of
+`block_size` (C) tokens. The set is built from two block scores:
+
+  * query-aware `sq` (§2.3): a per-head softmax of the query against
+    mean-pooled compressed keys, summed over the G heads of a group and
+    max-pooled to blocks;
+  * query-agnostic `se` (§2.4): the eviction bias `b` mean-pooled over the
+    same windows and max-pooled to blocks; it does not depend on the query.
+
+The sink blocks, the query's own block and the `window_blocks` blocks before
+it are forced (+inf); blocks after the query's own block score -inf. The
+variants (project decision 4) rank these scores differently (§2.5):
+
+  nosa:      Q = top-`query_topk_blocks` of sq; final = top-`topk_blocks` of
+             se with se[Q] := +inf.
+  infllmv2:  top-`topk_blocks` of sq.
+  dma:       top-`topk_blocks` of se.
+  full:      every causal block.
+
+Everything that selects runs in fp32 under `stop_gradient`; `jax.lax.top_k`
+breaks ties toward the lower block index (project decision 2). Queries are
+processed in chunks of `query_chunk` so the [T, W] score matrix of a long
+sequence is never materialised at once (§2.9 notes).
+
+`locality_penalty` (project decision 5, not in the paper) is the one
+differentiable function here; `locality_statistics` measures the
+step-to-step overlap of §3.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nosa_jax import config as config_lib
+
+_F32 = jnp.float32
+_INF = float("inf")
+# Floor for the log of a pooled probability in the locality penalty.
+_TINY = 1e-30
+
+
+# ------------------------------------------------------------------------------
+# Sizes and pooling (§2.0, §2.3 steps 1 and 4, §2.4 steps 1-2).
+# ------------------------------------------------------------------------------
+
+
+def num_windows(length: int, kernel: int, stride: int) -> int:
+  """W: complete windows [stride*c, stride*c + kernel) in `length` tokens."""
+  if length < kernel:
+    return 0
+  return (length - kernel) // stride + 1
+
+
+def num_blocks(length: int, block_size: int) -> int:
+  """N = ceil(length / block_size)."""
+  return -(-length // block_size)
+
+
+def _window_mean(x: jax.Array, kernel: int, stride: int) -> jax.Array:
+  """Mean of `x` over complete windows along axis 1, in fp32."""
+  w = num_windows(x.shape[1], kernel, stride)
+  x = x.astype(_F32)
+  if w == 0:
+    return jnp.zeros((x.shape[0], 0) + x.shape[2:], _F32)
+  rest = (1,) * (x.ndim - 2)
+  # A sum reduce_window has a transpose rule, so the locality penalty can
+  # differentiate through the compressed keys.
+  total = jax.lax.reduce_window(
+      x, 0.0, jax.lax.add, window_dimensions=(1, kernel) + rest,
+      window_strides=(1, stride) + rest, padding="VALID")
+  return total / kernel
+
+
+def compress_keys(k_BTKD: jax.Array, kernel: int, stride: int) -> jax.Array:
+  """Mean-pooled compressed keys (§2.3 step 1).
+
+  Args:
+    k_BTKD: keys (RoPE applied), any float dtype.
+    kernel: window length in tokens (`compress_kernel`).
+    stride: window stride in tokens (`compress_stride`).
+
+  Returns:
+    kbar_BWKD in fp32, kbar[:, c] = mean(k[:, stride*c : stride*c + kernel]),
+    complete windows only: W = (T - kernel) // stride + 1, or 0 if T < kernel.
+  """
+  return _window_mean(k_BTKD, kernel, stride)
+
+
+def window_means(x_BTK: jax.Array, kernel: int, stride: int) -> jax.Array:
+  """The pooling of `compress_keys` for per-token scalars (§2.4 step 1).
+
+  Args:
+    x_BTK: per-token values, e.g. the eviction bias.
+    kernel: window length in tokens.
+    stride: window stride in tokens.
+
+  Returns:
+    x_BWK in fp32.
+  """
+  return _window_mean(x_BTK, kernel, stride)
+
+
+def block_pool(x: jax.Array, *, num_blocks: int, block_size: int,
+               kernel: int, stride: int) -> jax.Array:
+  """Max over the compressed windows that overlap each block (§2.3 step 4).
+
+  Window c overlaps block j iff stride*c < C*(j+1) and
+  stride*c + kernel > C*j, i.e. c in [r*j - a, r*j + r - 1] with
+  r = C // stride and a = ceil(kernel / stride) - 1; for 64/32/16 this is
+  [4j-1, 4j+3]. Windows outside [0, W) are ignored; a block without any
+  window scores -inf.
+
+  Args:
+    x: [..., W] window scores.
+    num_blocks: N, the number of output blocks.
+    block_size: C; must be a multiple of `stride`.
+    kernel: window length in tokens.
+    stride: window stride in tokens.
+
+  Returns:
+    [..., N] block scores, dtype of x.
+  """
+  r = block_size // stride
+  lead = -(-kernel // stride) - 1  # Windows starting before the block.
+  width = r + lead                 # Windows per block.
+  w = x.shape[-1]
+  span = r * (num_blocks - 1) + 1
+  pad_hi = max(0, span + width - 1 - lead - w)
+  pad = [(0, 0)] * (x.ndim - 1) + [(lead, pad_hi)]
+  x_pad = jnp.pad(x, pad, constant_values=-_INF)
+  # Padded position r*j + o holds window r*j - lead + o.
+  out = None
+  for o in range(width):
+    part = jax.lax.slice_in_dim(x_pad, o, o + span, stride=r, axis=x.ndim - 1)
+    out = part if out is None else jnp.maximum(out, part)
+  return out
+
+
+# ------------------------------------------------------------------------------
+# Scores (§2.2-§2.4).
+# ------------------------------------------------------------------------------
+
+
+def eviction_bias(v_BTKD: jax.Array, a_K: jax.Array, delta_w: jax.Array,
+                  delta_b: Optional[jax.Array] = None) -> jax.Array:
+  """The ED-DMA eviction bias (§2.2), in fp32.
+
+  b[t, h] = A[h] * softplus(<delta_w[:, h], concat_h' v[t, h', :]> + db[h]).
+
+  Args:
+    v_BTKD: values (no RoPE).
+    a_K: per-KV-head gain A (initialised to 0 in the paper).
+    delta_w: [K*D, K] projection (the HF `delta.weight` [K, K*D] transposed).
+    delta_b: optional [K] bias of the projection.
+
+  Returns:
+    bias_BTK in fp32: the additive logit bias and the eviction score.
+  """
+  b, t, k, d = v_BTKD.shape
+  u = v_BTKD.reshape(b, t, k * d).astype(_F32)  # concat over KV heads
+  z_BTK = jnp.dot(u, delta_w.astype(_F32))
+  if delta_b is not None:
+    z_BTK = z_BTK + delta_b.astype(_F32)[None, None, :]
+  return a_K.astype(_F32)[None, None, :] * jax.nn.softplus(z_BTK)
+
+
+def _masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
+  """Softmax over the last axis restricted to `mask`; empty rows give 0."""
+  logits = jnp.where(mask, logits, -_INF)
+  m = jnp.max(logits, axis=-1, keepdims=True)
+  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+  e = jnp.where(mask, jnp.exp(logits - m), 0.0)
+  z = jnp.sum(e, axis=-1, keepdims=True)
+  return e / jnp.where(z > 0, z, 1.0)
+
+
+def query_aware_scores(q_BTHD: jax.Array, kbar_BWKD: jax.Array,
+                       positions_T: jax.Array, cfg: config_lib.SparseConfig,
+                       n_blocks: int) -> jax.Array:
+  """Query-aware block scores sq (§2.3 steps 2-4), fp32, differentiable.
+
+  p[t, g, c] = softmax_c(<q[t, g], kbar[c]> / sqrt(D)) over the windows
+  visible to t (stride*c + kernel - 1 <= t); a row without any visible
+  window gives 0. S[t, h, c] = sum of p over the G heads of group h, and
+  sq[t, h, j] = max of S over the windows overlapping block j.
+
+  Args:
+    q_BTHD: queries (RoPE applied).
+    kbar_BWKD: compressed keys from `compress_keys`.
+    positions_T: int token positions of the T queries.
+    cfg: selection constants.
+    n_blocks: N.
+
+  Returns:
+    sq_BKTN in fp32 (no forced or causal masking applied).
+  """
+  b, t, h, d = q_BTHD.shape
+  w, k = kbar_BWKD.shape[1], kbar_BWKD.shape[2]
+  if w == 0:
+    return jnp.full((b, k, t, n_blocks), -_INF, _F32)
+  q_BTKGD = q_BTHD.astype(_F32).reshape(b, t, k, h // k, d)
+  logits_BKGTW = jnp.einsum("BTKGD,BWKD->BKGTW", q_BTKGD,
+                            kbar_BWKD.astype(_F32)) / math.sqrt(d)
+  c_W = jnp.arange(w)
+  # Causal visibility: the whole window lies at or before t (§2.3 step 2).
+  visible_TW = (cfg.compress_stride * c_W[None, :] + cfg.compress_kernel - 1
+                <= positions_T[:, None])
+  p_BKGTW = _masked_softmax(logits_BKGTW, visible_TW[None, None, None])
+  s_BKTW = jnp.sum(p_BKGTW, axis=2)  # GQA: sum of probabilities (step 3)
+  return block_pool(s_BKTW, num_blocks=n_blocks, block_size=cfg.block_size,
+                    kernel=cfg.compress_kernel, stride=cfg.compress_stride)
+
+
+def query_agnostic_scores(bias_BTK: jax.Array, cfg: config_lib.SparseConfig,
+                          n_blocks: int) -> jax.Array:
+  """Query-agnostic block scores se (§2.4 steps 1-2), fp32.
+
+  Args:
+    bias_BTK: eviction bias from `eviction_bias`.
+    cfg: selection constants.
+    n_blocks: N.
+
+  Returns:
+    se_BKN: max over overlapping windows of the window-mean bias.
+  """
+  ebar_BWK = window_means(bias_BTK, cfg.compress_kernel, cfg.compress_stride)
+  return block_pool(jnp.transpose(ebar_BWK, (0, 2, 1)), num_blocks=n_blocks,
+                    block_size=cfg.block_size, kernel=cfg.compress_kernel,
+                    stride=cfg.compress_stride)
+
+
+def forced_and_future(positions_T: jax.Array, n_blocks: int,
+                      cfg: config_lib.SparseConfig):
+  """Forced (+inf) and future (-inf) blocks per query (§2.3 step 5, §2.4).
+
+  Block j is future for query t iff j > j_t = t // C (project decision 2);
+  it is forced iff it is not future and j < sink_blocks or
+  j_t - window_blocks <= j <= j_t. Future wins over sink.
+
+  Returns:
+    (forced_TN, future_TN) bool arrays.
+  """
+  j_N = jnp.arange(n_blocks)
+  jt_T = positions_T // cfg.block_size
+  future_TN = j_N[None, :] > jt_T[:, None]
+  window_TN = j_N[None, :] >= jt_T[:, None] - cfg.window_blocks
+  sink_TN = jnp.broadcast_to(j_N[None, :] < cfg.sink_blocks, future_TN.shape)
+  forced_TN = (sink_TN | window_TN) & ~future_TN
+  return forced_TN, future_TN
+
+
+def _members(idx_BKTP: jax.Array, valid_BKTP: jax.Array,
+             n_blocks: int) -> jax.Array:
+  """[B, K, T, N] bool: block j is among the valid entries of idx."""
+  j_N = jnp.arange(n_blocks)
+  hit = (idx_BKTP[..., None] == j_N[None, None, None, None, :])
+  return jnp.any(hit & valid_BKTP[..., None], axis=-2)
+
+
+def select_from_scores(sq_BKTN: Optional[jax.Array],
+                       se_BKN: Optional[jax.Array], positions_T: jax.Array,
+                       cfg: config_lib.SparseConfig):
+  """The top-k rules of §2.5 / project decision 4 on given block scores.
+
+  Args:
+    sq_BKTN: query-aware scores (unused for `dma`).
+    se_BKN: query-agnostic scores (unused for `infllmv2`).
+    positions_T: int token positions of the T queries.
+    cfg: `cfg.variant` in infllmv2 / dma / nosa.
+
+  Returns:
+    idx_BKTP int32 block indices, ascending, invalid slots last and set to -1;
+    valid_BKTP bool; pinned_BKTN bool, the blocks ranked +inf in the last
+    top-k (forced blocks plus, for nosa, the phase-1 query-aware set Q(t);
+    every selected block for infllmv2).
+    P = min(topk_blocks, N); a slot is valid iff its block is <= t // C.
+  """
+  src = sq_BKTN if sq_BKTN is not None else se_BKN
+  n = src.shape[-1]
+  b, k = src.shape[0], src.shape[1]
+  t = positions_T.shape[0]
+  forced_TN, future_TN = forced_and_future(positions_T, n, cfg)
+  forced = forced_TN[None, None]
+  future = future_TN[None, None]
+  jt_T = positions_T // cfg.block_size
+  jt = jt_T[None, None, :, None]
+  shape = (b, k, t, n)
+
+  def with_forced(s_BKTN):
+    s_BKTN = jnp.broadcast_to(s_BKTN.astype(_F32), shape)
+    return jnp.where(future, -_INF, jnp.where(forced, _INF, s_BKTN))
+
+  if cfg.variant == "infllmv2":
+    final_BKTN = with_forced(sq_BKTN)
+    pinned_BKTN = None
+  elif cfg.variant == "dma":
+    final_BKTN = with_forced(se_BKN[:, :, None, :])
+    pinned_BKTN = jnp.broadcast_to(forced, shape)
+  elif cfg.variant == "nosa":
+    # Phase 1: Q(t), including the forced blocks. When fewer than
+    # query_topk_blocks blocks are causal, top_k also returns future (-inf)
+    # blocks; they are dropped by the validity check.
+    _, q_idx = jax.lax.top_k(with_forced(sq_BKTN),
+                             min(cfg.query_topk_blocks, n))
+    pinned_BKTN = _members(q_idx, q_idx <= jt, n)
+    # Phase 2: query-aware picks always survive; the rest by eviction score.
+    final_BKTN = jnp.where(pinned_BKTN, _INF,
+                           with_forced(se_BKN[:, :, None, :]))
+  else:
+    raise ValueError(f"select_from_scores: unsupported variant "
+                     f"{cfg.variant!r}")
+  _, idx = jax.lax.top_k(final_BKTN, min(cfg.topk_blocks, n))
+  valid = idx <= jt
+  # Sort ascending with invalid slots last (§2.5 "sort; entries > j_t -> -1").
+  idx = jnp.sort(jnp.where(valid, idx, n), axis=-1)
+  valid = idx < n
+  idx = jnp.where(valid, idx, -1).astype(jnp.int32)
+  if pinned_BKTN is None:
+    pinned_BKTN = _members(idx, valid, n)
+  return idx, valid, pinned_BKTN
+
+
+# ------------------------------------------------------------------------------
+# Chunked selection (public entry points).
+# ------------------------------------------------------------------------------
+
+
+def _map_query_chunks(fn: Callable, q_BTHD: jax.Array, chunk: int):
+  """Applies fn(q_chunk, positions) to query chunks; concatenates along T.
+
+  `fn` returns a pytree of [B, K, Tc, ...] arrays. T is padded up to a
+  multiple of the chunk (padded queries are sliced off again).
+  """
+  b, t, h, d = q_BTHD.shape
+  tc = min(chunk, t)
+  n = -(-t // tc)
+  if n == 1:
+    return fn(q_BTHD, jnp.arange(t))
+  q_pad = jnp.pad(q_BTHD, ((0, 0), (0, n * tc - t), (0, 0), (0, 0)))
+  q_nBTHD = jnp.moveaxis(q_pad.reshape(b, n, tc, h, d), 1, 0)
+  pos_nT = jnp.arange(n * tc).reshape(n, tc)
+  out = jax.lax.map(lambda args: fn(*args), (q_nBTHD, pos_nT))
+
+  def merge(x):  # [n, B, K, Tc, ...] -> [B, K, T, ...]
+    x = jnp.moveaxis(x, 0, 2)
+    x = x.reshape(x.shape[:2] + (n * tc,) + x.shape[4:])
+    return x[:, :, :t]
+
+  return jax.tree.map(merge, out)
+
+
+def _selection_chunk_fn(q_BTHD, k_BTKD, bias_BTK, cfg, n_blocks):
+  """Returns fn(q_chunk, positions) -> (idx, valid, pinned) for one chunk."""
+  sg = jax.lax.stop_gradient
+  kbar_BWKD = None
+  se_BKN = None
+  if cfg.variant in ("infllmv2", "nosa"):
+    kbar_BWKD = compress_keys(sg(k_BTKD), cfg.compress_kernel,
+                              cfg.compress_stride)
+  if cfg.variant in ("dma", "nosa"):
+    if bias_BTK is None:
+      raise ValueError(f"variant {cfg.variant!r} selects on the eviction "
+                       "bias; bias_BTK must not be None")
+    se_BKN = query_agnostic_scores(sg(bias_BTK), cfg, n_blocks)
+
+  def fn(q_chunk_BTHD, positions_T):
+    sq_BKTN = None
+    if kbar_BWKD is not None:
+      sq_BKTN = query_aware_scores(sg(q_chunk_BTHD), kbar_BWKD, positions_T,
+                                   cfg, n_blocks)
+    return select_from_scores(sq_BKTN, se_BKN, positions_T, cfg)
+
+  return fn
+
+
+def _check_shapes(q_BTHD, k_BTKD, bias_BTK):
+  b, t, h, _ = q_BTHD.shape
+  if k_BTKD.shape[:2] != (b, t) or h % k_BTKD.shape[2]:
+    raise ValueError(f"q {q_BTHD.shape} and k {k_BTKD.shape} do not match "
+                     "(need the same B, T and H divisible by K)")
+  if bias_BTK is not None and bias_BTK.shape != k_BTKD.shape[:3]:
+    raise ValueError(f"bias {bias_BTK.shape} != {k_BTKD.shape[:3]}")
+
+
+def select_blocks(q_BTHD: jax.Array, k_BTKD: jax.Array,
+                  bias_BTK: Optional[jax.Array],
+                  cfg: config_lib.SparseConfig):
+  """Selected blocks per (query, KV head) (§2.5), no gradient.
+
+  Args:
+    q_BTHD: queries (RoPE applied).
+    k_BTKD: keys (RoPE applied), same T (training / prefill).
+    bias_BTK: eviction bias; required for dma / nosa, ignored otherwise.
+    cfg: selection constants and variant.
+
+  Returns:
+    idx_BKTP int32 (ascending, invalid slots last and -1) and valid_BKTP
+    bool, with N = ceil(T / C) and P = min(topk_blocks, N). For `full`,
+    P = N and every causal block is valid. Query t always gets exactly
+    min(topk_blocks, t // C + 1) valid blocks.
+  """
+  _check_shapes(q_BTHD, k_BTKD, bias_BTK)
+  b, t = q_BTHD.shape[:2]
+  k = k_BTKD.shape[2]
+  n = num_blocks(t, cfg.block_size)
+  if cfg.variant == "full":
+    j_N = jnp.arange(n, dtype=jnp.int32)
+    valid_TN = j_N[None, :] <= (jnp.arange(t) // cfg.block_size)[:, None]
+    idx = jnp.where(valid_TN, j_N[None, :], -1)
+    return (jnp.broadcast_to(idx[None, None], (b, k, t, n)),
+            jnp.broadcast_to(valid_TN[None, None], (b, k, t, n)))
+  fn = _selection_chunk_fn(q_BTHD, k_BTKD, bias_BTK, cfg, n)
+  return _map_query_chunks(lambda q, p: fn(q, p)[:2], q_BTHD,
+                           cfg.query_chunk)
+
+
+def select_block_masks(q_BTHD: jax.Array, k_BTKD: jax.Array,
+                       bias_BTK: Optional[jax.Array],
+                       cfg: config_lib.SparseConfig):
+  """Block masks of the selection and of its query-position part.
+
+  Args: as `select_blocks`.
+
+  Returns:
+    mask_BKTN: True iff query t attends block j through KV head k; never
+      True for j > t // C.
+    pinned_BKTN: the subset ranked +inf before the final top-k: the forced
+      blocks plus, for nosa, the phase-1 query-aware picks Q(t). For
+      infllmv2 and full it equals mask_BKTN; for dma it is the forced set.
+  """
+  _check_shapes(q_BTHD, k_BTKD, bias_BTK)
+  t = q_BTHD.shape[1]
+  n = num_blocks(t, cfg.block_size)
+  if cfg.variant == "full":
+    b, k = q_BTHD.shape[0], k_BTKD.shape[2]
+    _, future_TN = forced_and_future(jnp.arange(t), n, cfg)
+    mask = jnp.broadcast_to(~future_TN[None, None], (b, k, t, n))
+    return mask, mask
+  fn = _selection_chunk_fn(q_BTHD, k_BTKD, bias_BTK, cfg, n)
+
+  def chunk_masks(q_chunk, positions):
+    idx, valid, pinned = fn(q_chunk, positions)
+    return _members(idx, valid, n), pinned
+
+  return _map_query_chunks(chunk_masks, q_BTHD, cfg.query_chunk)
+
+
+def block_mask(q_BTHD: jax.Array, k_BTKD: jax.Array,
+               bias_BTK: Optional[jax.Array],
+               cfg: config_lib.SparseConfig) -> jax.Array:
+  """mask_BKTN bool of the selected blocks (§2.6), no gradient.
+
+  Args: as `select_blocks`.
+
+  Returns:
+    mask_BKTN with N = ceil(T / C): True iff query t attends block j through
+    KV head k (all G query heads of the group share it); never True for
+    j > t // C. For `full`, every causal block is True.
+  """
+  return select_block_masks(q_BTHD, k_BTKD, bias_BTK, cfg)[0]
+
+
+# ------------------------------------------------------------------------------
+# Locality (§3) and the locality penalty (project decision 5).
+# ------------------------------------------------------------------------------
+
+
+def locality_statistics(mask_BKTN: jax.Array, pinned_BKTN: jax.Array,
+                        topk_blocks: int) -> dict[str, jax.Array]:
+  """Step-to-step overlap of the selection (§3), as fp32 scalars.
+
+  A pair (t-1, t) of one (sequence, KV head) counts when both positions
+  hold a full budget, |sel(t)| = |sel(t-1)| = topk_blocks; before that every
+  causal block is selected and the overlap is trivially total.
+
+  Returns:
+    gamma: mean over counted pairs of |sel(t) & sel(t-1)| / |sel(t)|, the
+      decode cache hit rate of §3 (1.0 when no pair counts).
+    changed_query_picks: mean over counted pairs of the blocks entering
+      sel(t) (not in sel(t-1)) that are pinned at t (forced or phase-1
+      query-aware; every pick for infllmv2 / full).
+    changed_agnostic_picks: the same for blocks entering through the
+      query-agnostic ranking (eviction score); 0 for infllmv2 / full.
+      On counted pairs changed_query + changed_agnostic = P * (1 - gamma).
+    locality_pairs: fraction of the (b, k, t >= 1) pairs counted.
+  """
+  cur = mask_BKTN[:, :, 1:]
+  prev = mask_BKTN[:, :, :-1]
+  counted = ((jnp.sum(cur, axis=-1) == topk_blocks)
+             & (jnp.sum(prev, axis=-1) == topk_blocks))
+  entering = cur & ~prev
+  inter = jnp.sum(cur & prev, axis=-1)
+  enter_q = jnp.sum(entering & pinned_BKTN[:, :, 1:], axis=-1)
+  enter_a = jnp.sum(entering & ~pinned_BKTN[:, :, 1:], axis=-1)
+  n_pairs = jnp.sum(counted).astype(_F32)
+  denom = jnp.maximum(n_pairs, 1.0)
+
+  def mean(x):
+    return jnp.sum(jnp.where(counted, x, 0)).astype(_F32) / denom
+
+  stats = {
+      "gamma": jnp.where(n_pairs > 0, mean(inter) / topk_blocks, 1.0),
+      "changed_query_picks": mean(enter_q),
+      "changed_agnostic_picks": mean(enter_a),
+      "locality_pairs": n_pairs / max(1, counted.size),
+  }
+  return jax.tree.map(jax.lax.stop_gradient, stats)
+
+
+def locality_penalty(q_BTHD: jax.Array, k_BTKD: jax.Array,
+                     cfg: config_lib.SparseConfig,
+                     temperature: float = 1.0) -> jax.Array:
+  """Differentiable locality penalty (project decision 5; not in the paper).
+
+  A soft version of the query-aware selection compared between consecutive
+  queries. For each sequence b, KV head k and pair (t-1, t), t >= 1, let
+  U(t) = {j : sink_blocks <= j <= j_{t-1} - window_blocks - 1}, the blocks
+  that are selectable (not forced) at both t-1 and t. With sq the pooled
+  query-aware scores of `query_aware_scores` (computed WITH gradient),
+
+    p_u(j) = sq[u, k, j]^(1/tau) / sum_{j' in U(t)} sq[u, k, j']^(1/tau)
+           = softmax_{j in U(t)}(log sq[u, k, j] / tau),   u in {t-1, t},
+
+    penalty = mean over (b, k, t) with U(t) nonempty of
+              0.5 * sum_{j in U(t)} |p_t(j) - p_{t-1}(j)|   (total variation).
+
+  It is 0 when consecutive queries rank the free blocks alike and at most 1.
+  Gradient reaches q and k (through the compressed keys). Computed in query
+  chunks under `jax.checkpoint`, so forward and backward memory are bounded
+  by one chunk of [B, H, query_chunk + 1, W] scores. The result is
+  unweighted; callers add `cfg.locality_weight * penalty` to the loss.
+
+  Args:
+    q_BTHD: queries (RoPE applied).
+    k_BTKD: keys (RoPE applied).
+    cfg: selection constants.
+    temperature: tau > 0; below 1 sharpens p toward the top blocks.
+
+  Returns:
+    Scalar fp32 penalty (0.0 when no pair has a selectable block).
+  """
+  _check_shapes(q_BTHD, k_BTKD, None)
+  b, t, h, d = q_BTHD.shape
+  kk = k_BTKD.shape[2]
+  n = num_blocks(t, cfg.block_size)
+  # Static count of the pairs with U(t) nonempty.
+  pos = np.arange(1, t)
+  n_pairs = int(np.sum((pos - 1) // cfg.block_size - cfg.window_blocks - 1
+                       >= cfg.sink_blocks))
+  if n_pairs == 0:
+    return jnp.zeros((), _F32)
+  kbar_BWKD = compress_keys(k_BTKD, cfg.compress_kernel, cfg.compress_stride)
+  tc = min(cfg.query_chunk, t)
+  n_chunks = -(-t // tc)
+  # One leading row so each chunk also sees the query before its first one.
+  q_pad = jnp.pad(q_BTHD, ((0, 0), (1, n_chunks * tc - t), (0, 0), (0, 0)))
+  j_N = jnp.arange(n)
+
+  @jax.checkpoint
+  def chunk_tv(i, q_pad, kbar_BWKD):
+    q_c = jax.lax.dynamic_slice_in_dim(q_pad, i * tc, tc + 1, axis=1)
+    pos_T = i * tc - 1 + jnp.arange(tc + 1)  # positions of the rows
+    sq_BKTN = query_aware_scores(q_c, kbar_BWKD, pos_T, cfg, n)
+    logp = jnp.log(jnp.maximum(sq_BKTN, _TINY)) / temperature
+    jprev_T = pos_T[:-1] // cfg.block_size
+    support_TN = ((j_N[None, :] >= cfg.sink_blocks)
+                  & (j_N[None, :] <= jprev_T[:, None] - cfg.window_blocks - 1))
+    support = support_TN[None, None]
+    p_prev = _masked_softmax(logp[:, :, :-1], support)
+    p_cur = _masked_softmax(logp[:, :, 1:], support)
+    tv_BKT = 0.5 * jnp.sum(jnp.abs(p_cur - p_prev), axis=-1)
+    ok_T = (pos_T[:-1] >= 0) & (pos_T[1:] < t) & jnp.any(support_TN, axis=-1)
+    return jnp.sum(jnp.where(ok_T[None, None], tv_BKT, 0.0))
+
+  sums = jax.lax.map(lambda i: chunk_tv(i, q_pad, kbar_BWKD),
+                     jnp.arange(n_chunks))
+  return jnp.sum(sums) / (b * kk * n_pairs)
