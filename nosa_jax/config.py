@@ -241,6 +241,9 @@ class TrainConfig:
     keep_checkpoints: how many checkpoints orbax keeps.
     peak_tflops: per-device peak for the MFU estimate (0: guess from the
       device kind; unknown devices print no MFU).
+    mesh_shape: device mesh (data, fsdp, tensor); one entry may be -1 to
+      take the remaining devices. (-1, 1, 1) is plain data parallelism and
+      works unchanged on one device.
   """
 
   seq_len: int = 128
@@ -261,9 +264,17 @@ class TrainConfig:
   checkpoint_every: int = 50
   keep_checkpoints: int = 3
   peak_tflops: float = 0.0
+  mesh_shape: tuple[int, int, int] = (-1, 1, 1)
 
   def __post_init__(self):
     p = "train"
+    object.__setattr__(self, "mesh_shape", tuple(self.mesh_shape))
+    _require(len(self.mesh_shape) == 3
+             and all(isinstance(s, int) and (s > 0 or s == -1)
+                     for s in self.mesh_shape)
+             and self.mesh_shape.count(-1) <= 1, f"{p}.mesh_shape",
+             "must be 3 sizes (data, fsdp, tensor), positive or one -1",
+             self.mesh_shape)
     _positive_int(self, p, "seq_len", "batch_size", "num_steps", "log_every",
                   "eval_batches", "keep_checkpoints")
     for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):

@@ -65,6 +65,25 @@ class MetricWriter:
     self._writer.close()
 
 
+class NullWriter:
+  """What processes other than the first write: nothing."""
+
+  def scalars(self, step, values):
+    del step, values
+
+  def histogram(self, step, tag, values, bins=64):
+    del step, tag, values, bins
+
+  def text(self, step, tag, text):
+    del step, tag, text
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
 def flops_per_token(cfg: config_lib.ModelConfig, seq_len: int,
                     num_params: int) -> float:
   """Training FLOPs per token: 6 N (matmuls) + attention score/value FLOPs.

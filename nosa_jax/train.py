@@ -28,6 +28,7 @@ from nosa_jax import config as config_lib
 from nosa_jax import data as data_lib
 from nosa_jax import metrics as metrics_lib
 from nosa_jax import model as model_lib
+from nosa_jax import sharding as sharding_lib
 
 State = dict[str, Any]
 
@@ -102,16 +103,26 @@ def train_step(state: State, batch_BT1: jax.Array, *, graphdef,
   return new_state, metrics
 
 
-def init_state(cfg: config_lib.ExperimentConfig, graphdef_params=None
+def init_state(cfg: config_lib.ExperimentConfig, mesh=None
                ) -> tuple[Any, State, optax.GradientTransformation]:
-  """(graphdef, fresh train state, optimizer) for `cfg`."""
-  graphdef, params = graphdef_params or model_lib.init(cfg.model,
-                                                       cfg.train.seed)
+  """(graphdef, fresh train state, optimizer) for `cfg`.
+
+  With a mesh, parameters are created directly in their shards (a jitted
+  init with `out_shardings`), so an 8B model never sits on one device.
+  """
   tx = make_optimizer(cfg.train)
-  state = {"params": params, "opt_state": tx.init(params),
-           "step": jnp.zeros((), jnp.int32),
-           "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1))}
-  return graphdef, state, tx
+  graphdef, _ = model_lib.abstract_params(cfg.model)
+
+  def fresh():
+    params = model_lib.init(cfg.model, cfg.train.seed)[1]
+    return {"params": params, "opt_state": tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1))}
+
+  if mesh is None:  # jitted too, so every path rounds the init the same way
+    return graphdef, jax.jit(fresh)(), tx
+  shardings = sharding_lib.tree_shardings(jax.eval_shape(fresh), mesh)
+  return graphdef, jax.jit(fresh, out_shardings=shardings)(), tx
 
 
 def _log_locality(writer, step: int, layer_stats: list[dict]) -> str:
@@ -150,7 +161,9 @@ def train_and_evaluate(cfg: config_lib.ExperimentConfig,
   # ----------------------------------------------------------------------
   # Model, optimizer, restore.
   # ----------------------------------------------------------------------
-  graphdef, state, tx = init_state(cfg)
+  mesh = sharding_lib.make_mesh(tc.mesh_shape)
+  is_main = jax.process_index() == 0
+  graphdef, state, tx = init_state(cfg, mesh)
   num_params = model_lib.count_params(state["params"])
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      keep=tc.keep_checkpoints)
@@ -160,25 +173,30 @@ def train_and_evaluate(cfg: config_lib.ExperimentConfig,
     position = int(meta["data_position"])
     logging.info("Resumed from step %d (data position %d) in %s",
                  int(state["step"]), position, ckpt.directory)
-  checkpoint_lib.write_json_atomic(
-      os.path.join(workdir, "config.json"), dataclasses.asdict(cfg))
+  if is_main:
+    checkpoint_lib.write_json_atomic(
+        os.path.join(workdir, "config.json"), dataclasses.asdict(cfg))
   start = int(state["step"])
-  logging.info("Model: %s parameters, variant %s, %d layers; device %s",
-               f"{num_params:,}", cfg.model.sparse.variant,
-               cfg.model.num_layers, jax.devices()[0].device_kind)
+  logging.info("Model: %s parameters, variant %s, %d layers; %d x %s, mesh "
+               "(data, fsdp, tensor) = %s", f"{num_params:,}",
+               cfg.model.sparse.variant, cfg.model.num_layers,
+               jax.device_count(), jax.devices()[0].device_kind,
+               tuple(mesh.shape.values()))
 
   # ----------------------------------------------------------------------
   # Jitted steps.
   # ----------------------------------------------------------------------
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
   step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef,
                                       cfg=cfg.model, tx=tx),
-                    donate_argnums=0)
+                    out_shardings=(state_shardings, None), donate_argnums=0)
   eval_fn = jax.jit(lambda params, batch: loss_fn(
       params, graphdef, cfg.model, batch)[1]["loss"])
   stats_fn = jax.jit(lambda params, tokens: model_lib.apply(
       graphdef, params, tokens, collect_stats=True)[1]["layers"])
   schedule = learning_rate_schedule(tc)
-  writer = metrics_lib.MetricWriter(os.path.join(workdir, "tensorboard"))
+  writer = (metrics_lib.MetricWriter(os.path.join(workdir, "tensorboard"))
+            if is_main else metrics_lib.NullWriter())
   tokens_per_step = tc.batch_size * tc.seq_len
   flops = metrics_lib.flops_per_token(cfg.model, tc.seq_len, num_params)
   peak = metrics_lib.peak_flops(jax.devices()[0].device_kind,
@@ -191,7 +209,9 @@ def train_and_evaluate(cfg: config_lib.ExperimentConfig,
   def evaluate() -> float:
     batches = data_lib.eval_batches(datasets.eval, tc.seq_len, tc.batch_size,
                                     tc.eval_batches)
-    return float(np.mean([eval_fn(state["params"], b) for b in batches]))
+    return float(np.mean([
+        eval_fn(state["params"], sharding_lib.global_batch(b, mesh))
+        for b in batches]))
 
   # ----------------------------------------------------------------------
   # Loop.
@@ -208,7 +228,7 @@ def train_and_evaluate(cfg: config_lib.ExperimentConfig,
   try:
     for step in range(start + 1, tc.num_steps + 1):
       batch = datasets.train.batch_at(position, tc.batch_size)
-      state, m = step_fn(state, batch)
+      state, m = step_fn(state, sharding_lib.global_batch(batch, mesh))
       position += tc.batch_size
       window.append(m)
 
@@ -232,7 +252,8 @@ def train_and_evaluate(cfg: config_lib.ExperimentConfig,
         writer.scalars(step, {f"train/{k}": v for k, v in last.items()})
         line = ""
         if cfg.model.sparse.variant != "full":
-          stats = jax.device_get(stats_fn(state["params"], batch[:1, :-1]))
+          tokens = jax.device_put(batch[:1, :-1], sharding_lib.replicated(mesh))
+          stats = jax.device_get(stats_fn(state["params"], tokens))
           line = " | " + _log_locality(writer, step, stats)
         eta = (tc.num_steps - step) * dt / len(window)
         mfu = f" | MFU {100 * last['mfu']:.1f}%" if peak else ""

@@ -1,0 +1,94 @@
+"""SPMD on 8 virtual CPU devices: meshes follow the 1-device trajectory."""
+
+import glob
+import os
+import subprocess
+import sys
+
+from absl.testing import absltest
+from jax.sharding import PartitionSpec as P
+import numpy as np
+from tensorboard.backend.event_processing import event_accumulator
+
+from nosa_jax import config as config_lib
+from nosa_jax import model
+from nosa_jax import sharding
+from nosa_jax import testing
+
+REPO = __file__.rsplit("/tests/", 1)[0]
+
+
+def _losses(workdir):
+  events = glob.glob(os.path.join(workdir, "tensorboard", "events.*"))
+  out = {}
+  for path in sorted(events):
+    acc = event_accumulator.EventAccumulator(path)
+    acc.Reload()
+    out.update({e.step: e.value for e in acc.Scalars("train/loss")})
+  return np.array([out[s] for s in sorted(out)])
+
+
+class SpecTest(absltest.TestCase):
+
+  def test_rules(self):
+    _, params = model.abstract_params(testing.tiny_model_config("nosa"))
+    specs = sharding.param_specs(params, {"data": 2, "fsdp": 4, "tensor": 2})
+    blk = specs["blocks"][0]
+    self.assertEqual(blk["attn"]["wq"].get_value(), P("fsdp", "tensor", None))
+    self.assertEqual(blk["attn"]["wk"].get_value(), P("fsdp", None, None))
+    self.assertEqual(blk["mlp"]["w_down"].get_value(), P("tensor", "fsdp"))
+    # 259 is not divisible by 2: the vocabulary is replicated, not split.
+    self.assertEqual(specs["embed"].get_value(), P(None, "fsdp"))
+
+  def test_mesh_shape_errors(self):
+    with self.assertRaisesRegex(config_lib.ConfigError, "train.mesh_shape"):
+      sharding.resolve_mesh_shape((3, -1, 1), 8)
+    with self.assertRaisesRegex(config_lib.ConfigError, "train.mesh_shape"):
+      sharding.resolve_mesh_shape((2, 2, 1), 8)
+    self.assertEqual(sharding.resolve_mesh_shape((2, -1, 2), 8), (2, 2, 2))
+
+
+class MeshTrajectoryTest(absltest.TestCase):
+  """Each run is its own process (the device count is fixed at JAX start)."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.cache = os.path.join(absltest.get_default_test_tmpdir(), "spmd_cache")
+
+  def _run(self, devices, mesh, steps=6, stop=None, workdir=None,
+           variant="full"):
+    workdir = workdir or self.create_tempdir().full_path
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    args = [workdir, self.cache, mesh, variant, str(steps)]
+    args += [str(stop)] if stop else []
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.nosa_jax.spmd_worker", *args], cwd=REPO,
+        env=env, capture_output=True, text=True, timeout=600)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    return workdir
+
+  def test_meshes_follow_one_device(self):
+    base = _losses(self._run(1, "1,1,1"))
+    self.assertLen(base, 6)
+    self.assertLess(base[-1], base[0])
+    for mesh in ("8,1,1", "2,4,1", "2,2,2"):
+      got = _losses(self._run(8, mesh))
+      np.testing.assert_allclose(got, base, rtol=2e-5, atol=2e-5,
+                                 err_msg=f"mesh {mesh}")
+
+  def test_checkpoint_restores_on_another_mesh(self):
+    base = _losses(self._run(1, "1,1,1"))
+    workdir = self._run(8, "2,4,1", stop=3)
+    self._run(8, "2,2,2", workdir=workdir)
+    np.testing.assert_allclose(_losses(workdir), base, rtol=2e-5, atol=2e-5)
+
+  def test_sparse_variant_on_a_mesh(self):
+    base = _losses(self._run(1, "1,1,1", steps=3, variant="nosa"))
+    got = _losses(self._run(8, "2,2,2", steps=3, variant="nosa"))
+    np.testing.assert_allclose(got, base, rtol=2e-5, atol=2e-5)
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -1,0 +1,48 @@
+"""Subprocess body of sharding_test: trains the tiny config on one mesh.
+
+Run with XLA_FLAGS=--xla_force_host_platform_device_count=N set before JAX
+starts, which is why it is a separate process:
+  python -m tests.nosa_jax.spmd_worker WORKDIR CACHE MESH VARIANT STEPS [STOP]
+MESH is like 2,4,1; with STOP the run is interrupted (Ctrl-C, which saves a
+checkpoint) once STOP steps are done.
+"""
+
+import sys
+from unittest import mock
+
+from nosa_jax import data as data_lib
+from nosa_jax import testing
+from nosa_jax import train
+
+
+def main(workdir, cache, mesh, variant, steps, stop=None):
+  cfg = testing.tiny_config(
+      variant, cache_dir=cache, num_steps=int(steps), batch_size=8,
+      log_every=1, checkpoint_every=0,
+      mesh_shape=tuple(int(x) for x in mesh.split(",")))
+  if stop is None:
+    train.train_and_evaluate(cfg, workdir)
+    return
+  real, stop_pos = data_lib.load_datasets, int(stop) * cfg.train.batch_size
+
+  def load(*args, **kwargs):
+    ds = real(*args, **kwargs)
+    stream = ds.train
+
+    class Stream:
+      def batch_at(self, pos, batch_size):
+        if pos == stop_pos:
+          raise KeyboardInterrupt
+        return stream.batch_at(pos, batch_size)
+
+    return ds.__class__(**{**ds.__dict__, "train": Stream()})
+
+  with mock.patch.object(data_lib, "load_datasets", load):
+    try:
+      train.train_and_evaluate(cfg, workdir)
+    except KeyboardInterrupt:
+      pass
+
+
+if __name__ == "__main__":
+  main(*sys.argv[1:])
