@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from nosa_jax import config as config_lib
 from nosa_jax import selection
+import pallas_kernels
 
 _F32 = jnp.float32
 # Static key-prefix lengths in the `xla` path (see `sparse_attention`).
@@ -146,15 +147,17 @@ def sparse_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
     mask_BKTN: selected blocks (bool), N = ceil(T / C); not differentiated.
     block_size: C.
     query_chunk: queries per chunk.
-    implementation: `xla`, or `pallas` (not yet available).
+    implementation: `xla`, or `pallas` (the Triton block-sparse kernel).
 
   Returns:
     out_BTHD in q's dtype.
   """
   if implementation == "pallas":
-    raise NotImplementedError(
-        "implementation='pallas': the pallas kernels arrive with the kernels "
-        "issue; use implementation='xla'")
+    # The Triton kernel; off the GPU it runs in Pallas interpret mode (slow,
+    # exact), so the same config runs everywhere.
+    return pallas_kernels.block_sparse_attention(
+        q_BTHD, k_BTKD, v_BTKD, bias_BTK, mask_BKTN, block_size,
+        interpret=jax.default_backend() != "gpu")
   if implementation != "xla":
     raise ValueError(f"implementation={implementation!r}: use 'xla' or "
                      "'pallas'")
@@ -239,3 +242,41 @@ def nosa_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
   else:
     aux["locality_penalty"] = jnp.zeros((), _F32)
   return out_BTHD, aux
+
+
+def decode_attention(q_BHD: jax.Array, k_BKSD: jax.Array, v_BKSD: jax.Array,
+                     bias_BKS: Optional[jax.Array], slot_len_BKP: jax.Array,
+                     block_size: int,
+                     implementation: Literal["xla", "pallas"] = "xla"
+                     ) -> jax.Array:
+  """One query token per sequence against its cached KV blocks (slots).
+
+  Args:
+    q_BHD: the new token's queries (RoPE applied).
+    k_BKSD: cached keys, slot-major: slot p holds rows [p*C, (p+1)*C).
+    v_BKSD: cached values, same layout.
+    bias_BKS: per-key eviction bias (fp32, full strength) or None.
+    slot_len_BKP: valid tokens at the start of each slot (0 = empty slot).
+    block_size: C.
+    implementation: `xla` (dense masked jnp) or `pallas` (split-K kernel;
+      interpret mode off the GPU).
+
+  Returns:
+    out_BHD in q's dtype; 0 for a row with no valid key.
+  """
+  if implementation == "pallas":
+    return pallas_kernels.sparse_decode(
+        q_BHD, k_BKSD, v_BKSD, bias_BKS, slot_len_BKP, block_size,
+        interpret=jax.default_backend() != "gpu")
+  if implementation != "xla":
+    raise ValueError(f"implementation={implementation!r}: use 'xla' or "
+                     "'pallas'")
+  return pallas_kernels.sparse_decode_reference(
+      q_BHD, k_BKSD, v_BKSD, bias_BKS, slot_len_BKP, block_size)
+
+
+def decode_bytes_read(q_BHD, k_BKSD, v_BKSD, bias_BKS, slot_len_BKP,
+                      block_size: int):
+  """Bytes one decode attention call must move (for bandwidth figures)."""
+  return pallas_kernels.decode_bytes_read(q_BHD, k_BKSD, v_BKSD, bias_BKS,
+                                          slot_len_BKP, block_size)

@@ -145,12 +145,33 @@ class SparseAttentionTest(parameterized.TestCase):
     for out in (ref(q, k, v, bias, mask, _C), chunked(q, k, v, bias, mask)):
       np.testing.assert_array_equal(out, 0.0)
 
-  def test_pallas_not_implemented(self):
-    q, k, v, bias = _inputs(0, 1, 20, 2, 1, 4)
-    with self.assertRaisesRegex(NotImplementedError, "kernels issue"):
-      sa.sparse_attention(q, k, v, bias, _causal_blocks(1, 1, 20, _C),
-                          block_size=_C, query_chunk=8,
-                          implementation="pallas")
+  @parameterized.parameters(jnp.float32, jnp.bfloat16)
+  def test_pallas_matches_xla(self, dtype):
+    """The kernel path (interpret mode on CPU) equals the xla path."""
+    q, k, v, bias = _inputs(3, 1, 70, 4, 2, 16, dtype)
+    mask = selection.block_mask(q, k, bias, _CFG)
+    cot = jnp.asarray(np.random.default_rng(4).normal(size=q.shape), dtype)
+    run = lambda impl: _grads(lambda *a: sa.sparse_attention(
+        *a, mask, block_size=_C, query_chunk=32, implementation=impl),
+                              (q, k, v, bias), cot)
+    (out_x, grads_x), (out_p, grads_p) = run("xla"), run("pallas")
+    for a, b in zip((out_x, *grads_x), (out_p, *grads_p), strict=True):
+      np.testing.assert_allclose(np.asarray(a, np.float32),
+                                 np.asarray(b, np.float32),
+                                 **tolerances.tol(dtype))
+
+  def test_decode_attention_implementations_agree(self):
+    rng = np.random.default_rng(5)
+    b, kh, g, p, d = 2, 2, 4, 3, 16
+    q = jnp.asarray(rng.normal(size=(b, kh * g, d)), jnp.float32)
+    kc, vc = (jnp.asarray(rng.normal(size=(b, kh, p * _C, d)), jnp.float32)
+              for _ in range(2))
+    bias = jnp.asarray(rng.normal(size=(b, kh, p * _C)), jnp.float32)
+    slot_len = jnp.asarray([[[16, 0, 5], [16, 16, 1]]] * b, jnp.int32)
+    got = [sa.decode_attention(q, kc, vc, bias, slot_len, _C, impl)
+           for impl in ("xla", "pallas")]
+    np.testing.assert_allclose(got[0], got[1],
+                               **tolerances.tol(jnp.float32))
 
 
 class NosaAttentionTest(parameterized.TestCase):

@@ -1,0 +1,25 @@
+"""Pallas GPU kernels (Triton lowering), each beside its pure-jnp reference.
+
+Imports only jax and numpy (STYLE.md rule 1).
+"""
+
+from pallas_kernels.block_sparse_attention import block_sparse_attention
+from pallas_kernels.block_sparse_attention import (
+    block_sparse_attention_reference)
+from pallas_kernels.common import BlockSizes
+from pallas_kernels.sparse_decode import DecodeBlockSizes
+from pallas_kernels.sparse_decode import decode_bytes_read
+from pallas_kernels.sparse_decode import num_decode_splits
+from pallas_kernels.sparse_decode import sparse_decode
+from pallas_kernels.sparse_decode import sparse_decode_reference
+
+__all__ = [
+    "BlockSizes",
+    "DecodeBlockSizes",
+    "decode_bytes_read",
+    "num_decode_splits",
+    "sparse_decode",
+    "sparse_decode_reference",
+    "block_sparse_attention",
+    "block_sparse_attention_reference",
+]

@@ -1,0 +1,600 @@
+"""Block-sparse causal attention with an additive key bias (Pallas, Triton).
+
+The training / prefill attention of NOSA (NOSA_SPEC.md §2.6-§2.7): query t
+attends, through KV head k, the keys s <= t whose block s // C is selected
+for (t, k), with logits q.k / sqrt(D) + bias[s, k] (the eviction bias at
+full strength) and an fp32 softmax. The G query heads of a KV head share the
+selection (GQA). Differentiable w.r.t. q, k, v and the bias (custom VJP with
+two backward kernels); the selection is not.
+
+Design. Selection is per query token, so a tile is `block_q` consecutive
+tokens times the G query heads of one KV head: R = block_q * G rows, row r =
+token t0 + r // G, head r % G, so the G heads share every K/V load. The
+wrapper (XLA) prepares, per tile, the sorted list of blocks in the union of
+its tokens' selections (causally pruned) and the per-token selection
+transposed to [N, T], so that a block's column for the tile's tokens is one
+contiguous load. The kernels then work on whole selection blocks:
+
+  forward  grid (tile, B*K): loop over the tile's blocks with an fp32 online
+           softmax (FlashAttention-2); writes out and the log-sum-exp
+           (base 2).
+  dq       grid (tile, B*K): same loop, ds = p * (dp - delta), dq += ds k.
+  dk/dv/db grid (B*K, block): loop over the query tiles whose union holds the
+           block (the transposed lists); each program owns its block's dk,
+           dv and dbias, so no atomics are needed.
+
+Inside a block, the token mask is the tile's selection column expanded to
+rows (a broadcast-compare-reduce with a one-hot [R, block_q], avoiding an
+in-kernel reshape) and the causal mask. Triton wants every loaded tile to be
+a power of 2 and every dot dimension >= 16: the wrapper pads G and D to
+powers of 2 and, when compiling, checks block_q, C and R.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+import jax.numpy as jnp
+
+from pallas_kernels import common
+
+_F32 = jnp.float32
+# The per-token selection as stored for the kernels: a byte per (block, token).
+_SEL_DTYPE = jnp.int8
+_MIN_DOT_DIM = 16
+_LOG2E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Everything static about one call; hashable (custom_vjp nondiff arg)."""
+  block_size: int
+  groups: int  # G padded to a power of 2
+  block_q: int
+  block_q_dq: int
+  block_q_dkv: int
+  scale: float
+  num_warps: int | None
+  num_stages: int | None
+  interpret: bool
+  debug: bool
+
+
+# ---------------------------------------------------------------------------
+# Kernels.
+# ---------------------------------------------------------------------------
+
+
+def _dot(a, b, *, trans_a=False, trans_b=False):
+  # IEEE fp32 for fp32 inputs (Triton's default would be TF32); bf16 inputs
+  # use the tensor cores with fp32 accumulation either way.
+  precision = lax.Precision.HIGHEST if a.dtype == _F32 else None
+  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+  return lax.dot_general(a, b, dims, precision=precision,
+                         preferred_element_type=_F32)
+
+
+def _row_tokens(rows, groups):
+  """[R] int32: token offset of each row within its tile (r // G)."""
+  r = jnp.arange(rows, dtype=jnp.int32)
+  return r if groups == 1 else lax.div(r, groups)
+
+
+def _one_hot(row_tok, block_q):
+  """[R, block_q] bool: row r belongs to token t of the tile; None if G=1."""
+  if row_tok.shape[0] == block_q:
+    return None
+  return row_tok[:, None] == jnp.arange(block_q, dtype=jnp.int32)[None, :]
+
+
+def _block_mask(sel_ref, sel_idx, one_hot, row_pos, key_pos):
+  """[R, C] bool: the row's token selected the block, and key <= query."""
+  sel = sel_ref[sel_idx].astype(jnp.int32)  # [block_q]
+  if one_hot is None:
+    row_sel = sel > 0
+  else:
+    row_sel = jnp.max(jnp.where(one_hot, sel[None, :], 0), axis=1) > 0
+  return row_sel[:, None] & (key_pos[None, :] <= row_pos[:, None])
+
+
+def _logits(q, k, bias, mask, scale):
+  """[R, C] masked logits in base 2, log2(e) * (q.k * scale + bias).
+
+  Base 2 so that the softmax uses exp2 (one MUFU op; exp is a libdevice
+  call with extra range reduction), as in JAX's flash attention. The lse
+  is kept in base 2 too; ds is still the gradient of the natural logits.
+  """
+  s = _dot(q, k, trans_b=True) * (scale * _LOG2E) + (bias * _LOG2E)[None, :]
+  return jnp.where(mask, s, common.MASK_VALUE)
+
+
+def _fwd_kernel(
+    q_ref,  # [R, D]
+    k_ref,  # [S, D]
+    v_ref,  # [S, D]
+    bias_ref,  # [S] fp32
+    sel_ref,  # [N, block_q] int8
+    idx_ref,  # [N] int32, the tile's blocks first, ascending
+    cnt_ref,  # [] int32, how many
+    o_ref,  # [R, D]
+    lse_ref,  # [R] fp32, log2-sum-exp2 of the base-2 logits
+    *, block_size: int, groups: int, scale: float):
+  c = block_size
+  rows, d = q_ref.shape
+  block_q = sel_ref.shape[1]
+  row_tok = _row_tokens(rows, groups)
+  row_pos = pl.program_id(0) * block_q + row_tok
+  one_hot = _one_hot(row_tok, block_q)
+  q = q_ref[...]
+
+  def body(i, carry):
+    acc, m_prev, l_prev = carry
+    j = idx_ref[i]
+    blk = pl.ds(j * c, c)
+    key_pos = j * c + jnp.arange(c, dtype=jnp.int32)
+    mask = _block_mask(sel_ref, (j, slice(None)), one_hot, row_pos, key_pos)
+    s = _logits(q, k_ref[blk, :], bias_ref[blk], mask, scale)  # [R, C]
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    # Zero masked entries explicitly: in a row masked so far m_next is
+    # MASK_VALUE itself and exp(s - m_next) would be 1.
+    p = jnp.where(mask, jnp.exp2(s - m_next[:, None]), 0.0)
+    corr = jnp.exp2(m_prev - m_next)
+    l_next = corr * l_prev + jnp.sum(p, axis=1)
+    v = v_ref[blk, :]
+    acc = corr[:, None] * acc + _dot(p.astype(v.dtype), v)
+    return acc, m_next, l_next
+
+  carry = (jnp.zeros((rows, d), _F32),
+           jnp.full((rows,), common.MASK_VALUE, _F32),
+           jnp.zeros((rows,), _F32))
+  acc, m, denom = lax.fori_loop(0, cnt_ref[()], body, carry)
+  # A row with no attended key (denom = 0) gives 0, and an lse the backward
+  # never uses (its mask is empty in every block).
+  l_safe = jnp.where(denom > 0.0, denom, 1.0)
+  o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = m + jnp.log2(l_safe)
+
+
+def _dq_kernel(
+    q_ref,  # [R, D]
+    do_ref,  # [R, D]
+    lse_ref,  # [R] fp32, base 2
+    delta_ref,  # [R] fp32, rowsum(dO * O)
+    k_ref,  # [S, D]
+    v_ref,  # [S, D]
+    bias_ref,  # [S] fp32
+    sel_ref,  # [N, block_q] int8
+    idx_ref,  # [N] int32
+    cnt_ref,  # [] int32
+    dq_ref,  # [R, D]
+    *, block_size: int, groups: int, scale: float):
+  c = block_size
+  rows, d = q_ref.shape
+  block_q = sel_ref.shape[1]
+  row_tok = _row_tokens(rows, groups)
+  row_pos = pl.program_id(0) * block_q + row_tok
+  one_hot = _one_hot(row_tok, block_q)
+  q, do = q_ref[...], do_ref[...]
+  lse, delta = lse_ref[...], delta_ref[...]
+
+  def body(i, dq):
+    j = idx_ref[i]
+    blk = pl.ds(j * c, c)
+    key_pos = j * c + jnp.arange(c, dtype=jnp.int32)
+    mask = _block_mask(sel_ref, (j, slice(None)), one_hot, row_pos, key_pos)
+    k = k_ref[blk, :]
+    s = _logits(q, k, bias_ref[blk], mask, scale)
+    p = jnp.where(mask, jnp.exp2(s - lse[:, None]), 0.0)
+    dp = _dot(do, v_ref[blk, :], trans_b=True)  # [R, C]
+    ds = p * (dp - delta[:, None])
+    return dq + _dot(ds.astype(k.dtype), k)
+
+  dq = lax.fori_loop(0, cnt_ref[()], body, jnp.zeros((rows, d), _F32))
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(
+    q_ref,  # [T * G, D], all query rows of this (b, k)
+    do_ref,  # [T * G, D]
+    lse_ref,  # [T * G] fp32, base 2
+    delta_ref,  # [T * G] fp32
+    k_ref,  # [C, D], this program's block
+    v_ref,  # [C, D]
+    bias_ref,  # [C] fp32
+    sel_ref,  # [T] int8, the block's selection per token
+    tile_ref,  # [T / block_q] int32, tiles whose union holds the block
+    cnt_ref,  # [] int32, how many
+    dk_ref,  # [C, D]
+    dv_ref,  # [C, D]
+    dbias_ref,  # [C] fp32
+    *, block_q: int, groups: int, scale: float):
+  j = pl.program_id(1)
+  c, d = k_ref.shape
+  rows = block_q * groups
+  row_tok = _row_tokens(rows, groups)
+  one_hot = _one_hot(row_tok, block_q)
+  key_pos = j * c + jnp.arange(c, dtype=jnp.int32)
+  k, v, bias = k_ref[...], v_ref[...], bias_ref[...]
+
+  def body(i, carry):
+    dk, dv, dbias = carry
+    qi = tile_ref[i]
+    tile = pl.ds(qi * rows, rows)
+    row_pos = qi * block_q + row_tok
+    mask = _block_mask(sel_ref, pl.ds(qi * block_q, block_q), one_hot,
+                       row_pos, key_pos)
+    q, do = q_ref[tile, :], do_ref[tile, :]
+    s = _logits(q, k, bias, mask, scale)  # [R, C]
+    p = jnp.where(mask, jnp.exp2(s - lse_ref[tile][:, None]), 0.0)
+    dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
+    dp = _dot(do, v, trans_b=True)
+    # ds stays fp32 for the bias gradient; only the matmul operand is cast.
+    ds = p * (dp - delta_ref[tile][:, None])
+    dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+    return dk, dv, dbias + jnp.sum(ds, axis=0)
+
+  carry = (jnp.zeros((c, d), _F32), jnp.zeros((c, d), _F32),
+           jnp.zeros((c,), _F32))
+  dk, dv, dbias = lax.fori_loop(0, cnt_ref[()], body, carry)
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+  dbias_ref[...] = dbias
+
+
+# ---------------------------------------------------------------------------
+# pallas_calls and the custom VJP. Arrays are flattened to X = B * K.
+# ---------------------------------------------------------------------------
+
+
+def _compiler_params(st: _Static, d: int):
+  num_warps = st.num_warps or (4 if d <= 64 else 8)
+  return plt.CompilerParams(num_warps=num_warps,
+                            num_stages=st.num_stages or 2)
+
+
+def _forward(st: _Static, q_XRD, k_XSD, v_XSD, bias_XS, sel_XNT, idx_XQN,
+             cnt_XQ):
+  x, tg, d = q_XRD.shape
+  s, n = k_XSD.shape[1], sel_XNT.shape[1]
+  rows, nq = st.block_q * st.groups, idx_XQN.shape[1]
+  kernel = functools.partial(_fwd_kernel, block_size=st.block_size,
+                             groups=st.groups, scale=st.scale)
+  full = lambda *shape: pl.BlockSpec((None, *shape),
+                                     lambda i, b: (b,) + (0,) * len(shape))
+  return pl.pallas_call(
+      kernel,
+      grid=(nq, x),
+      in_specs=[
+          pl.BlockSpec((None, rows, d), lambda i, b: (b, i, 0)),
+          full(s, d), full(s, d), full(s),
+          pl.BlockSpec((None, n, st.block_q), lambda i, b: (b, 0, i)),
+          pl.BlockSpec((None, None, n), lambda i, b: (b, i, 0)),
+          pl.BlockSpec((None, None), lambda i, b: (b, i)),
+      ],
+      out_specs=[
+          pl.BlockSpec((None, rows, d), lambda i, b: (b, i, 0)),
+          pl.BlockSpec((None, rows), lambda i, b: (b, i)),
+      ],
+      out_shape=[jax.ShapeDtypeStruct((x, tg, d), q_XRD.dtype),
+                 jax.ShapeDtypeStruct((x, tg), _F32)],
+      compiler_params=_compiler_params(st, d),
+      interpret=st.interpret,
+      debug=st.debug,
+      name="block_sparse_attention_fwd",
+  )(q_XRD, k_XSD, v_XSD, bias_XS, sel_XNT, idx_XQN, cnt_XQ)
+
+
+def _backward_dq(st: _Static, q_XRD, do_XRD, lse_XR, delta_XR, k_XSD, v_XSD,
+                 bias_XS, sel_XNT, idx_XQN, cnt_XQ):
+  x, _, d = q_XRD.shape
+  s, n = k_XSD.shape[1], sel_XNT.shape[1]
+  rows, nq = st.block_q_dq * st.groups, idx_XQN.shape[1]
+  kernel = functools.partial(_dq_kernel, block_size=st.block_size,
+                             groups=st.groups, scale=st.scale)
+  tile = pl.BlockSpec((None, rows, d), lambda i, b: (b, i, 0))
+  tile_vec = pl.BlockSpec((None, rows), lambda i, b: (b, i))
+  full = lambda *shape: pl.BlockSpec((None, *shape),
+                                     lambda i, b: (b,) + (0,) * len(shape))
+  return pl.pallas_call(
+      kernel,
+      grid=(nq, x),
+      in_specs=[
+          tile, tile, tile_vec, tile_vec, full(s, d), full(s, d), full(s),
+          pl.BlockSpec((None, n, st.block_q_dq), lambda i, b: (b, 0, i)),
+          pl.BlockSpec((None, None, n), lambda i, b: (b, i, 0)),
+          pl.BlockSpec((None, None), lambda i, b: (b, i)),
+      ],
+      out_specs=tile,
+      out_shape=jax.ShapeDtypeStruct(q_XRD.shape, q_XRD.dtype),
+      compiler_params=_compiler_params(st, d),
+      interpret=st.interpret,
+      debug=st.debug,
+      name="block_sparse_attention_dq",
+  )(q_XRD, do_XRD, lse_XR, delta_XR, k_XSD, v_XSD, bias_XS, sel_XNT,
+    idx_XQN, cnt_XQ)
+
+
+def _backward_dkv(st: _Static, q_XRD, do_XRD, lse_XR, delta_XR, k_XSD,
+                  v_XSD, bias_XS, sel_XNT, tiles_XNQ, cnt_XN):
+  x, tg, d = q_XRD.shape
+  c, n = st.block_size, sel_XNT.shape[1]
+  t, nq = sel_XNT.shape[2], tiles_XNQ.shape[2]
+  kernel = functools.partial(_dkv_kernel, block_q=st.block_q_dkv,
+                             groups=st.groups, scale=st.scale)
+  rows_all = pl.BlockSpec((None, tg, d), lambda b, j: (b, 0, 0))
+  rows_vec = pl.BlockSpec((None, tg), lambda b, j: (b, 0))
+  blk = pl.BlockSpec((None, c, d), lambda b, j: (b, j, 0))
+  blk_vec = pl.BlockSpec((None, c), lambda b, j: (b, j))
+  # B*K is the fastest grid axis (CUDA launches in linear order), so the
+  # programs of the early blocks start first: the sink block is in every
+  # tile's union and its list is the longest (N / P times the average);
+  # started first, it overlaps the rest instead of trailing it.
+  return pl.pallas_call(
+      kernel,
+      grid=(x, n),
+      in_specs=[
+          rows_all, rows_all, rows_vec, rows_vec, blk, blk, blk_vec,
+          pl.BlockSpec((None, None, t), lambda b, j: (b, j, 0)),
+          pl.BlockSpec((None, None, nq), lambda b, j: (b, j, 0)),
+          pl.BlockSpec((None, None), lambda b, j: (b, j)),
+      ],
+      out_specs=[blk, blk, blk_vec],
+      out_shape=[jax.ShapeDtypeStruct(k_XSD.shape, k_XSD.dtype),
+                 jax.ShapeDtypeStruct(v_XSD.shape, v_XSD.dtype),
+                 jax.ShapeDtypeStruct(bias_XS.shape, _F32)],
+      compiler_params=_compiler_params(st, d),
+      interpret=st.interpret,
+      debug=st.debug,
+      name="block_sparse_attention_dkv",
+  )(q_XRD, do_XRD, lse_XR, delta_XR, k_XSD, v_XSD, bias_XS, sel_XNT,
+    tiles_XNQ, cnt_XN)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(st, q_XRD, k_XSD, v_XSD, bias_XS, sel_XNT, lists):
+  out_XRD, _ = _forward(st, q_XRD, k_XSD, v_XSD, bias_XS, sel_XNT,
+                        *lists["fwd"])
+  return out_XRD
+
+
+def _attention_fwd(st, q_XRD, k_XSD, v_XSD, bias_XS, sel_XNT, lists):
+  out_XRD, lse_XR = _forward(st, q_XRD, k_XSD, v_XSD, bias_XS, sel_XNT,
+                             *lists["fwd"])
+  res = (q_XRD, k_XSD, v_XSD, bias_XS, sel_XNT, lists, out_XRD, lse_XR)
+  return out_XRD, res
+
+
+def _attention_bwd(st, res, do_XRD):
+  q_XRD, k_XSD, v_XSD, bias_XS, sel_XNT, lists, out_XRD, lse_XR = res
+  # delta = rowsum(dO * O) = sum_s p_s dp_s, the softmax-backward term.
+  delta_XR = jnp.sum(do_XRD.astype(_F32) * out_XRD.astype(_F32), axis=-1)
+  common_args = (q_XRD, do_XRD, lse_XR, delta_XR, k_XSD, v_XSD, bias_XS,
+                 sel_XNT)
+  dq_XRD = _backward_dq(st, *common_args, *lists["dq"])
+  dk_XSD, dv_XSD, dbias_XS = _backward_dkv(st, *common_args, *lists["dkv"])
+  zero_lists = jax.tree.map(lambda _: None, lists)
+  return dq_XRD, dk_XSD, dv_XSD, dbias_XS, None, zero_lists
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# ---------------------------------------------------------------------------
+# Public wrapper.
+# ---------------------------------------------------------------------------
+
+
+def _tile_unions(mask_BKTN, block_q, block_size):
+  """[B, K, T / block_q, N] bool: blocks any token of the tile attends."""
+  b, kh, t, n = mask_BKTN.shape
+  nq = t // block_q
+  union_BKQN = jnp.any(mask_BKTN.reshape(b, kh, nq, block_q, n), axis=3)
+  # Blocks starting after the tile's last token hold no visible key.
+  last_Q = (jnp.arange(nq) + 1) * block_q - 1
+  causal_QN = jnp.arange(n)[None, :] * block_size <= last_Q[:, None]
+  return union_BKQN & causal_QN[None, None]
+
+
+def _compact(member_BKAZ):
+  """Member indices first (ascending) along the last axis, and their count.
+
+  A cumsum and a scatter, O(size); an argsort costs O(size log Z) and is
+  noticeably slower on long rows (the dk/dv lists have T / block_q).
+  """
+  b, kh, a, z = member_BKAZ.shape
+  member_MZ = member_BKAZ.reshape(b * kh * a, z)
+  slot_MZ = jnp.cumsum(member_MZ, axis=-1, dtype=jnp.int32) - 1
+  row_M1 = jnp.arange(member_MZ.shape[0], dtype=jnp.int32)[:, None] * z
+  # Non-members aim past the end and are dropped.
+  target_MZ = jnp.where(member_MZ, row_M1 + slot_MZ, member_MZ.size)
+  src_MZ = jnp.broadcast_to(jnp.arange(z, dtype=jnp.int32)[None, :],
+                            member_MZ.shape)
+  idx = jnp.zeros((member_MZ.size,), jnp.int32)
+  idx = idx.at[target_MZ.reshape(-1)].set(src_MZ.reshape(-1), mode="drop")
+  cnt_M = slot_MZ[:, -1] + 1
+  return idx.reshape(b * kh, a, z), cnt_M.reshape(b * kh, a)
+
+
+def _check(q_BTHD, k_BTKD, v_BTKD, bias_BTK, mask_BKTN, block_size):
+  b, t, h, d = q_BTHD.shape
+  kh = k_BTKD.shape[2] if k_BTKD.ndim == 4 else 0
+  if block_size < 1:
+    raise ValueError(f"block_size={block_size} must be positive")
+  n = common.cdiv(t, block_size)
+  if k_BTKD.shape != (b, t, kh, d) or kh == 0 or h % kh:
+    raise ValueError(f"k_BTKD {k_BTKD.shape} must be [B, T, K, D] with "
+                     f"q_BTHD {q_BTHD.shape} and H % K == 0")
+  if v_BTKD.shape != k_BTKD.shape:
+    raise ValueError(f"v_BTKD {v_BTKD.shape} != k_BTKD {k_BTKD.shape}")
+  if k_BTKD.dtype != q_BTHD.dtype or v_BTKD.dtype != q_BTHD.dtype:
+    raise ValueError(f"k_BTKD {k_BTKD.dtype} / v_BTKD {v_BTKD.dtype} must "
+                     f"have q_BTHD's dtype {q_BTHD.dtype}")
+  if bias_BTK is not None and bias_BTK.shape != (b, t, kh):
+    raise ValueError(f"bias_BTK {bias_BTK.shape} != {(b, t, kh)}")
+  if mask_BKTN.shape != (b, kh, t, n):
+    raise ValueError(f"mask_BKTN {mask_BKTN.shape} != {(b, kh, t, n)} "
+                     f"(N = ceil(T / block_size={block_size}))")
+
+
+def _check_triton(st: _Static, d: int):
+  """Triton lowering constraints (not needed in interpret mode)."""
+  c = st.block_size
+  if not common.is_power_of_2(c) or c < _MIN_DOT_DIM:
+    raise ValueError(f"block_size={c} must be a power of 2 >= 16 on GPU")
+  if d < _MIN_DOT_DIM:
+    raise ValueError(f"head dim D={d} must be >= 16 on GPU")
+  for name in ("block_q", "block_q_dq", "block_q_dkv"):
+    tq = getattr(st, name)
+    if not common.is_power_of_2(tq) or tq * st.groups < _MIN_DOT_DIM:
+      raise ValueError(f"block_sizes.{name}={tq} must be a power of 2 with "
+                       f"{name} * G >= 16 (G padded = {st.groups}) on GPU")
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("block_size", "block_sizes", "num_warps", "num_stages",
+                     "interpret", "debug"))
+def block_sparse_attention(
+    q_BTHD: jax.Array,
+    k_BTKD: jax.Array,
+    v_BTKD: jax.Array,
+    bias_BTK: jax.Array | None,
+    mask_BKTN: jax.Array,
+    block_size: int,
+    *,
+    block_sizes: common.BlockSizes | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool = False,
+    debug: bool = False,
+) -> jax.Array:
+  """Block-sparse causal GQA attention with a key bias, as Pallas kernels.
+
+  Same semantics as `block_sparse_attention_reference`; differentiable
+  w.r.t. q, k, v and the bias (not the mask).
+
+  Args:
+    q_BTHD: queries; query t sits at position t. bf16 or fp32.
+    k_BTKD: keys at positions 0..T-1, q's dtype.
+    v_BTKD: values, q's dtype.
+    bias_BTK: additive per-key logit bias (None means 0).
+    mask_BKTN: bool, block n selected for (b, KV head k, query t),
+      N = ceil(T / C).
+    block_size: C, tokens per selection block (the kernels' key tile).
+    block_sizes: query tiles (`common.BlockSizes`); None for the defaults.
+    num_warps: Triton warps per program (None: 4 if D <= 64 else 8).
+    num_stages: Triton pipeline stages (None: 2).
+    interpret: run the kernels in the Pallas interpreter (CPU).
+    debug: print the kernels' jaxprs.
+
+  Returns:
+    out_BTHD in q's dtype; a query row with no attended key gives 0.
+  """
+  _check(q_BTHD, k_BTKD, v_BTKD, bias_BTK, mask_BKTN, block_size)
+  b, t, h, d = q_BTHD.shape
+  kh = k_BTKD.shape[2]
+  g, c = h // kh, block_size
+  n = common.cdiv(t, c)
+  gp, dp = common.next_power_of_2(g), common.next_power_of_2(d)
+  bs = (block_sizes or common.BlockSizes()).resolve(gp)
+  st = _Static(block_size=c, groups=gp, block_q=bs.block_q,
+               block_q_dq=bs.block_q_dq, block_q_dkv=bs.block_q_dkv,
+               scale=1.0 / math.sqrt(d), num_warps=num_warps,
+               num_stages=num_stages, interpret=interpret, debug=debug)
+  if not interpret:
+    _check_triton(st, dp)
+  tp = common.cdiv(t, math.lcm(st.block_q, st.block_q_dq, st.block_q_dkv))
+  tp *= math.lcm(st.block_q, st.block_q_dq, st.block_q_dkv)
+  s = n * c
+
+  # Query rows [B*K, T*G, D]: row t * G + g is (token t, head g of the group).
+  # Padded heads and tokens are zero and sliced off; padded tokens select
+  # nothing and padded heads get zero cotangents, so neither affects grads.
+  q_BKTGD = q_BTHD.reshape(b, t, kh, g, d).transpose(0, 2, 1, 3, 4)
+  q_BKTGD = jnp.pad(q_BKTGD, ((0, 0), (0, 0), (0, tp - t), (0, gp - g),
+                              (0, dp - d)))
+  q_XRD = q_BKTGD.reshape(b * kh, tp * gp, dp)
+  kv_pad = ((0, 0), (0, 0), (0, s - t), (0, dp - d))
+  k_XSD = jnp.pad(k_BTKD.transpose(0, 2, 1, 3), kv_pad).reshape(b * kh, s, dp)
+  v_XSD = jnp.pad(v_BTKD.transpose(0, 2, 1, 3), kv_pad).reshape(b * kh, s, dp)
+  if bias_BTK is None:
+    bias_XS = jnp.zeros((b * kh, s), _F32)
+  else:
+    bias_BKS = bias_BTK.astype(_F32).transpose(0, 2, 1)
+    bias_XS = jnp.pad(bias_BKS, ((0, 0), (0, 0), (0, s - t)))
+    bias_XS = bias_XS.reshape(b * kh, s)
+
+  # Index structures (XLA; the selection carries no gradient).
+  mask_BKTN = jnp.pad(lax.stop_gradient(mask_BKTN).astype(bool),
+                      ((0, 0), (0, 0), (0, tp - t), (0, 0)))
+  sel_XNT = mask_BKTN.transpose(0, 1, 3, 2).reshape(b * kh, n, tp)
+  sel_XNT = sel_XNT.astype(_SEL_DTYPE)
+  union_dkv = _tile_unions(mask_BKTN, st.block_q_dkv, c)
+  lists = dict(fwd=_compact(_tile_unions(mask_BKTN, st.block_q, c)),
+               dq=_compact(_tile_unions(mask_BKTN, st.block_q_dq, c)),
+               dkv=_compact(union_dkv.transpose(0, 1, 3, 2)))
+
+  out_XRD = _attention(st, q_XRD, k_XSD, v_XSD, bias_XS, sel_XNT, lists)
+  out_BKTGD = out_XRD.reshape(b, kh, tp, gp, dp)[:, :, :t, :g, :d]
+  return out_BKTGD.transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
+
+
+# ---------------------------------------------------------------------------
+# Reference.
+# ---------------------------------------------------------------------------
+
+
+def block_sparse_attention_reference(
+    q_BTHD: jax.Array,
+    k_BTKD: jax.Array,
+    v_BTKD: jax.Array,
+    bias_BTK: jax.Array | None,
+    mask_BKTN: jax.Array,
+    block_size: int,
+) -> jax.Array:
+  """Dense masked attention with the same semantics, everything in fp32.
+
+  out[t, g] = softmax_s(q[t, g].k[s] / sqrt(D) + bias[s, k]) v[s] over the
+  s <= t with mask[k, t, s // C], where query head g uses KV head g // G.
+
+  Args:
+    q_BTHD: queries; query t sits at position t.
+    k_BTKD: keys at positions 0..T-1.
+    v_BTKD: values.
+    bias_BTK: additive per-key logit bias (None means 0).
+    mask_BKTN: bool selected blocks, N = ceil(T / C).
+    block_size: C.
+
+  Returns:
+    out_BTHD in q's dtype; a query row with no attended key gives 0.
+  """
+  _check(q_BTHD, k_BTKD, v_BTKD, bias_BTK, mask_BKTN, block_size)
+  b, t, h, d = q_BTHD.shape
+  kh = k_BTKD.shape[2]
+  q_BTKGD = q_BTHD.astype(_F32).reshape(b, t, kh, h // kh, d)
+  logits_BKGTS = jnp.einsum("BTKGD,BSKD->BKGTS", q_BTKGD,
+                            k_BTKD.astype(_F32),
+                            precision=lax.Precision.HIGHEST) / math.sqrt(d)
+  if bias_BTK is not None:
+    bias_BKS = bias_BTK.astype(_F32).transpose(0, 2, 1)
+    logits_BKGTS = logits_BKGTS + bias_BKS[:, :, None, None, :]
+  # Token mask: the key's block is selected for the query, and key <= query.
+  block_S = jnp.arange(t) // block_size
+  tok_BKTS = jnp.take(mask_BKTN.astype(bool), block_S, axis=3)
+  tok_BKTS = tok_BKTS & jnp.tril(jnp.ones((t, t), bool))[None, None]
+  mask_BKGTS = jnp.broadcast_to(tok_BKTS[:, :, None], logits_BKGTS.shape)
+  logits_BKGTS = jnp.where(mask_BKGTS, logits_BKGTS, -jnp.inf)
+  m_BKGT1 = jnp.max(logits_BKGTS, axis=-1, keepdims=True)
+  m_BKGT1 = lax.stop_gradient(jnp.where(jnp.isfinite(m_BKGT1), m_BKGT1, 0.0))
+  e_BKGTS = jnp.where(mask_BKGTS, jnp.exp(logits_BKGTS - m_BKGT1), 0.0)
+  z_BKGT1 = jnp.sum(e_BKGTS, axis=-1, keepdims=True)
+  p_BKGTS = e_BKGTS / jnp.where(z_BKGT1 > 0, z_BKGT1, 1.0)
+  out_BTKGD = jnp.einsum("BKGTS,BSKD->BTKGD", p_BKGTS, v_BTKD.astype(_F32),
+                         precision=lax.Precision.HIGHEST)
+  return out_BTKGD.reshape(b, t, h, d).astype(q_BTHD.dtype)

@@ -1,0 +1,51 @@
+"""Pieces shared by the Pallas kernels: tile sizes and small helpers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+# Logit of a masked key. Finite, so that `m_prev - m_next` of two fully
+# masked rows is 0 rather than NaN; the kernels also zero masked
+# probabilities explicitly, so its size never matters.
+MASK_VALUE = -1e30
+
+
+def cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def next_power_of_2(x: int) -> int:
+  return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+def is_power_of_2(x: int) -> bool:
+  return x > 0 and x & (x - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Query tiles of the block-sparse attention kernels, in tokens.
+
+  A tile is `block_q` consecutive query tokens times the G query heads of one
+  KV head, R = block_q * G rows (G padded to a power of 2); the key tile is
+  always one selection block of C tokens. The kernels iterate over the union
+  of the tile's selected blocks, so a larger `block_q` means a larger union
+  (wasted work on sparse masks) but fewer, fuller matmuls. None picks
+  R = 128 rows forward and R = 64 rows for the two backward kernels.
+
+  Attributes:
+    block_q: tokens per tile of the forward kernel.
+    block_q_dq: tokens per tile of the dq kernel.
+    block_q_dkv: tokens per tile that the dk/dv/dbias kernel iterates over.
+  """
+  block_q: int | None = None
+  block_q_dq: int | None = None
+  block_q_dkv: int | None = None
+
+  def resolve(self, groups: int) -> BlockSizes:
+    """Fills the unset sizes for G = `groups` (a power of 2) query heads."""
+    default = lambda rows: max(1, rows // groups)
+    return BlockSizes(
+        block_q=self.block_q or default(128),
+        block_q_dq=self.block_q_dq or default(64),
+        block_q_dkv=self.block_q_dkv or default(64))
