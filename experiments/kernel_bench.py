@@ -11,11 +11,13 @@ compare like with like. Parts:
   decode: the split-K decode kernel at B = 16..64, budget 4096 tokens:
           achieved bandwidth on the bytes it must read, over the HBM
           bandwidth measured in the same run (a large device copy).
+  train_sweep / decode_sweep: the same over kernel tilings.
   step:   the training step of a 1B-like model at 16k tokens, `pallas`
           vs `full` (cuDNN): tokens/s and MFU.
 Prints a table and writes results.json under --out.
 """
 
+import dataclasses
 import json
 import os
 import statistics
@@ -42,6 +44,9 @@ _XLA_MAX = flags.DEFINE_integer("xla_max_len", 32768,
 _STEP_LAYERS = flags.DEFINE_integer(
     "step_layers", 28, "Layers of the 1B-like model in the step part.")
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed iterations per figure.")
+_MASKS = flags.DEFINE_list(
+    "masks", ["random", "local"], "Selection inputs for the train part: "
+    "random queries, or slowly varying (local) ones.")
 
 PAPER = config_lib.SparseConfig(variant="nosa", query_chunk=1024)
 
@@ -85,60 +90,140 @@ def _train_step_fn(graphdef, model, tx):
       s, b, graphdef=graphdef, cfg=model, tx=tx), donate_argnums=0)
 
 
-def bench_train(rows):
+def _local_queries(key, b, t, h, d, block, dtype=jnp.bfloat16):
+  """Queries that vary slowly: one random vector per block plus 10% noise.
+
+  Random i.i.d. queries make every token pick different blocks, an
+  unrealistically bad case for tile unions; trained models select nearly
+  the same blocks at neighbouring positions (paper: gamma 0.944).
+  """
+  k1, k2 = jax.random.split(key)
+  n = -(-t // block)
+  base = jax.random.normal(k1, (b, n, 1, h, d), jnp.float32)
+  base = jnp.broadcast_to(base, (b, n, block, h, d)).reshape(b, n * block, h, d)
+  noise = 0.1 * jax.random.normal(k2, (b, t, h, d), jnp.float32)
+  return (base[:, :t] + noise).astype(dtype)
+
+
+def _union_ratio(mask_BKTN, tokens_per_tile):
+  """Mean blocks per query tile's union, over the per-token mean."""
+  b, k, t, n = mask_BKTN.shape
+  tiles = t // tokens_per_tile
+  m = mask_BKTN[:, :, :tiles * tokens_per_tile].reshape(
+      b, k, tiles, tokens_per_tile, n)
+  return float(jnp.mean(jnp.sum(jnp.any(m, axis=3), -1))
+               / jnp.mean(jnp.sum(mask_BKTN, -1)))
+
+
+def _inputs_with_mask(t, kind):
   h, k, d = 32, 2, 128
-  for t in (int(x) for x in _LENGTHS.value):
-    q, kk, v, bias = _qkvb(jax.random.key(t), 1, t, h, k, d)
-    select = jax.jit(lambda q, kk, b: selection.block_mask(q, kk, b, PAPER))
-    mask = select(q, kk, bias)
-    density = float(jnp.mean(mask)) * 2  # vs the causal half
-    t_select = timeit(select, q, kk, bias)
+  q, kk, v, bias = _qkvb(jax.random.key(t), 1, t, h, k, d)
+  if kind == "local":
+    q = _local_queries(jax.random.key(t + 1), 1, t, h, d, PAPER.block_size)
+  select = jax.jit(lambda q, kk, b: selection.block_mask(q, kk, b, PAPER))
+  mask = select(q, kk, bias)
+  return (q, kk, v, bias, mask), select
 
-    dense = _fwd_bwd(lambda q, kk, v, b, m: jax.nn.dot_product_attention(
-        q, kk, v, is_causal=True, implementation="cudnn"))
-    pallas = _fwd_bwd(lambda q, kk, v, b, m: sparse_attention.sparse_attention(
-        q, kk, v, b, m, block_size=PAPER.block_size,
-        query_chunk=PAPER.query_chunk, implementation="pallas"))
-    args = (q, kk, v, bias, mask)
-    row = {"part": "train", "T": t, "selected_fraction_of_causal": density,
-           "dense_cudnn_s": timeit(dense, *args),
-           "pallas_sparse_s": timeit(pallas, *args),
-           "selection_s": t_select}
-    if t <= _XLA_MAX.value:
-      xla = _fwd_bwd(lambda q, kk, v, b, m: sparse_attention.sparse_attention(
-          q, kk, v, b, m, block_size=PAPER.block_size,
-          query_chunk=PAPER.query_chunk))
-      row["xla_sparse_s"] = timeit(xla, *args, iters=3)
-    row["speedup_vs_dense"] = row["dense_cudnn_s"] / row["pallas_sparse_s"]
-    row["selection_share"] = t_select / (t_select + row["pallas_sparse_s"])
+
+def bench_train(rows):
+  for kind in _MASKS.value:
+    for t in (int(x) for x in _LENGTHS.value):
+      args, select = _inputs_with_mask(t, kind)
+      q, kk, _, bias, mask = args
+      t_select = timeit(select, q, kk, bias)
+      dense = _fwd_bwd(lambda q, kk, v, b, m: jax.nn.dot_product_attention(
+          q, kk, v, is_causal=True, implementation="cudnn"))
+      pallas_fwd = jax.jit(lambda q, kk, v, b, m: sparse_attention.
+                           sparse_attention(q, kk, v, b, m,
+                                            block_size=PAPER.block_size,
+                                            query_chunk=PAPER.query_chunk,
+                                            implementation="pallas"))
+      pallas = _fwd_bwd(pallas_fwd)
+      row = {"part": "train", "mask": kind, "T": t,
+             "selected_fraction_of_causal": float(jnp.mean(mask)) * 2,
+             "union_ratio_tile8": _union_ratio(mask, 8),
+             "dense_cudnn_s": timeit(dense, *args),
+             "pallas_sparse_s": timeit(pallas, *args),
+             "pallas_fwd_only_s": timeit(pallas_fwd, *args),
+             "selection_s": t_select}
+      if t <= _XLA_MAX.value and kind == _MASKS.value[0]:
+        xla = _fwd_bwd(lambda q, kk, v, b, m: sparse_attention.
+                       sparse_attention(q, kk, v, b, m,
+                                        block_size=PAPER.block_size,
+                                        query_chunk=PAPER.query_chunk))
+        row["xla_sparse_s"] = timeit(xla, *args, iters=3)
+      row["speedup_vs_dense"] = row["dense_cudnn_s"] / row["pallas_sparse_s"]
+      row["selection_share"] = t_select / (t_select + row["pallas_sparse_s"])
+      print(row, flush=True)
+      rows.append(row)
+
+
+def bench_train_sweep(rows):
+  """Forward / fwd+bwd time over kernel tilings at one T (local mask)."""
+  t = int(_LENGTHS.value[min(2, len(_LENGTHS.value) - 1)])
+  args, _ = _inputs_with_mask(t, "local")
+  fields = {f.name for f in dataclasses.fields(
+      sparse_attention.KernelBlockSizes)}
+  grid = []
+  for bq in (4, 8, 16):
+    for warps in (4, 8):
+      for stages in (2, 3):
+        sizes = {"block_q": bq, "block_q_dq": bq // 2, "block_q_dkv": bq // 2}
+        grid.append((sizes, warps, stages))
+  for sizes, warps, stages in grid:
+    tuning = {"block_sizes": sparse_attention.KernelBlockSizes(
+        **{k: v for k, v in sizes.items() if k in fields}),
+              "num_warps": warps, "num_stages": stages}
+    fwd = jax.jit(lambda q, kk, v, b, m, tuning=tuning: sparse_attention.
+                  sparse_attention(q, kk, v, b, m,
+                                   block_size=PAPER.block_size,
+                                   query_chunk=PAPER.query_chunk,
+                                   implementation="pallas", tuning=tuning))
+    row = {"part": "train_sweep", "T": t, **sizes, "num_warps": warps,
+           "num_stages": stages}
+    try:
+      row["fwd_s"] = timeit(fwd, *args, iters=3)
+      row["fwd_bwd_s"] = timeit(_fwd_bwd(fwd), *args, iters=3)
+    except Exception as e:  # a tiling that does not compile is a result too
+      row["error"] = f"{type(e).__name__}: {e}"[:300]
     print(row, flush=True)
     rows.append(row)
 
 
-def bench_decode(rows):
+def _decode_inputs(b, k=2, g=16, d=128, p=64, c=64):
+  keys = jax.random.split(jax.random.key(b), 4)
+  q = jax.random.normal(keys[0], (b, k * g, d), jnp.bfloat16)
+  kc = jax.random.normal(keys[1], (b, k, p * c, d), jnp.bfloat16)
+  vc = jax.random.normal(keys[2], (b, k, p * c, d), jnp.bfloat16)
+  bias = jax.random.normal(keys[3], (b, k, p * c), jnp.float32)
+  return q, kc, vc, bias, jnp.full((b, k, p), c, jnp.int32)
+
+
+def bench_decode(rows, sweep=False):
   bw = hbm_bandwidth()
-  k, g, d, p, c = 2, 16, 128, 64, 64
+  c = 64
+  configs = [{}]
+  if sweep:
+    configs = [{"block_sizes": sparse_attention.DecodeBlockSizes(
+        num_splits=ns), "num_warps": w, "num_stages": st}
+               for ns in (None, 16, 8, 4, 2) for w in (4, 8) for st in (2, 3)]
   for b in (16, 32, 64):
-    keys = jax.random.split(jax.random.key(b), 4)
-    q = jax.random.normal(keys[0], (b, k * g, d), jnp.bfloat16)
-    kc = jax.random.normal(keys[1], (b, k, p * c, d), jnp.bfloat16)
-    vc = jax.random.normal(keys[2], (b, k, p * c, d), jnp.bfloat16)
-    bias = jax.random.normal(keys[3], (b, k, p * c), jnp.float32)
-    slot_len = jnp.full((b, k, p), c, jnp.int32)
-    run = jax.jit(lambda *a: sparse_attention.decode_attention(
-        *a, c, implementation="pallas"))
-    secs = timeit(run, q, kc, vc, bias, slot_len)
-    nbytes = float(sparse_attention.decode_bytes_read(q, kc, vc, bias,
-                                                      slot_len, c))
-    row = {"part": "decode", "B": b, "seconds": secs, "bytes": nbytes,
-           "achieved_GBps": nbytes / secs / 1e9, "hbm_GBps": bw / 1e9,
-           "fraction_of_hbm": nbytes / secs / bw}
-    print(row, flush=True)
-    rows.append(row)
+    args = _decode_inputs(b)
+    nbytes = float(sparse_attention.decode_bytes_read(*args, c))
+    for tuning in configs:
+      run = jax.jit(lambda *a, tuning=tuning: sparse_attention.decode_attention(
+          *a, c, implementation="pallas", tuning=tuning))
+      secs = timeit(run, *args, iters=20)
+      row = {"part": "decode_sweep" if sweep else "decode", "B": b,
+             "seconds": secs, "bytes": nbytes,
+             "achieved_GBps": nbytes / secs / 1e9, "hbm_GBps": bw / 1e9,
+             "fraction_of_hbm": nbytes / secs / bw,
+             **{k: str(v) for k, v in tuning.items()}}
+      print(row, flush=True)
+      rows.append(row)
 
 
 def bench_step(rows):
-  import dataclasses  # pylint: disable=g-import-not-at-top
   t_len = 16384
   for variant, impl in (("full", "xla"), ("nosa", "pallas")):
     sparse = dataclasses.replace(PAPER, variant=variant, implementation=impl)
@@ -183,8 +268,11 @@ def main(argv):
   info = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
   print(info, flush=True)
-  for part, fn in (("train", bench_train), ("decode", bench_decode),
-                   ("step", bench_step)):
+  parts = (("train", bench_train), ("train_sweep", bench_train_sweep),
+           ("decode", bench_decode),
+           ("decode_sweep", lambda r: bench_decode(r, sweep=True)),
+           ("step", bench_step))
+  for part, fn in parts:
     if part in _PARTS.value:
       try:
         fn(rows)

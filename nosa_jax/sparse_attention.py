@@ -25,6 +25,10 @@ from nosa_jax import config as config_lib
 from nosa_jax import selection
 import pallas_kernels
 
+# Tile-size dataclasses of the kernels, for callers that tune them.
+KernelBlockSizes = pallas_kernels.BlockSizes
+DecodeBlockSizes = pallas_kernels.DecodeBlockSizes
+
 _F32 = jnp.float32
 # Static key-prefix lengths in the `xla` path (see `sparse_attention`).
 _KEY_GROUPS = 4
@@ -127,8 +131,8 @@ def _attend_chunk(q_BTHD, k_BSKD, v_BSKD, bias_BSK, mask_BKTN, t0, block_size):
 def sparse_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
                      bias_BTK: Optional[jax.Array], mask_BKTN: jax.Array, *,
                      block_size: int, query_chunk: int,
-                     implementation: Literal["xla", "pallas"] = "xla"
-                     ) -> jax.Array:
+                     implementation: Literal["xla", "pallas"] = "xla",
+                     tuning: Optional[dict] = None) -> jax.Array:
   """Block-sparse causal attention with the eviction bias (§2.6-§2.7).
 
   Same semantics as `sparse_attention_reference`. The `xla` implementation
@@ -148,6 +152,8 @@ def sparse_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
     block_size: C.
     query_chunk: queries per chunk.
     implementation: `xla`, or `pallas` (the Triton block-sparse kernel).
+    tuning: keyword arguments for the pallas kernel (`block_sizes` as a
+      `KernelBlockSizes`, `num_warps`, `num_stages`); benchmarks sweep them.
 
   Returns:
     out_BTHD in q's dtype.
@@ -157,7 +163,7 @@ def sparse_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
     # exact), so the same config runs everywhere.
     return pallas_kernels.block_sparse_attention(
         q_BTHD, k_BTKD, v_BTKD, bias_BTK, mask_BKTN, block_size,
-        interpret=jax.default_backend() != "gpu")
+        interpret=jax.default_backend() != "gpu", **(tuning or {}))
   if implementation != "xla":
     raise ValueError(f"implementation={implementation!r}: use 'xla' or "
                      "'pallas'")
@@ -247,8 +253,8 @@ def nosa_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
 def decode_attention(q_BHD: jax.Array, k_BKSD: jax.Array, v_BKSD: jax.Array,
                      bias_BKS: Optional[jax.Array], slot_len_BKP: jax.Array,
                      block_size: int,
-                     implementation: Literal["xla", "pallas"] = "xla"
-                     ) -> jax.Array:
+                     implementation: Literal["xla", "pallas"] = "xla",
+                     tuning: Optional[dict] = None) -> jax.Array:
   """One query token per sequence against its cached KV blocks (slots).
 
   Args:
@@ -260,6 +266,8 @@ def decode_attention(q_BHD: jax.Array, k_BKSD: jax.Array, v_BKSD: jax.Array,
     block_size: C.
     implementation: `xla` (dense masked jnp) or `pallas` (split-K kernel;
       interpret mode off the GPU).
+    tuning: keyword arguments for the pallas kernel (`block_sizes` as a
+      `DecodeBlockSizes`, `num_warps`, `num_stages`).
 
   Returns:
     out_BHD in q's dtype; 0 for a row with no valid key.
@@ -267,7 +275,7 @@ def decode_attention(q_BHD: jax.Array, k_BKSD: jax.Array, v_BKSD: jax.Array,
   if implementation == "pallas":
     return pallas_kernels.sparse_decode(
         q_BHD, k_BKSD, v_BKSD, bias_BKS, slot_len_BKP, block_size,
-        interpret=jax.default_backend() != "gpu")
+        interpret=jax.default_backend() != "gpu", **(tuning or {}))
   if implementation != "xla":
     raise ValueError(f"implementation={implementation!r}: use 'xla' or "
                      "'pallas'")
