@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from absl.testing import absltest
+import pytest
 from jax.sharding import PartitionSpec as P
 import numpy as np
 from tensorboard.backend.event_processing import event_accumulator
@@ -84,6 +85,7 @@ class MeshTrajectoryTest(absltest.TestCase):
     self._run(8, "2,2,2", workdir=workdir)
     np.testing.assert_allclose(_losses(workdir), base, rtol=2e-5, atol=2e-5)
 
+  @pytest.mark.slow
   def test_sparse_variant_on_a_mesh(self):
     base = _losses(self._run(1, "1,1,1", steps=3, variant="nosa"))
     got = _losses(self._run(8, "2,2,2", steps=3, variant="nosa"))

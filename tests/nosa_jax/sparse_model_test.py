@@ -5,6 +5,7 @@ import os
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import pytest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,8 +23,14 @@ def _leaves_named(tree, name):
 
 class EvictionHeadTest(parameterized.TestCase):
 
-  @parameterized.parameters("nosa", "dma")
-  def test_gradients_after_one_step_from_a_zero(self, variant):
+  def test_gradients_after_one_step_from_a_zero(self):
+    self._check_after_one_step("nosa")
+
+  @pytest.mark.slow
+  def test_gradients_after_one_step_from_a_zero_dma(self):
+    self._check_after_one_step("dma")
+
+  def _check_after_one_step(self, variant):
     cfg = testing.tiny_config(variant, seq_len=96, warmup_steps=0)
     graphdef, state, tx = train.init_state(cfg)
     self.assertTrue(all(np.all(a == 0)

@@ -1,6 +1,7 @@
 """Tests for pallas_kernels.sparse_decode (NOSA_SPEC.md §4.1, §4.3, §4.6)."""
 
 import functools
+import importlib
 import math
 
 from absl.testing import absltest
@@ -9,8 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import sparse_decode as sd
 from tests import tolerances
+
+# The package re-exports the function `sparse_decode`, which shadows the
+# submodule attribute; take the module itself.
+sd = importlib.import_module("pallas_kernels.sparse_decode")
 
 _K = 2  # KV heads in the grid cases.
 
