@@ -104,6 +104,15 @@ class SparseConfig:
              f"{p}.compress_kernel",
              f"must be >= compress_stride={self.compress_stride}",
              self.compress_kernel)
+    # A block's eviction score pools windows reaching (kernel - stride)
+    # tokens into the next block; the forced window must cover that reach,
+    # or a query's selection would read tokens after it (a causality leak).
+    reach = self.compress_kernel - self.compress_stride
+    _require(self.window_blocks * self.block_size >= reach,
+             f"{p}.window_blocks",
+             f"must be >= {-(-reach // self.block_size)} so window_blocks * "
+             f"block_size covers compress_kernel - compress_stride = {reach}",
+             self.window_blocks)
     forced = self.sink_blocks + self.window_blocks + 1
     _require(self.query_topk_blocks >= forced, f"{p}.query_topk_blocks",
              f"must be >= sink_blocks + window_blocks + 1 = {forced}",

@@ -19,9 +19,15 @@ contiguous load. The kernels then work on whole selection blocks:
            softmax (FlashAttention-2); writes out and the log-sum-exp
            (base 2).
   dq       grid (tile, B*K): same loop, ds = p * (dp - delta), dq += ds k.
-  dk/dv/db grid (B*K, block): loop over the query tiles whose union holds the
-           block (the transposed lists); each program owns its block's dk,
-           dv and dbias, so no atomics are needed.
+  dk/dv/db grid (B*K, work item): an item is a block and a segment of at
+           most `dkv_segment` entries of its list of query tiles (the
+           transposed unions); items add their partial dk, dv, dbias to
+           fp32 accumulators with atomic adds. Segments keep the sink
+           block, in every tile's union, from being one serial program
+           that walks all T / block_q_dkv tiles. The accumulators cost
+           8 bytes per key element (128 MiB at T=64k, K=2, D=128), and
+           the order of the adds, hence the last bits of dk, dv and
+           dbias, varies from run to run.
 
 Inside a block, the token mask is the tile's selection column expanded to
 rows (a broadcast-compare-reduce with a one-hot [R, block_q], avoiding an
@@ -59,6 +65,7 @@ class _Static:
   block_q: int
   block_q_dq: int
   block_q_dkv: int
+  dkv_segment: int
   scale: float
   num_warps: int | None
   num_stages: int | None
@@ -204,47 +211,61 @@ def _dkv_kernel(
     do_ref,  # [T * G, D]
     lse_ref,  # [T * G] fp32, base 2
     delta_ref,  # [T * G] fp32
-    k_ref,  # [C, D], this program's block
-    v_ref,  # [C, D]
-    bias_ref,  # [C] fp32
-    sel_ref,  # [T] int8, the block's selection per token
-    tile_ref,  # [T / block_q] int32, tiles whose union holds the block
-    cnt_ref,  # [] int32, how many
-    dk_ref,  # [C, D]
-    dv_ref,  # [C, D]
-    dbias_ref,  # [C] fp32
-    *, block_q: int, groups: int, scale: float):
-  j = pl.program_id(1)
-  c, d = k_ref.shape
+    k_ref,  # [S, D]
+    v_ref,  # [S, D]
+    bias_ref,  # [S] fp32
+    sel_ref,  # [N, T] int8
+    tiles_ref,  # [N * T / block_q] int32, block j's tiles from j * T / block_q
+    blk_ref,  # [] int32, this item's block
+    start_ref,  # [] int32, its first entry in the block's tile list
+    cnt_ref,  # [] int32, how many entries (0: a padding item)
+    dk_in_ref, dv_in_ref, dbias_in_ref,  # aliased to the outputs; unused
+    dk_ref,  # [S, D] fp32, zero-initialized, accumulated atomically
+    dv_ref,  # [S, D] fp32
+    dbias_ref,  # [S] fp32
+    *, block_size: int, block_q: int, groups: int, scale: float):
+  del dk_in_ref, dv_in_ref, dbias_in_ref
+  c, d = block_size, k_ref.shape[1]
+  num_tiles = sel_ref.shape[1] // block_q
   rows = block_q * groups
-  row_tok = _row_tokens(rows, groups)
-  one_hot = _one_hot(row_tok, block_q)
-  key_pos = j * c + jnp.arange(c, dtype=jnp.int32)
-  k, v, bias = k_ref[...], v_ref[...], bias_ref[...]
+  cnt = cnt_ref[()]
 
-  def body(i, carry):
-    dk, dv, dbias = carry
-    qi = tile_ref[i]
-    tile = pl.ds(qi * rows, rows)
-    row_pos = qi * block_q + row_tok
-    mask = _block_mask(sel_ref, pl.ds(qi * block_q, block_q), one_hot,
-                       row_pos, key_pos)
-    q, do = q_ref[tile, :], do_ref[tile, :]
-    s = _logits(q, k, bias, mask, scale)  # [R, C]
-    p = jnp.where(mask, jnp.exp2(s - lse_ref[tile][:, None]), 0.0)
-    dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
-    dp = _dot(do, v, trans_b=True)
-    # ds stays fp32 for the bias gradient; only the matmul operand is cast.
-    ds = p * (dp - delta_ref[tile][:, None])
-    dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
-    return dk, dv, dbias + jnp.sum(ds, axis=0)
+  # Padding items (the grid holds a static bound on the item count) leave
+  # without touching the accumulators.
+  @pl.when(cnt > 0)
+  def _():
+    j = blk_ref[()]
+    row_tok = _row_tokens(rows, groups)
+    one_hot = _one_hot(row_tok, block_q)
+    blk = pl.ds(j * c, c)
+    key_pos = j * c + jnp.arange(c, dtype=jnp.int32)
+    k, v, bias = k_ref[blk, :], v_ref[blk, :], bias_ref[blk]
+    first = j * num_tiles + start_ref[()]
 
-  carry = (jnp.zeros((c, d), _F32), jnp.zeros((c, d), _F32),
-           jnp.zeros((c,), _F32))
-  dk, dv, dbias = lax.fori_loop(0, cnt_ref[()], body, carry)
-  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
-  dbias_ref[...] = dbias
+    def body(i, carry):
+      dk, dv, dbias = carry
+      qi = tiles_ref[first + i]
+      tile = pl.ds(qi * rows, rows)
+      row_pos = qi * block_q + row_tok
+      mask = _block_mask(sel_ref, (j, pl.ds(qi * block_q, block_q)),
+                         one_hot, row_pos, key_pos)
+      q, do = q_ref[tile, :], do_ref[tile, :]
+      s = _logits(q, k, bias, mask, scale)  # [R, C]
+      p = jnp.where(mask, jnp.exp2(s - lse_ref[tile][:, None]), 0.0)
+      dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
+      dp = _dot(do, v, trans_b=True)
+      # ds stays fp32 for the bias gradient; only the matmul operand is cast.
+      ds = p * (dp - delta_ref[tile][:, None])
+      dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+      return dk, dv, dbias + jnp.sum(ds, axis=0)
+
+    carry = (jnp.zeros((c, d), _F32), jnp.zeros((c, d), _F32),
+             jnp.zeros((c,), _F32))
+    dk, dv, dbias = lax.fori_loop(0, cnt, body, carry)
+    # The other segments of the block add into the same rows.
+    plt.atomic_add(dk_ref, (blk, slice(None)), dk * scale)
+    plt.atomic_add(dv_ref, (blk, slice(None)), dv)
+    plt.atomic_add(dbias_ref, (blk,), dbias)
 
 
 # ---------------------------------------------------------------------------
@@ -321,39 +342,45 @@ def _backward_dq(st: _Static, q_XRD, do_XRD, lse_XR, delta_XR, k_XSD, v_XSD,
 
 
 def _backward_dkv(st: _Static, q_XRD, do_XRD, lse_XR, delta_XR, k_XSD,
-                  v_XSD, bias_XS, sel_XNT, tiles_XNQ, cnt_XN):
+                  v_XSD, bias_XS, sel_XNT, tiles_XZ, blk_XW, start_XW,
+                  cnt_XW):
   x, tg, d = q_XRD.shape
-  c, n = st.block_size, sel_XNT.shape[1]
-  t, nq = sel_XNT.shape[2], tiles_XNQ.shape[2]
-  kernel = functools.partial(_dkv_kernel, block_q=st.block_q_dkv,
-                             groups=st.groups, scale=st.scale)
-  rows_all = pl.BlockSpec((None, tg, d), lambda b, j: (b, 0, 0))
-  rows_vec = pl.BlockSpec((None, tg), lambda b, j: (b, 0))
-  blk = pl.BlockSpec((None, c, d), lambda b, j: (b, j, 0))
-  blk_vec = pl.BlockSpec((None, c), lambda b, j: (b, j))
-  # B*K is the fastest grid axis (CUDA launches in linear order), so the
-  # programs of the early blocks start first: the sink block is in every
-  # tile's union and its list is the longest (N / P times the average);
-  # started first, it overlaps the rest instead of trailing it.
-  return pl.pallas_call(
+  s, n, t = k_XSD.shape[1], sel_XNT.shape[1], sel_XNT.shape[2]
+  z, w = tiles_XZ.shape[1], blk_XW.shape[1]
+  kernel = functools.partial(_dkv_kernel, block_size=st.block_size,
+                             block_q=st.block_q_dkv, groups=st.groups,
+                             scale=st.scale)
+  full = lambda *shape: pl.BlockSpec((None, *shape),
+                                     lambda b, i: (b,) + (0,) * len(shape))
+  item = pl.BlockSpec((None, None), lambda b, i: (b, i))
+  # fp32 accumulators, aliased to the outputs: zero, then every item adds;
+  # cast to k's dtype after the call.
+  acc_shapes = [jax.ShapeDtypeStruct((x, s, d), _F32),
+                jax.ShapeDtypeStruct((x, s, d), _F32),
+                jax.ShapeDtypeStruct((x, s), _F32)]
+  zeros = [jnp.zeros(a.shape, a.dtype) for a in acc_shapes]
+  acc_specs = [full(s, d), full(s, d), full(s)]
+  # B*K is the fastest grid axis (CUDA launches in linear order). Items are
+  # in block order, so the sink's many segments start first, and the
+  # padding items, which exit at once, come last.
+  dk_XSD, dv_XSD, dbias_XS = pl.pallas_call(
       kernel,
-      grid=(x, n),
+      grid=(x, w),
       in_specs=[
-          rows_all, rows_all, rows_vec, rows_vec, blk, blk, blk_vec,
-          pl.BlockSpec((None, None, t), lambda b, j: (b, j, 0)),
-          pl.BlockSpec((None, None, nq), lambda b, j: (b, j, 0)),
-          pl.BlockSpec((None, None), lambda b, j: (b, j)),
+          full(tg, d), full(tg, d), full(tg), full(tg), full(s, d),
+          full(s, d), full(s), full(n, t), full(z), item, item, item,
+          *acc_specs,
       ],
-      out_specs=[blk, blk, blk_vec],
-      out_shape=[jax.ShapeDtypeStruct(k_XSD.shape, k_XSD.dtype),
-                 jax.ShapeDtypeStruct(v_XSD.shape, v_XSD.dtype),
-                 jax.ShapeDtypeStruct(bias_XS.shape, _F32)],
+      out_specs=acc_specs,
+      out_shape=acc_shapes,
+      input_output_aliases={12: 0, 13: 1, 14: 2},
       compiler_params=_compiler_params(st, d),
       interpret=st.interpret,
       debug=st.debug,
       name="block_sparse_attention_dkv",
   )(q_XRD, do_XRD, lse_XR, delta_XR, k_XSD, v_XSD, bias_XS, sel_XNT,
-    tiles_XNQ, cnt_XN)
+    tiles_XZ, blk_XW, start_XW, cnt_XW, *zeros)
+  return dk_XSD.astype(k_XSD.dtype), dv_XSD.astype(v_XSD.dtype), dbias_XS
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -419,6 +446,43 @@ def _compact(member_BKAZ):
   idx = idx.at[target_MZ.reshape(-1)].set(src_MZ.reshape(-1), mode="drop")
   cnt_M = slot_MZ[:, -1] + 1
   return idx.reshape(b * kh, a, z), cnt_M.reshape(b * kh, a)
+
+
+def _dkv_num_items(t, n, block_size, block_q, segment):
+  """Static bound on the dk/dv work items per (b, k).
+
+  Block j is in the union of at most the tiles that hold a real token at or
+  after its first key, tiles - floor(j C / block_q) of them (all of them
+  when every token selects every block, so the bound is reached).
+  """
+  tiles = common.cdiv(t, block_q)
+  return max(1, sum(common.cdiv(max(0, tiles - j * block_size // block_q),
+                                segment) for j in range(n)))
+
+
+def _dkv_work_items(cnt_XN, segment, num_items):
+  """[X, W] int32 block, first list entry and entry count of each item.
+
+  Block j's list of cnt_j tiles becomes ceil(cnt_j / segment) items, in
+  block order; the slots past the last item are padding (count 0).
+  """
+  x, n = cnt_XN.shape
+  nseg_XN = (cnt_XN + segment - 1) // segment
+  end_XN = jnp.cumsum(nseg_XN, axis=1)
+  # Item i belongs to block #{j : end_j <= i}: ones scattered at the ends
+  # and a prefix sum, O(N + W).
+  row_XN = jnp.broadcast_to(jnp.arange(x)[:, None], (x, n))
+  hits_XW = jnp.zeros((x, num_items), jnp.int32)
+  hits_XW = hits_XW.at[row_XN, end_XN].add(1, mode="drop")
+  blk_XW = jnp.cumsum(hits_XW, axis=1)
+  real_XW = blk_XW < n
+  blk_XW = jnp.minimum(blk_XW, n - 1)
+  first_XW = jnp.take_along_axis(end_XN - nseg_XN, blk_XW, axis=1)
+  start_XW = (jnp.arange(num_items, dtype=jnp.int32)[None, :] - first_XW)
+  start_XW = start_XW * segment
+  left_XW = jnp.take_along_axis(cnt_XN, blk_XW, axis=1) - start_XW
+  cnt_XW = jnp.where(real_XW, jnp.minimum(left_XW, segment), 0)
+  return blk_XW, jnp.where(real_XW, start_XW, 0), cnt_XW
 
 
 def _check(q_BTHD, k_BTKD, v_BTKD, bias_BTK, mask_BKTN, block_size):
@@ -487,7 +551,8 @@ def block_sparse_attention(
     mask_BKTN: bool, block n selected for (b, KV head k, query t),
       N = ceil(T / C).
     block_size: C, tokens per selection block (the kernels' key tile).
-    block_sizes: query tiles (`common.BlockSizes`); None for the defaults.
+    block_sizes: query tiles and dk/dv segments (`common.BlockSizes`);
+      None for the defaults.
     num_warps: Triton warps per program (None: 4 if D <= 64 else 8).
     num_stages: Triton pipeline stages (None: 2).
     interpret: run the kernels in the Pallas interpreter (CPU).
@@ -503,8 +568,13 @@ def block_sparse_attention(
   n = common.cdiv(t, c)
   gp, dp = common.next_power_of_2(g), common.next_power_of_2(d)
   bs = (block_sizes or common.BlockSizes()).resolve(gp)
+  for field in dataclasses.fields(bs):
+    if getattr(bs, field.name) < 1:
+      raise ValueError(f"block_sizes.{field.name}="
+                       f"{getattr(bs, field.name)} must be positive")
   st = _Static(block_size=c, groups=gp, block_q=bs.block_q,
                block_q_dq=bs.block_q_dq, block_q_dkv=bs.block_q_dkv,
+               dkv_segment=bs.dkv_segment,
                scale=1.0 / math.sqrt(d), num_warps=num_warps,
                num_stages=num_stages, interpret=interpret, debug=debug)
   if not interpret:
@@ -536,9 +606,12 @@ def block_sparse_attention(
   sel_XNT = mask_BKTN.transpose(0, 1, 3, 2).reshape(b * kh, n, tp)
   sel_XNT = sel_XNT.astype(_SEL_DTYPE)
   union_dkv = _tile_unions(mask_BKTN, st.block_q_dkv, c)
+  tiles_XNQ, cnt_XN = _compact(union_dkv.transpose(0, 1, 3, 2))
+  num_items = _dkv_num_items(t, n, c, st.block_q_dkv, st.dkv_segment)
+  items = _dkv_work_items(cnt_XN, st.dkv_segment, num_items)
   lists = dict(fwd=_compact(_tile_unions(mask_BKTN, st.block_q, c)),
                dq=_compact(_tile_unions(mask_BKTN, st.block_q_dq, c)),
-               dkv=_compact(union_dkv.transpose(0, 1, 3, 2)))
+               dkv=(tiles_XNQ.reshape(b * kh, -1), *items))
 
   out_XRD = _attention(st, q_XRD, k_XSD, v_XSD, bias_XS, sel_XNT, lists)
   out_BKTGD = out_XRD.reshape(b, kh, tp, gp, dp)[:, :, :t, :g, :d]
@@ -557,11 +630,18 @@ def block_sparse_attention_reference(
     bias_BTK: jax.Array | None,
     mask_BKTN: jax.Array,
     block_size: int,
+    *,
+    compute_dtype: jnp.dtype = _F32,
 ) -> jax.Array:
-  """Dense masked attention with the same semantics, everything in fp32.
+  """Dense masked attention with the same semantics, in fp32 by default.
 
   out[t, g] = softmax_s(q[t, g].k[s] / sqrt(D) + bias[s, k]) v[s] over the
   s <= t with mask[k, t, s // C], where query head g uses KV head g // G.
+
+  fp32 is the spec. `compute_dtype=jnp.bfloat16` runs the same math with
+  inputs and every intermediate in bf16; the distance of that variant from
+  the fp32 one measures how far bf16 rounding alone moves the result, the
+  yardstick of the large-case kernel tests (`tests/tolerances.py`).
 
   Args:
     q_BTHD: queries; query t sits at position t.
@@ -570,6 +650,7 @@ def block_sparse_attention_reference(
     bias_BTK: additive per-key logit bias (None means 0).
     mask_BKTN: bool selected blocks, N = ceil(T / C).
     block_size: C.
+    compute_dtype: dtype of the computation (fp32 unless measuring rounding).
 
   Returns:
     out_BTHD in q's dtype; a query row with no attended key gives 0.
@@ -577,12 +658,13 @@ def block_sparse_attention_reference(
   _check(q_BTHD, k_BTKD, v_BTKD, bias_BTK, mask_BKTN, block_size)
   b, t, h, d = q_BTHD.shape
   kh = k_BTKD.shape[2]
-  q_BTKGD = q_BTHD.astype(_F32).reshape(b, t, kh, h // kh, d)
-  logits_BKGTS = jnp.einsum("BTKGD,BSKD->BKGTS", q_BTKGD,
-                            k_BTKD.astype(_F32),
-                            precision=lax.Precision.HIGHEST) / math.sqrt(d)
+  cd = jnp.dtype(compute_dtype)
+  q_BTKGD = q_BTHD.astype(cd).reshape(b, t, kh, h // kh, d)
+  logits_BKGTS = jnp.einsum("BTKGD,BSKD->BKGTS", q_BTKGD, k_BTKD.astype(cd),
+                            precision=lax.Precision.HIGHEST)
+  logits_BKGTS = logits_BKGTS / jnp.asarray(math.sqrt(d), cd)
   if bias_BTK is not None:
-    bias_BKS = bias_BTK.astype(_F32).transpose(0, 2, 1)
+    bias_BKS = bias_BTK.astype(cd).transpose(0, 2, 1)
     logits_BKGTS = logits_BKGTS + bias_BKS[:, :, None, None, :]
   # Token mask: the key's block is selected for the query, and key <= query.
   block_S = jnp.arange(t) // block_size
@@ -595,6 +677,6 @@ def block_sparse_attention_reference(
   e_BKGTS = jnp.where(mask_BKGTS, jnp.exp(logits_BKGTS - m_BKGT1), 0.0)
   z_BKGT1 = jnp.sum(e_BKGTS, axis=-1, keepdims=True)
   p_BKGTS = e_BKGTS / jnp.where(z_BKGT1 > 0, z_BKGT1, 1.0)
-  out_BTKGD = jnp.einsum("BKGTS,BSKD->BTKGD", p_BKGTS, v_BTKD.astype(_F32),
+  out_BTKGD = jnp.einsum("BKGTS,BSKD->BTKGD", p_BKGTS, v_BTKD.astype(cd),
                          precision=lax.Precision.HIGHEST)
   return out_BTKGD.reshape(b, t, h, d).astype(q_BTHD.dtype)

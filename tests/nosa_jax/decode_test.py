@@ -38,7 +38,8 @@ def _model(variant):
 
 class DecodeEquivalenceTest(parameterized.TestCase):
 
-  @parameterized.parameters("full", "infllmv2", "dma", "nosa")
+  @parameterized.named_parameters(
+      (v, v) for v in ("full", "infllmv2", "dma", "nosa"))
   def test_decode_matches_forward(self, variant):
     cfg, graphdef, params = _model(variant)
     sp = cfg.sparse
@@ -86,6 +87,25 @@ class DecodeEquivalenceTest(parameterized.TestCase):
       prev = idx_LBKP
     np.testing.assert_array_equal(cache.lengths_B, lengths + steps)
 
+  def test_pallas_matches_forward(self):
+    """The kernels (interpret mode on CPU) in prefill and decode."""
+    cfg, graphdef, params = _model("nosa")
+    pallas_cfg = dataclasses.replace(cfg, sparse=dataclasses.replace(
+        cfg.sparse, implementation="pallas"))
+    lengths, steps = np.array([3, 130]), 3
+    rows = np.arange(2)
+    tokens = testing.random_tokens(jax.random.key(2), 2, 133)
+    ref_BTV = np.asarray(jax.jit(
+        lambda t: model.apply(graphdef, params, t)[0])(tokens))
+    tol = tolerances.tol(np.float32)
+    cache, logits_BV = decode.prefill(params, pallas_cfg, tokens[:, :130],
+                                      jnp.asarray(lengths), 133)
+    np.testing.assert_allclose(logits_BV, ref_BTV[rows, lengths - 1], **tol)
+    for i in range(steps):
+      cache, logits_BV = decode.decode_step(params, pallas_cfg, cache,
+                                            tokens[rows, lengths + i])
+      np.testing.assert_allclose(logits_BV, ref_BTV[rows, lengths + i], **tol)
+
   def test_gamma(self):
     prev = jnp.array([[0, 1, 2, -1], [0, 1, 2, 3]])
     cur = jnp.array([[0, 1, 2, 3], [0, 2, 3, 4]])
@@ -129,9 +149,9 @@ class SamplingTest(absltest.TestCase):
     self.assertTrue(np.all((gamma > 0) & (gamma <= 1)), gamma)
 
   def test_capacity_error(self):
-    cfg, _, params = _model("full")
+    cfg = testing.tiny_model_config("full")
     with self.assertRaisesRegex(ValueError, "max_len=20 is too small"):
-      decode.generate(params, cfg, [[1] * 16], 8, max_len=20)
+      decode.generate(None, cfg, [[1] * 16], 8, max_len=20)  # 16 + 8 - 1
 
 
 class OverfitGenerateTest(absltest.TestCase):

@@ -254,8 +254,8 @@ class SelectionTest(parameterized.TestCase):
   def test_short_sequence_without_windows(self, variant):
     # T < compress_kernel: no compressed window exists (W = 0).
     cfg = _cfg(variant=variant, block_size=4, compress_kernel=8,
-               compress_stride=4, topk_blocks=3, query_topk_blocks=2,
-               window_blocks=0)
+               compress_stride=4, topk_blocks=3, query_topk_blocks=3,
+               window_blocks=1)
     q, k, bias = _inputs(0, 1, 7, 2, 2, 4)
     mask = selection.block_mask(jnp.asarray(q), jnp.asarray(k),
                                 jnp.asarray(bias), cfg)

@@ -1,0 +1,593 @@
+"""GPU-resident decode engine: prefill, one-token steps, sampling (§4.2-§4.3).
+
+A functional engine over raw parameters (the `nnx.State` of `model.init`, or
+the same tree as plain dicts) and a frozen `ModelConfig`:
+
+  prefill(params, cfg, tokens_BT, lengths_B, max_len) -> (cache, logits_BV)
+  decode_step(params, cfg, cache, tokens_B)           -> (cache, logits_BV)
+  generate(params, cfg, prompts, max_new_tokens, ...) -> token lists
+
+Semantics (NOSA_SPEC.md "Project decisions" 1, 2, 6). Decode is the training
+forward evaluated one query at a time, so decode logits equal
+`model.apply` logits at every position (tests check it):
+
+  * The token at position p = length is written to the cache first; query p
+    then selects with the training rule of §2.5 at t = p: query-aware scores
+    over the compressed windows complete at p (16c + 31 <= p, the current
+    token included), eviction scores from the cached bias of those windows,
+    the forced sink / window / own blocks, two-phase top-k. At decode every
+    complete window is visible, so this is §4.3's `causal=False` stage 1;
+    NOSI's one-token lag of the compressed keys (§4.8.5) is not copied.
+  * Attention runs over the selected blocks gathered into P slots with
+    per-slot valid lengths (`sparse_attention.decode_attention`); the
+    partial tail block is attended, the block count grows with the context
+    (the capacity `max_len` is static), short contexts leave empty slots
+    masked, and logits are q.k / sqrt(D) + b with b at full strength.
+  * Sequences of one batch have their own lengths and positions (prompts are
+    right-padded; nothing past a sequence's length is ever read).
+
+Cache layout (`DecodeCache`, a pytree), per layer:
+
+  k_BKSD, v_BKSD   model dtype, S = capacity (a multiple of C). Slot-major:
+                   block n of (b, k) is the contiguous rows [nC, nC + C), so
+                   this is already the block-major layout of the host store
+                   (decision 6); the offload part moves these two arrays to
+                   pinned host memory and keeps a GPU block cache instead.
+  bias_BKS         fp32 eviction bias per token (dma / nosa).
+  kbar_BWKD        fp32 compressed keys (infllmv2 / nosa), W = windows in S.
+  ebar_BKW         fp32 window means of the bias (dma / nosa).
+
+The last three stay on the device in the offload design, as in NOSI (§4.1).
+kbar and ebar are kept incrementally: a step whose token completes window c
+computes that one window mean from the cache (O(kernel) work), instead of
+re-pooling the whole cache; windows not yet complete are zero and never
+read (the visibility mask hides them). The window mean reads the last
+`compress_kernel` keys from the K cache; once K/V live on the host, the
+device must keep those keys (NOSI's rolling buffer, §4.1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nosa_jax import attention
+from nosa_jax import config as config_lib
+from nosa_jax import layers
+from nosa_jax import selection
+from nosa_jax import sparse_attention
+
+_F32 = jnp.float32
+_INF = float("inf")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerCache:
+  """One layer's decode state; fields a variant does not use are None."""
+
+  k_BKSD: jax.Array
+  v_BKSD: jax.Array
+  bias_BKS: Optional[jax.Array]
+  kbar_BWKD: Optional[jax.Array]
+  ebar_BKW: Optional[jax.Array]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeCache:
+  """Per-layer caches plus the number of cached tokens of each sequence."""
+
+  layers: tuple[LayerCache, ...]
+  lengths_B: jax.Array  # int32; also the position of the next token
+
+
+def capacity(max_len: int, block_size: int) -> int:
+  """Cache capacity S: max_len rounded up to whole blocks."""
+  return -(-max_len // block_size) * block_size
+
+
+# ------------------------------------------------------------------------------
+# The layer math of `model.py`, written over raw parameters.
+# ------------------------------------------------------------------------------
+
+
+def _w(p, dtype) -> jax.Array:
+  return jnp.asarray(p[...]).astype(dtype)  # nnx.Param or plain array
+
+
+def _qkv_bias(p_attn, cfg: config_lib.ModelConfig, x_BTM, positions_BT):
+  """Projections, RoPE and the eviction bias (model.Attention, §2.1-§2.2)."""
+  dt = x_BTM.dtype
+  q_BTHD = jnp.einsum("BTM,MHD->BTHD", x_BTM, _w(p_attn["wq"], dt))
+  k_BTKD = jnp.einsum("BTM,MKD->BTKD", x_BTM, _w(p_attn["wk"], dt))
+  v_BTKD = jnp.einsum("BTM,MKD->BTKD", x_BTM, _w(p_attn["wv"], dt))
+  q_BTHD = layers.apply_rope(q_BTHD, positions_BT, cfg.rope_theta)
+  k_BTKD = layers.apply_rope(k_BTKD, positions_BT, cfg.rope_theta)
+  bias_BTK = None
+  if cfg.sparse.has_eviction_head:
+    bias_BTK = selection.eviction_bias(v_BTKD, p_attn["evict_a"][...],
+                                       p_attn["evict_delta"][...])
+  return q_BTHD, k_BTKD, v_BTKD, bias_BTK
+
+
+def _mlp_residual(p_block, cfg: config_lib.ModelConfig, x_BTM):
+  dt = x_BTM.dtype
+  h_BTM = layers.rms_norm(x_BTM, p_block["mlp_norm"]["scale"][...],
+                          cfg.rms_eps)
+  m = p_block["mlp"]
+  return x_BTM + layers.swiglu(h_BTM, _w(m["w_gate"], dt), _w(m["w_up"], dt),
+                               _w(m["w_down"], dt))
+
+
+def _embed(params, cfg, tokens):
+  return jnp.take(params["embed"][...], tokens, axis=0).astype(cfg.dtype)
+
+
+def _logits(params, cfg: config_lib.ModelConfig, x_BM):
+  x_BM = layers.rms_norm(x_BM, params["final_norm"]["scale"][...],
+                         cfg.rms_eps)
+  head_MV = (params["embed"][...].T if cfg.tie_embeddings
+             else params["lm_head"][...])
+  return jnp.einsum("BM,MV->BV", x_BM, head_MV.astype(x_BM.dtype),
+                    preferred_element_type=_F32)
+
+
+# ------------------------------------------------------------------------------
+# Prefill (§4.2): the training forward over the prompts, filling the cache.
+# ------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_len"))
+def prefill(params: Any, cfg: config_lib.ModelConfig, tokens_BT: jax.Array,
+            lengths_B: jax.Array, max_len: int
+            ) -> tuple[DecodeCache, jax.Array]:
+  """Runs the prompts and builds the decode cache.
+
+  Args:
+    params: model parameters (`model.init(...)[1]`).
+    cfg: the model config (static).
+    tokens_BT: int prompts, right-padded; row b is valid up to lengths_B[b].
+    lengths_B: int prompt lengths, 1 <= length <= T.
+    max_len: cache capacity in tokens (static; rounded up to whole blocks).
+      Decoding past it drops tokens silently: `generate` checks it.
+
+  Returns:
+    (cache, logits_BV): logits_BV (fp32) predict the token after each
+    prompt, i.e. they are the logits at position lengths_B - 1.
+  """
+  sp = cfg.sparse
+  b, t = tokens_BT.shape
+  s = capacity(max_len, sp.block_size)
+  if t > s:
+    raise ValueError(f"prompt length T={t} exceeds the cache capacity "
+                     f"max_len={max_len} (rounded to {s})")
+  lengths_B = lengths_B.astype(jnp.int32)
+  positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
+  valid_BT = positions_BT < lengths_B[:, None]
+  n_win = selection.num_windows(s, sp.compress_kernel, sp.compress_stride)
+  # Windows complete inside each prompt; the rest are filled during decode.
+  c_W = jnp.arange(n_win)
+  complete_BW = (sp.compress_stride * c_W[None, :] + sp.compress_kernel
+                 <= lengths_B[:, None])
+
+  def to_cache(x_BTK_, fill=0.0):  # [B, T, K, ...] -> [B, K, S, ...]
+    x_BTK_ = jnp.where(valid_BT.reshape((b, t) + (1,) * (x_BTK_.ndim - 2)),
+                       x_BTK_, fill)
+    x_BKT_ = jnp.moveaxis(x_BTK_, 2, 1)
+    pad = [(0, 0)] * x_BKT_.ndim
+    pad[2] = (0, s - t)
+    return jnp.pad(x_BKT_, pad)
+
+  def windows(x_BW_, axis):  # keep complete windows, pad W to n_win
+    shape = [1] * x_BW_.ndim
+    shape[0], shape[axis] = b, x_BW_.shape[axis]
+    keep = complete_BW[:, :x_BW_.shape[axis]].reshape(shape)
+    x_BW_ = jnp.where(keep, x_BW_, 0.0)
+    pad = [(0, 0)] * x_BW_.ndim
+    pad[axis] = (0, n_win - x_BW_.shape[axis])
+    return jnp.pad(x_BW_, pad)
+
+  x_BTM = _embed(params, cfg, tokens_BT)
+  caches = []
+  for i in range(cfg.num_layers):
+    p_block = params["blocks"][i]
+    h_BTM = layers.rms_norm(x_BTM, p_block["attn_norm"]["scale"][...],
+                            cfg.rms_eps)
+    q_BTHD, k_BTKD, v_BTKD, bias_BTK = _qkv_bias(p_block["attn"], cfg, h_BTM,
+                                                 positions_BT)
+    kbar = ebar = None
+    if sp.variant == "full":
+      out_BTHD = attention.causal_attention(q_BTHD, k_BTKD, v_BTKD)
+    else:
+      # What sparse_attention.nosa_attention does, without its statistics.
+      mask_BKTN, _ = selection.select_block_masks(q_BTHD, k_BTKD, bias_BTK,
+                                                  sp)
+      out_BTHD = sparse_attention.sparse_attention(
+          q_BTHD, k_BTKD, v_BTKD, bias_BTK, mask_BKTN,
+          block_size=sp.block_size, query_chunk=sp.query_chunk,
+          implementation=sp.implementation)
+      if sp.variant in ("infllmv2", "nosa"):
+        kbar = windows(selection.compress_keys(
+            k_BTKD, sp.compress_kernel, sp.compress_stride), axis=1)
+    if bias_BTK is not None:
+      ebar = windows(jnp.moveaxis(selection.window_means(
+          bias_BTK, sp.compress_kernel, sp.compress_stride), 2, 1), axis=2)
+    caches.append(LayerCache(
+        k_BKSD=to_cache(k_BTKD), v_BKSD=to_cache(v_BTKD),
+        bias_BKS=None if bias_BTK is None else to_cache(bias_BTK),
+        kbar_BWKD=kbar, ebar_BKW=ebar))
+    x_BTM = x_BTM + jnp.einsum("BTHD,HDM->BTM", out_BTHD,
+                               _w(p_block["attn"]["wo"], x_BTM.dtype))
+    x_BTM = _mlp_residual(p_block, cfg, x_BTM)
+  last_BM = x_BTM[jnp.arange(b), lengths_B - 1]
+  return (DecodeCache(layers=tuple(caches), lengths_B=lengths_B),
+          _logits(params, cfg, last_BM))
+
+
+# ------------------------------------------------------------------------------
+# Decode step (§4.3 with project decisions 1, 2, 6).
+# ------------------------------------------------------------------------------
+
+
+def _append(layer: LayerCache, k_BKD, v_BKD, bias_BK, pos_B,
+            sp: config_lib.SparseConfig) -> LayerCache:
+  """Writes the token at pos_B and the window mean it completes, if any."""
+  b = pos_B.shape[0]
+  b_B = jnp.arange(b)
+  k_cache = layer.k_BKSD.at[b_B, :, pos_B].set(k_BKD)
+  v_cache = layer.v_BKSD.at[b_B, :, pos_B].set(v_BKD)
+  bias = layer.bias_BKS
+  if bias is not None:
+    bias = bias.at[b_B, :, pos_B].set(bias_BK)
+  kbar, ebar = layer.kbar_BWKD, layer.ebar_BKW
+  kern, stride = sp.compress_kernel, sp.compress_stride
+  n_win = selection.num_windows(k_cache.shape[2], kern, stride)
+  if n_win and (kbar is not None or ebar is not None):
+    # Window c = [stride*c, stride*c + kern) completes at its last token.
+    first_B = pos_B + 1 - kern
+    done_B = (first_B >= 0) & (first_B % stride == 0)
+    c_B = jnp.clip(first_B // stride, 0, n_win - 1)
+    start_B = jnp.clip(first_B, 0, k_cache.shape[2] - kern)
+    window = jax.vmap(
+        lambda x, i: jax.lax.dynamic_slice_in_dim(x, i, kern, axis=1))
+    if kbar is not None:  # the pooling of compress_keys, on one window
+      win_BTKD = jnp.moveaxis(window(k_cache, start_B), 1, 2)
+      new_BKD = selection.compress_keys(win_BTKD, kern, stride)[:, 0]
+      new_BKD = jnp.where(done_B[:, None, None], new_BKD, kbar[b_B, c_B])
+      kbar = kbar.at[b_B, c_B].set(new_BKD)
+    if ebar is not None:
+      win_BTK = jnp.moveaxis(window(bias, start_B), 1, 2)
+      new_BK = selection.window_means(win_BTK, kern, stride)[:, 0]
+      new_BK = jnp.where(done_B[:, None], new_BK, ebar[b_B, :, c_B])
+      ebar = ebar.at[b_B, :, c_B].set(new_BK)
+  return LayerCache(k_BKSD=k_cache, v_BKSD=v_cache, bias_BKS=bias,
+                    kbar_BWKD=kbar, ebar_BKW=ebar)
+
+
+def select_decode_blocks(q_BHD: jax.Array, layer: LayerCache,
+                         pos_B: jax.Array,
+                         sp: config_lib.SparseConfig) -> jax.Array:
+  """The training selection (§2.5) of one query per sequence at pos_B.
+
+  The cache must already hold the token at pos_B (its block is the query's
+  own block and the windows it completes are visible).
+
+  Returns:
+    idx_BKP int32 block indices, ascending, invalid (-1) last, with
+    P = min(topk_blocks, N) and N = S / C; exactly
+    min(topk_blocks, pos // C + 1) entries are valid.
+  """
+  n = layer.k_BKSD.shape[2] // sp.block_size
+  kbar, ebar = layer.kbar_BWKD, layer.ebar_BKW
+
+  def one(q_HD, kbar_WKD, ebar_KW, pos):
+    pos_T = pos[None]
+    sq_BKTN = se_BKN = None
+    if kbar_WKD is not None:
+      sq_BKTN = selection.query_aware_scores(q_HD[None, None], kbar_WKD[None],
+                                             pos_T, sp, n)
+    if ebar_KW is not None:
+      # Windows not complete at pos hold zeros: rank them as missing (-inf).
+      # With window_blocks >= 1 (and kernel <= C + stride) they overlap only
+      # forced blocks, so this is training's ranking. Training reads every
+      # window of the sequence, so with window_blocks = 0 its eviction score
+      # sees windows that end after t; decode cannot, and does not.
+      c_W = jnp.arange(ebar_KW.shape[-1])
+      done_W = sp.compress_stride * c_W + sp.compress_kernel - 1 <= pos
+      ebar_KW = jnp.where(done_W[None, :], ebar_KW, -_INF)
+      se_BKN = selection.block_pool(
+          ebar_KW, num_blocks=n, block_size=sp.block_size,
+          kernel=sp.compress_kernel, stride=sp.compress_stride)[None]
+    idx_BKTP, _, _ = selection.select_from_scores(sq_BKTN, se_BKN, pos_T, sp)
+    return idx_BKTP[0, :, 0]
+
+  return jax.vmap(one)(q_BHD, kbar, ebar, pos_B)
+
+
+def _attend(q_BHD, layer: LayerCache, pos_B, sp: config_lib.SparseConfig):
+  """Decode attention of the token at pos_B; returns (out_BHD, idx_BKP)."""
+  b, kv, s, d = layer.k_BKSD.shape
+  c = sp.block_size
+  n = s // c
+  len_B = pos_B + 1  # the current token is cached
+  if sp.variant == "full":
+    # Every block is a slot; slot lengths mask the unfilled capacity.
+    j_BKP = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, kv, n))
+    slot_len_BKP = jnp.clip(len_B[:, None, None] - c * j_BKP, 0, c)
+    out_BHD = sparse_attention.decode_attention(
+        q_BHD, layer.k_BKSD, layer.v_BKSD, None,
+        slot_len_BKP.astype(jnp.int32), c, sp.implementation)
+    return out_BHD, jnp.where(slot_len_BKP > 0, j_BKP, -1)
+  idx_BKP = select_decode_blocks(q_BHD, layer, pos_B, sp)
+  valid_BKP = idx_BKP >= 0
+  j_BKP = jnp.where(valid_BKP, idx_BKP, 0)
+  slot_len_BKP = jnp.where(
+      valid_BKP, jnp.clip(len_B[:, None, None] - c * j_BKP, 0, c), 0)
+  # Gather the selected blocks into P slots of C rows: [B, K, P * C, ...].
+  b_ = jnp.arange(b)[:, None, None]
+  k_ = jnp.arange(kv)[None, :, None]
+  p = idx_BKP.shape[-1]
+
+  def gather(x_BKS_):
+    blocks = x_BKS_.reshape((b, kv, n, c) + x_BKS_.shape[3:])[b_, k_, j_BKP]
+    return blocks.reshape((b, kv, p * c) + x_BKS_.shape[3:])
+
+  bias_BKS = layer.bias_BKS if sp.variant in ("dma", "nosa") else None
+  out_BHD = sparse_attention.decode_attention(
+      q_BHD, gather(layer.k_BKSD), gather(layer.v_BKSD),
+      None if bias_BKS is None else gather(bias_BKS),
+      slot_len_BKP.astype(jnp.int32), c, sp.implementation)
+  return out_BHD, idx_BKP
+
+
+def _decode_step(params, cfg: config_lib.ModelConfig, cache: DecodeCache,
+                 tokens_B):
+  """Unjitted decode_step; also returns the selections idx_LBKP."""
+  sp = cfg.sparse
+  pos_B = cache.lengths_B
+  x_B1M = _embed(params, cfg, tokens_B[:, None])
+  new_layers, sel = [], []
+  for i in range(cfg.num_layers):
+    p_block = params["blocks"][i]
+    h_B1M = layers.rms_norm(x_B1M, p_block["attn_norm"]["scale"][...],
+                            cfg.rms_eps)
+    q_B1HD, k_B1KD, v_B1KD, bias_B1K = _qkv_bias(
+        p_block["attn"], cfg, h_B1M, pos_B[:, None])
+    layer = _append(cache.layers[i], k_B1KD[:, 0], v_B1KD[:, 0],
+                    None if bias_B1K is None else bias_B1K[:, 0], pos_B, sp)
+    out_BHD, idx_BKP = _attend(q_B1HD[:, 0], layer, pos_B, sp)
+    new_layers.append(layer)
+    sel.append(idx_BKP)
+    x_B1M = x_B1M + jnp.einsum("BHD,HDM->BM", out_BHD, _w(
+        p_block["attn"]["wo"], x_B1M.dtype))[:, None]
+    x_B1M = _mlp_residual(p_block, cfg, x_B1M)
+  new_cache = DecodeCache(layers=tuple(new_layers), lengths_B=pos_B + 1)
+  return new_cache, _logits(params, cfg, x_B1M[:, 0]), jnp.stack(sel)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "return_selection"),
+                   donate_argnames=("cache",))
+def decode_step(params: Any, cfg: config_lib.ModelConfig, cache: DecodeCache,
+                tokens_B: jax.Array, *, return_selection: bool = False):
+  """Appends one token per sequence and returns the next-token logits.
+
+  Args:
+    params: model parameters.
+    cfg: the model config (static).
+    cache: from `prefill` or a previous step (donated: do not reuse it).
+    tokens_B: the token at position cache.lengths_B of each sequence.
+    return_selection: also return the selected blocks (static).
+
+  Returns:
+    (cache, logits_BV) with logits in fp32, or with return_selection
+    (cache, logits_BV, idx_LBKP): per layer the blocks attended, ascending,
+    -1 for unused slots (P = min(topk_blocks, N); for `full` every block,
+    P = N). `selection_gamma` turns consecutive ones into hit rates.
+  """
+  cache, logits_BV, idx_LBKP = _decode_step(params, cfg, cache, tokens_B)
+  if return_selection:
+    return cache, logits_BV, idx_LBKP
+  return cache, logits_BV
+
+
+def selection_gamma(prev_idx: jax.Array, cur_idx: jax.Array,
+                    new_block_hits: bool = True) -> jax.Array:
+  """gamma = |sel(t) & sel(t-1)| / |sel(t)| per (layer, sequence, KV head).
+
+  Args:
+    prev_idx: [..., P] selection at t-1 (`decode_step` idx, -1 = unused).
+    cur_idx: [..., P] selection at t.
+    new_block_hits: count a block that did not exist at t-1 (the tail block
+      opened at t) as a hit: it is written on the device, never fetched
+      (§4.3 step 8a). Then gamma is the fraction of sel(t) that needs no
+      transfer, the gamma of the PERFORMANCE.md cost model, and it is 1.0
+      whenever the whole context fits the budget.
+
+  Returns:
+    [...] fp32 in [0, 1].
+  """
+  prev_ok = prev_idx >= 0
+  cur_ok = cur_idx >= 0
+  same = ((cur_idx[..., :, None] == prev_idx[..., None, :])
+          & prev_ok[..., None, :])
+  hit = jnp.any(same, axis=-1) & cur_ok
+  if new_block_hits:
+    # The own block is always selected, so max(sel(t-1)) = j_{t-1}.
+    newest = jnp.max(jnp.where(prev_ok, prev_idx, -1), axis=-1)
+    hit = hit | (cur_ok & (cur_idx > newest[..., None]))
+  n = jnp.sum(cur_ok, axis=-1)
+  return (jnp.sum(hit, axis=-1) / jnp.maximum(n, 1)).astype(_F32)
+
+
+# ------------------------------------------------------------------------------
+# Sampling and the generate loop.
+# ------------------------------------------------------------------------------
+
+
+def sample_tokens(logits_BV: jax.Array, key: jax.Array,
+                  temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+  """Greedy (temperature <= 0) or temperature + nucleus (top-p) sampling.
+
+  Top-p keeps the most likely tokens whose cumulative probability before
+  them is < top_p (at least one). temperature and top_p are traced, so
+  changing them does not recompile.
+
+  Returns:
+    tokens_B int32.
+  """
+  logits_BV = logits_BV.astype(_F32)
+  greedy_B = jnp.argmax(logits_BV, axis=-1)
+  scaled_BV = logits_BV / jnp.maximum(temperature, 1e-6)
+  sorted_BV = -jnp.sort(-scaled_BV, axis=-1)
+  probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+  keep_BV = (jnp.cumsum(probs_BV, axis=-1) - probs_BV < top_p) | (top_p >= 1)
+  thresh_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, _INF), axis=-1,
+                      keepdims=True)
+  masked_BV = jnp.where(scaled_BV >= thresh_B1, scaled_BV, -_INF)
+  sampled_B = jax.random.categorical(key, masked_BV, axis=-1)
+  return jnp.where(temperature > 0, sampled_B, greedy_B).astype(jnp.int32)
+
+
+def _next_token(state, logits_BV, temperature, top_p, eos_id, pad_id):
+  key, sub = jax.random.split(state["key"])
+  tok_B = sample_tokens(logits_BV, sub, temperature, top_p)
+  tok_B = jnp.where(state["done_B"], pad_id, tok_B)  # finished: emit pad
+  return dict(state, key=key, tok_B=tok_B,
+              done_B=state["done_B"] | (tok_B == eos_id))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "track_gamma"),
+                   donate_argnames=("cache",))
+def _generate_step(params, cache, state, temperature, top_p, eos_id, pad_id,
+                   *, cfg, track_gamma):
+  """decode_step + sampling. Only the cache is donated: the caller keeps
+  the sampled tokens of every step."""
+  live_B = ~state["done_B"]
+  cache, logits_BV, idx_LBKP = _decode_step(params, cfg, cache,
+                                            state["tok_B"])
+  state = _next_token(state, logits_BV, temperature, top_p, eos_id, pad_id)
+  if track_gamma:  # mean over KV heads, summed over live sequences
+    g_LB = jnp.mean(selection_gamma(state["idx_LBKP"], idx_LBKP), axis=-1)
+    count_B = live_B & state["have_prev"]  # no previous step at the first
+    state["gamma_sum_L"] = state["gamma_sum_L"] + jnp.sum(
+        jnp.where(count_B[None, :], g_LB, 0.0), axis=-1)
+    state["gamma_n"] = state["gamma_n"] + jnp.sum(count_B)
+    state["idx_LBKP"] = idx_LBKP
+    state["have_prev"] = jnp.ones_like(state["have_prev"])
+  return cache, state
+
+
+_next_token_jit = jax.jit(_next_token)
+
+
+def generate(params: Any, cfg: config_lib.ModelConfig,
+             prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+             temperature: float = 0.0, top_p: float = 1.0,
+             eos_id: Optional[int] = None, pad_id: Optional[int] = None,
+             seed: int = 0, max_len: Optional[int] = None,
+             return_stats: bool = False):
+  """Samples continuations of a batch of prompts of any lengths.
+
+  Prefill, then a Python loop over one compiled step (decode + sampling);
+  compilation is done ahead of the loop so the decode time excludes it.
+
+  Args:
+    params: model parameters.
+    cfg: the model config.
+    prompts: token lists, each non-empty.
+    max_new_tokens: tokens to generate per prompt (>= 1).
+    temperature: 0 for greedy.
+    top_p: nucleus mass in (0, 1]; 1 disables it.
+    eos_id: a sequence stops after emitting it (None: never).
+    pad_id: emitted by finished sequences (default eos_id, else 0).
+    seed: PRNG seed of the sampler.
+    max_len: cache capacity (default: longest prompt + max_new_tokens).
+    return_stats: also return a dict with prefill_s, decode_s,
+      decode_steps, decode_tokens_per_s (batch tokens per second of the
+      decode steps, prefill excluded) and gamma_per_layer (mean
+      `selection_gamma` over steps, KV heads and unfinished sequences).
+
+  Returns:
+    The generated tokens of each prompt, up to and including eos_id, without
+    the trailing pad; with return_stats, (tokens, stats).
+
+  Raises:
+    ValueError: an empty prompt or a capacity too small.
+  """
+  if not prompts or min(len(p) for p in prompts) == 0:
+    raise ValueError("generate needs at least one prompt, none empty")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+  c = cfg.sparse.block_size
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  # The last sampled token is never fed back, hence the -1.
+  need = int(lengths.max()) + max_new_tokens - 1
+  if max_len is not None and need > max_len:
+    raise ValueError(f"max_len={max_len} is too small: the longest prompt "
+                     f"({lengths.max()}) + max_new_tokens - 1 = {need}")
+  s = capacity(max_len or need, c)
+  pad_id = pad_id if pad_id is not None else (eos_id or 0)
+  eos = -1 if eos_id is None else eos_id
+  # Prompts are padded to whole blocks so that few prompt shapes compile.
+  tokens = np.full((len(prompts), capacity(int(lengths.max()), c)), pad_id,
+                   np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, :len(p)] = p
+  temp, top_p = jnp.float32(temperature), jnp.float32(top_p)
+
+  tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
+  run_prefill = prefill.lower(params, cfg, tokens, lengths, s).compile()
+  t0 = time.perf_counter()
+  cache, logits_BV = jax.block_until_ready(
+      run_prefill(params, tokens, lengths))
+  prefill_s = time.perf_counter() - t0
+  state = {"key": jax.random.key(seed),
+           "done_B": jnp.zeros(len(prompts), bool)}
+  state = _next_token_jit(state, logits_BV, temp, top_p, eos, pad_id)
+  out = [state["tok_B"]]
+  if return_stats:
+    n_sel = (s // c if cfg.sparse.variant == "full"
+             else min(cfg.sparse.topk_blocks, s // c))
+    state.update(
+        idx_LBKP=jnp.full((cfg.num_layers, len(prompts),
+                           cfg.num_kv_heads, n_sel), -1, jnp.int32),
+        gamma_sum_L=jnp.zeros(cfg.num_layers, _F32),
+        gamma_n=jnp.zeros((), jnp.int32), have_prev=jnp.zeros((), bool))
+  step = _generate_step.lower(params, cache, state, temp, top_p, eos,
+                              pad_id, cfg=cfg,
+                              track_gamma=return_stats).compile()
+
+  t0 = time.perf_counter()
+  steps = 0
+  for steps in range(1, max_new_tokens):
+    cache, state = step(params, cache, state, temp, top_p, eos, pad_id)
+    out.append(state["tok_B"])
+    if steps % 16 == 0 and bool(jnp.all(state["done_B"])):
+      break
+  jax.block_until_ready((cache, state))
+  decode_s = time.perf_counter() - t0
+
+  toks = np.asarray(jnp.stack(out, axis=1))
+  results = []
+  for row in toks.tolist():
+    if eos in row:
+      row = row[:row.index(eos) + 1]
+    results.append(row)
+  if not return_stats:
+    return results
+  gamma_n = int(state["gamma_n"])
+  stats = {
+      "prefill_s": prefill_s, "decode_s": decode_s, "decode_steps": steps,
+      "decode_tokens_per_s": (len(prompts) * steps / decode_s
+                              if steps else 0.0),
+      "gamma_per_layer": (np.asarray(state["gamma_sum_L"]) / gamma_n
+                          if gamma_n else np.ones(cfg.num_layers)).tolist(),
+  }
+  return results, stats
