@@ -159,17 +159,24 @@ def bench_train(rows):
 
 
 def bench_train_sweep(rows):
-  """Forward / fwd+bwd time over kernel tilings at one T (local mask)."""
-  t = int(_LENGTHS.value[min(2, len(_LENGTHS.value) - 1)])
-  args, _ = _inputs_with_mask(t, "local")
+  """Forward / fwd+bwd time over kernel tilings at the last --lengths T,
+  with the last --masks kind."""
+  t = int(_LENGTHS.value[-1])
+  args, _ = _inputs_with_mask(t, _MASKS.value[-1])
   fields = {f.name for f in dataclasses.fields(
       sparse_attention.KernelBlockSizes)}
+  # (block_q, block_q_dq, block_q_dkv, dkv_segment, num_warps, num_stages):
+  # query tokens per tile (x G=16 rows) for the three kernels, tiles per
+  # dk/dv work item, and the Triton launch settings shared by all three.
   grid = []
-  for bq in (4, 8, 16):
-    for warps in (4, 8):
-      for stages in (2, 3):
-        sizes = {"block_q": bq, "block_q_dq": bq // 2, "block_q_dkv": bq // 2}
-        grid.append((sizes, warps, stages))
+  for bq, bdq, bdkv, seg, warps, stages in (
+      (8, 4, 4, 64, 8, 2), (4, 4, 4, 64, 8, 2), (4, 2, 2, 64, 4, 2),
+      (2, 2, 2, 128, 4, 2), (1, 1, 1, 256, 4, 2), (8, 4, 4, 64, 4, 3),
+      (4, 4, 4, 64, 4, 3), (2, 2, 1, 256, 4, 3), (16, 8, 4, 64, 8, 2),
+      (4, 4, 4, 256, 8, 2)):
+    sizes = {"block_q": bq, "block_q_dq": bdq, "block_q_dkv": bdkv,
+             "dkv_segment": seg}
+    grid.append((sizes, warps, stages))
   for sizes, warps, stages in grid:
     tuning = {"block_sizes": sparse_attention.KernelBlockSizes(
         **{k: v for k, v in sizes.items() if k in fields}),
@@ -179,7 +186,8 @@ def bench_train_sweep(rows):
                                    block_size=PAPER.block_size,
                                    query_chunk=PAPER.query_chunk,
                                    implementation="pallas", tuning=tuning))
-    row = {"part": "train_sweep", "T": t, **sizes, "num_warps": warps,
+    row = {"part": "train_sweep", "T": t, "mask": _MASKS.value[-1], **sizes,
+           "num_warps": warps,
            "num_stages": stages}
     try:
       row["fwd_s"] = timeit(fwd, *args, iters=3)
