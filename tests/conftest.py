@@ -10,6 +10,9 @@ if not os.environ.get("NOSA_TEST_GPU"):
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# fp32 tolerances assume fp32 matmuls; on the GPU XLA's default would use
+# TF32 (10-bit mantissa) for fp32 dots.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def pytest_configure(config):
