@@ -266,6 +266,7 @@ def bench_step(rows):
     state, m = step(state, batch)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
+    print(f"step {variant}/{impl}: compiled in {compile_s:.0f} s", flush=True)
     times = []
     for _ in range(5):
       t0 = time.perf_counter()

@@ -94,14 +94,15 @@ _GRID = (
      (16, 16, 16)),
     ("g8_sparse_bias_f32", 2, 60, 2, 8, 16, 16, 0.3, True, np.float32,
      (2, 4, 8)),
-    # dk/dv lists longer than a segment: 50 tiles of 2 tokens, segments of
+    # dk/dv lists longer than a segment: 25 tiles of 4 tokens, segments of
     # 2 tiles, so busy blocks span many work items that add atomically.
+    # (Tiles of tokens x G >= 16 rows, so the compiled class runs it too.)
     ("g4_segmented_dkv_f32", 1, 100, 2, 4, 16, 16, 0.4, True, np.float32,
-     (4, 8, 2, 2)),
+     (4, 8, 4, 2)),
     # Every causal (tile, block) pair selected and one tile per segment:
     # the static bound on the work items is reached exactly.
     ("g2_segment1_dense_bf16", 1, 100, 1, 2, 16, 16, 1.0, True, _BF16,
-     (8, 8, 4, 1)),
+     (8, 8, 8, 1)),
 )
 
 
@@ -194,12 +195,12 @@ class BlockSparseAttentionTest(parameterized.TestCase):
     self._compare(q, k, v, bias, mask, c, cot, lowp_reference=True)
 
   def test_segmented_nosa_like(self):
-    # The sink block is in all 50 tiles' unions, the window blocks in many:
+    # The sink block is in all 25 tiles' unions, the window blocks in many:
     # with 3-tile segments their lists become many atomically added items.
     b, t, kh, g, d, c = 1, 100, 2, 4, 16, 16
     q, k, v, bias, cot = _inputs(5, b, t, kh * g, kh, d, np.float32, True)
     mask = _nosa_like_mask(5, b, kh, t, c, sink=1, window=2, extra=1)
-    self._compare(q, k, v, bias, mask, c, cot, block_sizes=(4, 4, 2, 3))
+    self._compare(q, k, v, bias, mask, c, cot, block_sizes=(4, 4, 4, 3))
 
   def test_shape_errors(self):
     q, k, v, bias, _ = _inputs(0, 1, 20, 4, 2, 16, np.float32, True)
