@@ -31,8 +31,10 @@ class BlockSizes:
   tile is always one selection block of C tokens. The forward and dq kernels
   iterate over the union of the tile's selected blocks, so a larger tile
   means a larger union (wasted work when neighbouring tokens select
-  different blocks) but fewer, fuller matmuls. None picks R = 128 rows
-  forward and R = 64 rows for the two backward kernels.
+  different blocks) but fewer, fuller matmuls. None picks R = 64 rows
+  forward and R = 32 rows for the two backward kernels: the fastest
+  fwd+bwd of the H100 sweep at T = 32k, G = 16 (WORKSPACE.md results;
+  128/64 rows were 37% slower).
 
   The dk/dv/dbias kernel runs one program per work item: a key block and a
   segment of at most `dkv_segment` consecutive entries of the list of query
@@ -61,7 +63,7 @@ class BlockSizes:
     """Fills the unset sizes for G = `groups` (a power of 2) query heads."""
     default = lambda rows: max(1, rows // groups)
     return BlockSizes(
-        block_q=self.block_q or default(128),
-        block_q_dq=self.block_q_dq or default(64),
-        block_q_dkv=self.block_q_dkv or default(64),
+        block_q=self.block_q or default(64),
+        block_q_dq=self.block_q_dq or default(32),
+        block_q_dkv=self.block_q_dkv or default(32),
         dkv_segment=self.dkv_segment or 64)
