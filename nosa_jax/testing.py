@@ -43,3 +43,28 @@ def tiny_config(variant: str = "full", *, data_source: str = "stdlib",
 def random_tokens(key: jax.Array, batch: int, length: int,
                   vocab: int = 259) -> jax.Array:
   return jax.random.randint(key, (batch, length), 0, vocab, jnp.int32)
+
+
+def overfit_sequence(variant: str, *, steps: int = 150, length: int = 48,
+                     seed: int = 0):
+  """Trains a tiny model on one repeated random byte sequence.
+
+  Returns:
+    (cfg, graphdef, params, seq, first_loss, last_loss) where seq is the
+    length + 1 memorised tokens as a numpy array.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from nosa_jax import train  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config(variant, num_steps=steps, learning_rate=1e-2,
+                    warmup_steps=5, seq_len=length, batch_size=2)
+  graphdef, state, tx = train.init_state(cfg)
+  seq = np.random.default_rng(seed).integers(0, 256, size=length + 1)
+  batch = jnp.asarray(np.tile(seq, (2, 1)), jnp.int32)
+  step = jax.jit(lambda s, b: train.train_step(
+      s, b, graphdef=graphdef, cfg=cfg.model, tx=tx))
+  losses = []
+  for _ in range(steps):
+    state, m = step(state, batch)
+    losses.append(m["loss"])
+  return (cfg, graphdef, state["params"], seq, float(losses[0]),
+          float(losses[-1]))

@@ -17,7 +17,6 @@ import numpy as np
 from nosa_jax import decode
 from nosa_jax import model
 from nosa_jax import testing
-from nosa_jax import train
 from tests import tolerances
 
 
@@ -158,17 +157,8 @@ class OverfitGenerateTest(absltest.TestCase):
 
   def test_generates_memorised_sequence(self):
     """Greedy decode of a tiny NOSA model reproduces what it memorised."""
-    cfg = testing.tiny_config("nosa", num_steps=150, learning_rate=1e-2,
-                              warmup_steps=5, seq_len=48, batch_size=2)
-    graphdef, state, tx = train.init_state(cfg)
-    seq = np.random.default_rng(0).integers(0, 256, size=49)
-    batch = jnp.asarray(np.tile(seq, (2, 1)), jnp.int32)
-    step = jax.jit(lambda s, b: train.train_step(
-        s, b, graphdef=graphdef, cfg=cfg.model, tx=tx))
-    for _ in range(cfg.train.num_steps):
-      state, m = step(state, batch)
-    self.assertLess(float(m["loss"]), 0.05)
-    params = state["params"]
+    cfg, _, params, seq, _, last = testing.overfit_sequence("nosa")
+    self.assertLess(last, 0.05)
     seq = seq.tolist()
     out = decode.generate(params, cfg.model, [seq[:5], seq[:20]], 24)
     self.assertEqual(out, [seq[5:29], seq[20:44]])

@@ -90,21 +90,11 @@ class OverfitTest(absltest.TestCase):
 
   def test_overfits_a_repeated_sequence(self):
     """A tiny model memorises one sequence and greedily reproduces it."""
-    cfg = testing.tiny_config("full", num_steps=150, learning_rate=1e-2,
-                              warmup_steps=5, seq_len=48, batch_size=2)
-    graphdef, state, tx = train.init_state(cfg)
-    seq = np.random.default_rng(0).integers(0, 256, size=49)
-    batch = jnp.asarray(np.tile(seq, (2, 1)), jnp.int32)
-    step = jax.jit(lambda s, b: train.train_step(
-        s, b, graphdef=graphdef, cfg=cfg.model, tx=tx))
-    first = None
-    for _ in range(cfg.train.num_steps):
-      state, m = step(state, batch)
-      first = first if first is not None else float(m["loss"])
+    _, graphdef, params, seq, first, last = testing.overfit_sequence("full")
     self.assertGreater(first, 5.0)
-    self.assertLess(float(m["loss"]), 0.05)
+    self.assertLess(last, 0.05)
     # Greedy next-token predictions reproduce the sequence.
-    logits, _ = model.apply(graphdef, state["params"], batch[:1, :-1])
+    logits, _ = model.apply(graphdef, params, jnp.asarray(seq[None, :-1]))
     np.testing.assert_array_equal(np.argmax(logits[0], -1), seq[1:])
 
 
