@@ -2,6 +2,7 @@
 
 import glob
 import os
+import socket
 import subprocess
 import sys
 
@@ -83,6 +84,30 @@ class MeshTrajectoryTest(absltest.TestCase):
     base = _losses(self._run(1, "1,1,1"))
     workdir = self._run(8, "2,4,1", stop=3)
     self._run(8, "2,2,2", workdir=workdir)
+    np.testing.assert_allclose(_losses(workdir), base, rtol=2e-5, atol=2e-5)
+
+  @pytest.mark.slow
+  def test_two_processes_save_then_one_process_restores(self):
+    """Multi-host: 2 processes x 4 devices (gloo), then 1 process x 8."""
+    base = _losses(self._run(1, "1,1,1", steps=4))
+    workdir = self.create_tempdir().full_path
+    with socket.socket() as sock:
+      sock.bind(("localhost", 0))
+      port = sock.getsockname()[1]
+    procs = []
+    for pid in range(2):
+      env = dict(os.environ, JAX_PLATFORMS="cpu",
+                 XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                 NOSA_COORDINATOR=f"localhost:{port}", NOSA_NUM_PROCESSES="2",
+                 NOSA_PROCESS_ID=str(pid))
+      procs.append(subprocess.Popen(
+          [sys.executable, "-m", "tests.nosa_jax.spmd_worker", workdir,
+           self.cache, "2,4,1", "full", "4", "2"], cwd=REPO, env=env,
+          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+      _, err = proc.communicate(timeout=600)
+      self.assertEqual(proc.returncode, 0, err[-3000:])
+    self._run(8, "2,2,2", steps=4, workdir=workdir)
     np.testing.assert_allclose(_losses(workdir), base, rtol=2e-5, atol=2e-5)
 
   @pytest.mark.slow

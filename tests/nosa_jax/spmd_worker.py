@@ -4,11 +4,16 @@ Run with XLA_FLAGS=--xla_force_host_platform_device_count=N set before JAX
 starts, which is why it is a separate process:
   python -m tests.nosa_jax.spmd_worker WORKDIR CACHE MESH VARIANT STEPS [STOP]
 MESH is like 2,4,1; with STOP the run is interrupted (Ctrl-C, which saves a
-checkpoint) once STOP steps are done.
+checkpoint) once STOP steps are done. With NOSA_COORDINATOR=host:port,
+NOSA_NUM_PROCESSES and NOSA_PROCESS_ID set, the process joins a multi-process
+run (CPU collectives over gloo), as `experiments.pretrain` does with flags.
 """
 
+import os
 import sys
 from unittest import mock
+
+import jax
 
 from nosa_jax import data as data_lib
 from nosa_jax import testing
@@ -45,4 +50,9 @@ def main(workdir, cache, mesh, variant, steps, stop=None):
 
 
 if __name__ == "__main__":
+  if os.environ.get("NOSA_COORDINATOR"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(os.environ["NOSA_COORDINATOR"],
+                               int(os.environ["NOSA_NUM_PROCESSES"]),
+                               int(os.environ["NOSA_PROCESS_ID"]))
   main(*sys.argv[1:])
