@@ -487,6 +487,48 @@ def _generate_step(params, cache, state, temperature, top_p, eos_id, pad_id,
 _next_token_jit = jax.jit(_next_token)
 
 
+def prepare_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                    block_size: int, *, max_len: Optional[int] = None,
+                    eos_id: Optional[int] = None,
+                    pad_id: Optional[int] = None):
+  """Validates a batch of prompts and right-pads it to whole blocks.
+
+  Returns:
+    (tokens_BT, lengths_B, capacity S, pad_id, eos) where eos is -1 for
+    "never"; tokens and lengths are device arrays.
+  """
+  if not prompts or min(len(p) for p in prompts) == 0:
+    raise ValueError("generate needs at least one prompt, none empty")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  # The last sampled token is never fed back, hence the -1.
+  need = int(lengths.max()) + max_new_tokens - 1
+  if max_len is not None and need > max_len:
+    raise ValueError(f"max_len={max_len} is too small: the longest prompt "
+                     f"({lengths.max()}) + max_new_tokens - 1 = {need}")
+  s = capacity(max_len or need, block_size)
+  pad_id = pad_id if pad_id is not None else (eos_id or 0)
+  eos = -1 if eos_id is None else eos_id
+  # Prompts are padded to whole blocks so that few prompt shapes compile.
+  tokens = np.full((len(prompts), capacity(int(lengths.max()), block_size)),
+                   pad_id, np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, :len(p)] = p
+  return jnp.asarray(tokens), jnp.asarray(lengths), s, pad_id, eos
+
+
+def trim_at_eos(step_tokens: Sequence[jax.Array], eos: int) -> list:
+  """Per-sequence token lists from per-step [B] arrays, cut after EOS."""
+  toks = np.asarray(jnp.stack(step_tokens, axis=1))
+  results = []
+  for row in toks.tolist():
+    if eos in row:
+      row = row[:row.index(eos) + 1]
+    results.append(row)
+  return results
+
+
 def generate(params: Any, cfg: config_lib.ModelConfig,
              prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 0.0, top_p: float = 1.0,
@@ -521,28 +563,11 @@ def generate(params: Any, cfg: config_lib.ModelConfig,
   Raises:
     ValueError: an empty prompt or a capacity too small.
   """
-  if not prompts or min(len(p) for p in prompts) == 0:
-    raise ValueError("generate needs at least one prompt, none empty")
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+  tokens, lengths, s, pad_id, eos = prepare_prompts(
+      prompts, max_new_tokens, cfg.sparse.block_size, max_len=max_len,
+      eos_id=eos_id, pad_id=pad_id)
   c = cfg.sparse.block_size
-  lengths = np.array([len(p) for p in prompts], np.int32)
-  # The last sampled token is never fed back, hence the -1.
-  need = int(lengths.max()) + max_new_tokens - 1
-  if max_len is not None and need > max_len:
-    raise ValueError(f"max_len={max_len} is too small: the longest prompt "
-                     f"({lengths.max()}) + max_new_tokens - 1 = {need}")
-  s = capacity(max_len or need, c)
-  pad_id = pad_id if pad_id is not None else (eos_id or 0)
-  eos = -1 if eos_id is None else eos_id
-  # Prompts are padded to whole blocks so that few prompt shapes compile.
-  tokens = np.full((len(prompts), capacity(int(lengths.max()), c)), pad_id,
-                   np.int32)
-  for i, p in enumerate(prompts):
-    tokens[i, :len(p)] = p
   temp, top_p = jnp.float32(temperature), jnp.float32(top_p)
-
-  tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
   run_prefill = prefill.lower(params, cfg, tokens, lengths, s).compile()
   t0 = time.perf_counter()
   cache, logits_BV = jax.block_until_ready(
@@ -574,12 +599,7 @@ def generate(params: Any, cfg: config_lib.ModelConfig,
   jax.block_until_ready((cache, state))
   decode_s = time.perf_counter() - t0
 
-  toks = np.asarray(jnp.stack(out, axis=1))
-  results = []
-  for row in toks.tolist():
-    if eos in row:
-      row = row[:row.index(eos) + 1]
-    results.append(row)
+  results = trim_at_eos(out, eos)
   if not return_stats:
     return results
   gamma_n = int(state["gamma_n"])

@@ -1,0 +1,563 @@
+"""Offloaded decode engine: K/V in pinned host memory, a device block cache.
+
+The offloaded mode of `decode.py` (NOSA_SPEC.md §4.1-§4.5 with project
+decisions 6 and 7), for the block-sparse variants `infllmv2`, `dma` and
+`nosa` (`full` has no selection to offload and is refused):
+
+  prefill(params, cfg, tokens_BT, lengths_B, max_len) -> (state, logits_BV)
+  decode_step(params, cfg, state, tokens_B)           -> (state, logits_BV,
+                                                          stats)
+  generate(params, cfg, prompts, max_new_tokens, ...) -> token lists
+
+Semantics are decode.py's exactly (same selection rule, same attention,
+logits q.k / sqrt(D) + b), so the logits equal `decode.decode_step`'s, and
+hence the teacher-forced forward, at every step; only where K/V live
+differs.
+
+Memory placement, per layer (`OffloadLayer`):
+
+  k_host, v_host   [B, K, N, C, D] model dtype, `pinned_host` memory
+                   (`jax.memory.Space.Host`). Block-major: block n of
+                   (b, k) is one contiguous C x D tile (decision 6).
+                   N = ceil(max_len / C) is the capacity. Filled at
+                   prefill; during decode a block is written back when its
+                   last token arrives (the step that fills it).
+  k_slot, v_slot   [B, K, P, C, D] device memory, P = min(topk_blocks, N)
+                   slots: the device block cache.
+  slot_map         [B, K, P] int32: the block id held by each slot, -1 =
+                   empty. A slot keeps its block until another block is
+                   loaded into it (so the map is what the slot holds, not
+                   only the current selection).
+  key_buf          [B, K, compress_kernel, D] the last compress_kernel keys
+                   (NOSI's rolling buffer, §4.1), chronological, to emit the
+                   compressed key of the window the current token completes
+                   (infllmv2 / nosa).
+  bias, kbar, ebar as in `decode.LayerCache`, on the device (§4.1).
+
+The tail (partial) block is an ordinary slot that holds the query's own
+block: the current token is written into it directly and it is never
+fetched. A block that completes stays in its slot (it is in the window, so
+the next step hits it) and a new own block takes a free slot at the next
+step: NOSI's tail-full gap (§4.8.2) does not arise.
+
+One decode step, per layer (§4.3, decode.py's order):
+  1. q, k, v, b of the token at pos; per-token bias, key buffer, and the
+     compressed key / window mean the token completes (device);
+  2. selection at one query, `decode.select_decode_blocks` (the same code);
+  3. diff (§4.4): selected blocks already in a slot are hits; the missing
+     ones, in ascending id order, go into the slots not holding a selected
+     block, in ascending slot order; the query's own block, when it is new
+     (pos % C == 0), takes a slot but is not fetched;
+  4. fetch: a `lax.fori_loop` over the compacted list of missing
+     (b, k, slot, block) entries, each a `dynamic_slice` of the pinned_host
+     store (one C x D tile) followed by `jax.device_put(...,
+     Space.Device)` and a `dynamic_update_slice` into the slot cache, all
+     inside the jitted step. The trip count is the number of misses
+     (dynamic), at most B*K*P per layer. (Gathers on a pinned_host operand
+     are rejected by XLA, hence one slice per block.)
+  5. the token's k, v are written into its own block's slot at pos % C;
+     if that completes the block, the slot's tile is copied back to the
+     host store (a second fori_loop over the full (b, k), device_put to
+     Space.Host + dynamic_update_slice; `decode_step` donates the state so
+     the store is updated in place);
+  6. `sparse_attention.decode_attention` over the P slots; a slot counts
+     only if its block is selected, with slot_len = min(C, len - C*id)
+     (partial tail, empty slots and stale slots masked), bias gathered
+     from the device per-token bias by the slot map. Slot order does not
+     matter.
+
+Stats per step (`stats` dict, int32 [L, B, K]): `selected` (valid selected
+blocks) and `fetched` (blocks copied host -> device). Hit rate =
+1 - fetched / selected.
+
+Tested on CPU (tests/nosa_jax/offload_test.py) for infllmv2 and nosa with
+implementation="xla"; `dma` and the pallas decode kernel go through the
+same code but are untested here. Not done yet:
+  * anything measured on the GPU: the per-block fori_loop fetch is correct
+    but PERFORMANCE.md measured this pattern at 1.4-4 GB/s on the H100; a
+    zero-copy Pallas gather or batched async copies should replace it;
+  * overlap of the fetch with compute, prefetch (decision 7, first half);
+  * a cache larger than topk_blocks keeping the best eviction score blocks
+    (decision 7, second half): P = min(topk_blocks, N) for now;
+  * prefill runs `decode.prefill` and moves its K/V to the host afterwards,
+    so the device transiently holds the prompt's K/V at full capacity;
+  * one device only (no sharding of the store or the slots).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nosa_jax import config as config_lib
+from nosa_jax import decode
+from nosa_jax import layers
+from nosa_jax import selection
+from nosa_jax import sparse_attention
+
+_F32 = jnp.float32
+_HOST = jax.memory.Space.Host  # pinned_host
+_DEVICE = jax.memory.Space.Device
+VARIANTS = ("infllmv2", "dma", "nosa")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class OffloadLayer:
+  """One layer's offloaded decode state; unused fields are None."""
+
+  k_host: jax.Array      # [B, K, N, C, D] pinned_host
+  v_host: jax.Array      # [B, K, N, C, D] pinned_host
+  k_slot: jax.Array      # [B, K, P, C, D] device
+  v_slot: jax.Array      # [B, K, P, C, D] device
+  slot_map: jax.Array    # [B, K, P] int32, -1 = empty
+  key_buf: Optional[jax.Array]   # [B, K, compress_kernel, D]
+  bias_BKS: Optional[jax.Array]  # [B, K, S] fp32 (dma / nosa)
+  kbar_BWKD: Optional[jax.Array]
+  ebar_BKW: Optional[jax.Array]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class OffloadState:
+  layers: tuple[OffloadLayer, ...]
+  lengths_B: jax.Array  # int32; also the position of the next token
+
+
+def num_slots(cfg: config_lib.ModelConfig, max_len: int) -> int:
+  """P: device slots per (layer, sequence, KV head)."""
+  n = decode.capacity(max_len, cfg.sparse.block_size) // cfg.sparse.block_size
+  return min(cfg.sparse.topk_blocks, n)
+
+
+def host_store_bytes(cfg: config_lib.ModelConfig, batch: int,
+                     max_len: int) -> int:
+  """Host KV store size: 2 (K, V) * L * B * K * S * D * itemsize, S = N*C."""
+  s = decode.capacity(max_len, cfg.sparse.block_size)
+  return (2 * cfg.num_layers * batch * cfg.num_kv_heads * s * cfg.head_dim
+          * jnp.dtype(cfg.dtype).itemsize)
+
+
+def _available_host_bytes() -> Optional[int]:
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def check_host_capacity(cfg: config_lib.ModelConfig, batch: int,
+                        max_len: int,
+                        host_memory_limit: Optional[int] = None) -> int:
+  """Raises ValueError if the host store does not fit; returns its bytes.
+
+  host_memory_limit: bytes allowed (default: the free physical memory).
+  """
+  need = host_store_bytes(cfg, batch, max_len)
+  limit = (host_memory_limit if host_memory_limit is not None
+           else _available_host_bytes())
+  if limit is not None and need > limit:
+    s = decode.capacity(max_len, cfg.sparse.block_size)
+    raise ValueError(
+        f"the host KV store needs {need} bytes ({need / 2**30:.3f} GiB) = "
+        f"2 (K,V) x {cfg.num_layers} layers x B={batch} x "
+        f"K={cfg.num_kv_heads} x S={s} (max_len={max_len} in blocks of "
+        f"{cfg.sparse.block_size}) x D={cfg.head_dim} x "
+        f"{jnp.dtype(cfg.dtype).itemsize} B, but only {limit} bytes of "
+        "pinned host memory are available")
+  return need
+
+
+def _check_variant(cfg: config_lib.ModelConfig):
+  if cfg.sparse.variant not in VARIANTS:
+    raise ValueError(f"offload supports variants {VARIANTS}, not "
+                     f"{cfg.sparse.variant!r} (use decode.py for `full`)")
+
+
+# ------------------------------------------------------------------------------
+# Prefill (§4.2).
+# ------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_len"))
+def _prefill(params, cfg, tokens_BT, lengths_B, max_len):
+  sp = cfg.sparse
+  cache, logits_BV = decode.prefill(params, cfg, tokens_BT, lengths_B,
+                                    max_len)
+  lengths_B = cache.lengths_B
+  b, kv, s, d = cache.layers[0].k_BKSD.shape
+  c = sp.block_size
+  n = s // c
+  p = num_slots(cfg, max_len)
+  # The tail: the partial block of each prompt goes to slot 0 (§4.2).
+  tail_B = lengths_B // c
+  has_tail_B = lengths_B % c != 0
+  b_ = jnp.arange(b)
+  map_BKP = jnp.full((b, kv, p), -1, jnp.int32)
+  map_BKP = map_BKP.at[:, :, 0].set(
+      jnp.where(has_tail_B, tail_B, -1)[:, None])
+  kern = sp.compress_kernel
+  out = []
+  for lc in cache.layers:
+    k_BKNCD = lc.k_BKSD.reshape(b, kv, n, c, d)
+    v_BKNCD = lc.v_BKSD.reshape(b, kv, n, c, d)
+
+    def slots(x_BKNCD):
+      x_BKPCD = jnp.zeros((b, kv, p, c, d), x_BKNCD.dtype)
+      tail_BKCD = x_BKNCD[b_, :, jnp.minimum(tail_B, n - 1)]
+      return x_BKPCD.at[:, :, 0].set(tail_BKCD)  # zeros past the length
+
+    key_buf = None
+    if lc.kbar_BWKD is not None:  # keys at lengths - kern .. lengths - 1
+      padded = jnp.pad(lc.k_BKSD, ((0, 0), (0, 0), (kern, 0), (0, 0)))
+      key_buf = jax.vmap(lambda x, i: jax.lax.dynamic_slice_in_dim(
+          x, i, kern, axis=1))(padded, lengths_B)
+    out.append(OffloadLayer(
+        k_host=jax.device_put(k_BKNCD, _HOST),
+        v_host=jax.device_put(v_BKNCD, _HOST),
+        k_slot=slots(k_BKNCD), v_slot=slots(v_BKNCD), slot_map=map_BKP,
+        key_buf=key_buf, bias_BKS=lc.bias_BKS, kbar_BWKD=lc.kbar_BWKD,
+        ebar_BKW=lc.ebar_BKW))
+  return OffloadState(layers=tuple(out), lengths_B=lengths_B), logits_BV
+
+
+def prefill(params: Any, cfg: config_lib.ModelConfig, tokens_BT: jax.Array,
+            lengths_B: jax.Array, max_len: int, *,
+            host_memory_limit: Optional[int] = None
+            ) -> tuple[OffloadState, jax.Array]:
+  """Runs the prompts (decode.prefill) and builds the offloaded state.
+
+  K/V of every layer go to the pinned_host store; the partial tail block of
+  each prompt is put in slot 0 of every (layer, KV head); the other slots
+  start empty, so the first step fetches every selected non-tail block
+  (cold start, §4.2).
+
+  Args as `decode.prefill`, plus host_memory_limit (bytes) for the
+  capacity check (default: free physical memory).
+
+  Raises:
+    ValueError: `full` variant, or the host store does not fit.
+  """
+  _check_variant(cfg)
+  check_host_capacity(cfg, tokens_BT.shape[0], max_len, host_memory_limit)
+  return _prefill(params, cfg, tokens_BT, jnp.asarray(lengths_B), max_len)
+
+
+# ------------------------------------------------------------------------------
+# Decode step.
+# ------------------------------------------------------------------------------
+
+
+def _update_selection_state(layer: OffloadLayer, k_BKD, bias_BK, pos_B,
+                            sp: config_lib.SparseConfig) -> OffloadLayer:
+  """decode._append for the device-resident selection state.
+
+  The window mean reads the last compress_kernel keys from key_buf (in
+  chronological order, so the sum is decode.py's bit for bit) instead of
+  the K cache, which is on the host.
+  """
+  b = pos_B.shape[0]
+  b_B = jnp.arange(b)
+  kern, stride = sp.compress_kernel, sp.compress_stride
+  bias = layer.bias_BKS
+  if bias is not None:
+    bias = bias.at[b_B, :, pos_B].set(bias_BK)
+  key_buf = layer.key_buf
+  if key_buf is not None:
+    key_buf = jnp.concatenate([key_buf[:, :, 1:], k_BKD[:, :, None]], axis=2)
+  kbar, ebar = layer.kbar_BWKD, layer.ebar_BKW
+  n_win = (kbar.shape[1] if kbar is not None
+           else ebar.shape[2] if ebar is not None else 0)
+  if n_win:
+    first_B = pos_B + 1 - kern
+    done_B = (first_B >= 0) & (first_B % stride == 0)
+    c_B = jnp.clip(first_B // stride, 0, n_win - 1)
+    if kbar is not None:
+      win_BTKD = jnp.moveaxis(key_buf, 2, 1)
+      new_BKD = selection.compress_keys(win_BTKD, kern, stride)[:, 0]
+      new_BKD = jnp.where(done_B[:, None, None], new_BKD, kbar[b_B, c_B])
+      kbar = kbar.at[b_B, c_B].set(new_BKD)
+    if ebar is not None:
+      start_B = jnp.clip(first_B, 0, bias.shape[2] - kern)
+      win_BKT = jax.vmap(lambda x, i: jax.lax.dynamic_slice_in_dim(
+          x, i, kern, axis=1))(bias, start_B)
+      new_BK = selection.window_means(jnp.moveaxis(win_BKT, 2, 1), kern,
+                                      stride)[:, 0]
+      new_BK = jnp.where(done_B[:, None], new_BK, ebar[b_B, :, c_B])
+      ebar = ebar.at[b_B, :, c_B].set(new_BK)
+  return dataclasses.replace(layer, key_buf=key_buf, bias_BKS=bias,
+                             kbar_BWKD=kbar, ebar_BKW=ebar)
+
+
+def diff_slots(slot_map_BKP: jax.Array, idx_BKP: jax.Array,
+               own_B: jax.Array):
+  """The block-table diff of §4.4, per (b, k).
+
+  Args:
+    slot_map_BKP: block id held by each slot (-1 empty).
+    idx_BKP: the selection, ascending, -1 (invalid) last; at most P valid.
+    own_B: the query's own block (always selected; never fetched: it is
+      either resident or new).
+
+  Returns:
+    (new_map_BKP, load_BKP, fetch_BKP): the new slot map; the block loaded
+    into each slot (-1 = none, includes a new own block); fetch = load from
+    the host store (load minus the own block).
+  """
+  p = slot_map_BKP.shape[-1]
+  valid_BKP = idx_BKP >= 0
+  in_sel_BKP = jnp.any((slot_map_BKP[..., :, None] == idx_BKP[..., None, :])
+                       & valid_BKP[..., None, :], axis=-1) & (slot_map_BKP
+                                                              >= 0)
+  hit_BKP = jnp.any(idx_BKP[..., :, None] == slot_map_BKP[..., None, :],
+                    axis=-1)
+  miss_BKP = valid_BKP & ~hit_BKP
+  n_miss_BK = jnp.sum(miss_BKP, axis=-1)
+  big = jnp.iinfo(jnp.int32).max
+  miss_ids_BKP = jnp.sort(jnp.where(miss_BKP, idx_BKP, big), axis=-1)
+  free_BKP = ~in_sel_BKP
+  rank_BKP = jnp.cumsum(free_BKP, axis=-1) - 1
+  assign_BKP = free_BKP & (rank_BKP < n_miss_BK[..., None])
+  load_BKP = jnp.where(
+      assign_BKP,
+      jnp.take_along_axis(miss_ids_BKP, jnp.clip(rank_BKP, 0, p - 1),
+                          axis=-1), -1).astype(jnp.int32)
+  new_map_BKP = jnp.where(assign_BKP, load_BKP, slot_map_BKP)
+  fetch_BKP = assign_BKP & (load_BKP != own_B[:, None, None])
+  return new_map_BKP, load_BKP, fetch_BKP
+
+
+def _fetch(k_host, v_host, k_slot, v_slot, load_BKP, fetch_BKP):
+  """Copies the missing blocks host -> device slots, one tile each."""
+  b, kv, p, c, d = k_slot.shape
+  flat = fetch_BKP.reshape(-1)
+  order = jnp.argsort(~flat, stable=True).astype(jnp.int32)
+  ids = load_BKP.reshape(-1)
+
+  def body(i, carry):
+    ks, vs = carry
+    f = order[i]
+    bi, ki, pi = f // (kv * p), (f // p) % kv, f % p
+    j = ids[f]
+    zero = jnp.zeros((), jnp.int32)
+    src = (bi, ki, j, zero, zero)
+    dst = (bi, ki, pi, zero, zero)
+    kt = jax.device_put(jax.lax.dynamic_slice(k_host, src, (1, 1, 1, c, d)),
+                        _DEVICE)
+    vt = jax.device_put(jax.lax.dynamic_slice(v_host, src, (1, 1, 1, c, d)),
+                        _DEVICE)
+    return (jax.lax.dynamic_update_slice(ks, kt, dst),
+            jax.lax.dynamic_update_slice(vs, vt, dst))
+
+  return jax.lax.fori_loop(0, jnp.sum(flat).astype(jnp.int32), body,
+                           (k_slot, v_slot))
+
+
+def _write_back(k_host, v_host, k_slot, v_slot, own_slot_BK, pos_B, c):
+  """Copies each block completed at this step from its slot to the host."""
+  b, kv = own_slot_BK.shape
+  full_B = pos_B % c == c - 1
+  flat = jnp.repeat(full_B, kv)  # entries (b, k)
+  order = jnp.argsort(~flat, stable=True).astype(jnp.int32)
+  _, _, _, cc, d = k_slot.shape
+
+  def body(i, carry):
+    kh, vh = carry
+    f = order[i]
+    bi, ki = f // kv, f % kv
+    zero = jnp.zeros((), jnp.int32)
+    src = (bi, ki, own_slot_BK[bi, ki], zero, zero)
+    dst = (bi, ki, (pos_B[bi] // c).astype(jnp.int32), zero, zero)
+    kt = jax.device_put(jax.lax.dynamic_slice(k_slot, src, (1, 1, 1, cc, d)),
+                        _HOST)
+    vt = jax.device_put(jax.lax.dynamic_slice(v_slot, src, (1, 1, 1, cc, d)),
+                        _HOST)
+    return (jax.lax.dynamic_update_slice(kh, kt, dst),
+            jax.lax.dynamic_update_slice(vh, vt, dst))
+
+  return jax.lax.fori_loop(0, jnp.sum(flat).astype(jnp.int32), body,
+                           (k_host, v_host))
+
+
+def _attend(q_BHD, k_BKD, v_BKD, layer: OffloadLayer, pos_B,
+            sp: config_lib.SparseConfig):
+  """Steps 2-6 of one layer; returns (layer, out_BHD, selected, fetched)."""
+  b, kv, p, c, d = layer.k_slot.shape
+  n = layer.k_host.shape[2]
+  # Selection: decode.py's function; it reads only the K cache's shape.
+  shim = decode.LayerCache(
+      k_BKSD=jax.ShapeDtypeStruct((b, kv, n * c, d), layer.k_slot.dtype),
+      v_BKSD=None, bias_BKS=layer.bias_BKS, kbar_BWKD=layer.kbar_BWKD,
+      ebar_BKW=layer.ebar_BKW)
+  idx_BKP = decode.select_decode_blocks(q_BHD, shim, pos_B, sp)
+  if idx_BKP.shape[-1] != p:
+    raise AssertionError(f"selection width {idx_BKP.shape} != P={p}")
+  own_B = (pos_B // c).astype(jnp.int32)
+  new_map, load_BKP, fetch_BKP = diff_slots(layer.slot_map, idx_BKP, own_B)
+  k_slot, v_slot = _fetch(layer.k_host, layer.v_host, layer.k_slot,
+                          layer.v_slot, load_BKP, fetch_BKP)
+  # The token goes into its own block's slot at row pos % C.
+  own_slot_BK = jnp.argmax(new_map == own_B[:, None, None],
+                           axis=-1).astype(jnp.int32)
+  b_ = jnp.arange(b)[:, None]
+  k_ = jnp.arange(kv)[None, :]
+  row_B1 = (pos_B % c)[:, None]
+  k_slot = k_slot.at[b_, k_, own_slot_BK, row_B1].set(k_BKD)
+  v_slot = v_slot.at[b_, k_, own_slot_BK, row_B1].set(v_BKD)
+  k_host, v_host = _write_back(layer.k_host, layer.v_host, k_slot, v_slot,
+                               own_slot_BK, pos_B, c)
+  # Attention over the slots holding a selected block.
+  valid_BKP = idx_BKP >= 0
+  sel_slot_BKP = jnp.any(
+      (new_map[..., :, None] == idx_BKP[..., None, :])
+      & valid_BKP[..., None, :], axis=-1) & (new_map >= 0)
+  j_BKP = jnp.where(sel_slot_BKP, new_map, 0)
+  slot_len_BKP = jnp.where(
+      sel_slot_BKP, jnp.clip(pos_B[:, None, None] + 1 - c * j_BKP, 0, c), 0)
+  bias = None
+  if sp.variant in ("dma", "nosa"):
+    bias_BKNC = layer.bias_BKS.reshape(b, kv, n, c)
+    bias = bias_BKNC[b_[..., None], k_[..., None], j_BKP].reshape(b, kv,
+                                                                  p * c)
+  out_BHD = sparse_attention.decode_attention(
+      q_BHD, k_slot.reshape(b, kv, p * c, d), v_slot.reshape(b, kv, p * c, d),
+      bias, slot_len_BKP.astype(jnp.int32), c, sp.implementation)
+  layer = dataclasses.replace(layer, k_host=k_host, v_host=v_host,
+                              k_slot=k_slot, v_slot=v_slot, slot_map=new_map)
+  return (layer, out_BHD, jnp.sum(valid_BKP, -1).astype(jnp.int32),
+          jnp.sum(fetch_BKP, -1).astype(jnp.int32))
+
+
+def _decode_step(params, cfg: config_lib.ModelConfig, state: OffloadState,
+                 tokens_B):
+  sp = cfg.sparse
+  pos_B = state.lengths_B
+  x_B1M = decode._embed(params, cfg, tokens_B[:, None])  # pylint: disable=protected-access
+  new_layers, selected, fetched = [], [], []
+  for i in range(cfg.num_layers):
+    p_block = params["blocks"][i]
+    h_B1M = layers.rms_norm(x_B1M, p_block["attn_norm"]["scale"][...],
+                            cfg.rms_eps)
+    q_B1HD, k_B1KD, v_B1KD, bias_B1K = decode._qkv_bias(  # pylint: disable=protected-access
+        p_block["attn"], cfg, h_B1M, pos_B[:, None])
+    layer = _update_selection_state(
+        state.layers[i], k_B1KD[:, 0],
+        None if bias_B1K is None else bias_B1K[:, 0], pos_B, sp)
+    layer, out_BHD, sel_BK, fet_BK = _attend(
+        q_B1HD[:, 0], k_B1KD[:, 0], v_B1KD[:, 0], layer, pos_B, sp)
+    new_layers.append(layer)
+    selected.append(sel_BK)
+    fetched.append(fet_BK)
+    x_B1M = x_B1M + jnp.einsum("BHD,HDM->BM", out_BHD, decode._w(  # pylint: disable=protected-access
+        p_block["attn"]["wo"], x_B1M.dtype))[:, None]
+    x_B1M = decode._mlp_residual(p_block, cfg, x_B1M)  # pylint: disable=protected-access
+  state = OffloadState(layers=tuple(new_layers), lengths_B=pos_B + 1)
+  stats = {"selected": jnp.stack(selected), "fetched": jnp.stack(fetched)}
+  return state, decode._logits(params, cfg, x_B1M[:, 0]), stats  # pylint: disable=protected-access
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",),
+                   donate_argnames=("state",))
+def decode_step(params: Any, cfg: config_lib.ModelConfig,
+                state: OffloadState, tokens_B: jax.Array):
+  """Appends one token per sequence and returns the next-token logits.
+
+  Args:
+    params: model parameters.
+    cfg: the model config (static).
+    state: from `prefill` or a previous step (donated, so the host store
+      is updated in place: do not reuse it).
+    tokens_B: the token at position state.lengths_B of each sequence.
+
+  Returns:
+    (state, logits_BV, stats): logits in fp32; stats["selected"] and
+    stats["fetched"] int32 [L, B, K], the selected blocks and the blocks
+    copied from the host at this step.
+  """
+  return _decode_step(params, cfg, state, tokens_B)
+
+
+# ------------------------------------------------------------------------------
+# generate: decode.generate with the offloaded state.
+# ------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",),
+                   donate_argnames=("state",))
+def _generate_step(params, state, gen, temperature, top_p, eos_id, pad_id,
+                   *, cfg):
+  live_B = ~gen["done_B"]
+  state, logits_BV, stats = _decode_step(params, cfg, state, gen["tok_B"])
+  gen = decode._next_token(gen, logits_BV, temperature, top_p, eos_id,  # pylint: disable=protected-access
+                           pad_id)
+  live = live_B[None, :, None]
+  gen["selected_L"] = gen["selected_L"] + jnp.sum(
+      jnp.where(live, stats["selected"], 0), axis=(1, 2))
+  gen["fetched_L"] = gen["fetched_L"] + jnp.sum(
+      jnp.where(live, stats["fetched"], 0), axis=(1, 2))
+  return state, gen
+
+
+def generate(params: Any, cfg: config_lib.ModelConfig,
+             prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+             temperature: float = 0.0, top_p: float = 1.0,
+             eos_id: Optional[int] = None, pad_id: Optional[int] = None,
+             seed: int = 0, max_len: Optional[int] = None,
+             return_stats: bool = False,
+             host_memory_limit: Optional[int] = None):
+  """`decode.generate` with K/V offloaded; same arguments and tokens.
+
+  With return_stats, stats has prefill_s, decode_s, decode_steps,
+  decode_tokens_per_s, and per layer selected_blocks, fetched_blocks and
+  hit_rate = 1 - fetched / selected over all steps (cold start included)
+  and unfinished sequences, summed over KV heads.
+  """
+  _check_variant(cfg)
+  tokens, lengths, s, pad_id, eos = decode.prepare_prompts(
+      prompts, max_new_tokens, cfg.sparse.block_size, max_len=max_len,
+      eos_id=eos_id, pad_id=pad_id)
+  check_host_capacity(cfg, len(prompts), s, host_memory_limit)
+  temp, top_p = jnp.float32(temperature), jnp.float32(top_p)
+
+  run_prefill = _prefill.lower(params, cfg, tokens, lengths, s).compile()
+  t0 = time.perf_counter()
+  state, logits_BV = jax.block_until_ready(
+      run_prefill(params, tokens, lengths))
+  prefill_s = time.perf_counter() - t0
+  gen = {"key": jax.random.key(seed),
+         "done_B": jnp.zeros(len(prompts), bool),
+         "selected_L": jnp.zeros(cfg.num_layers, jnp.int32),
+         "fetched_L": jnp.zeros(cfg.num_layers, jnp.int32)}
+  gen = decode._next_token_jit(gen, logits_BV, temp, top_p, eos, pad_id)  # pylint: disable=protected-access
+  out = [gen["tok_B"]]
+  step = _generate_step.lower(params, state, gen, temp, top_p, eos, pad_id,
+                              cfg=cfg).compile()
+  t0 = time.perf_counter()
+  steps = 0
+  for steps in range(1, max_new_tokens):
+    state, gen = step(params, state, gen, temp, top_p, eos, pad_id)
+    out.append(gen["tok_B"])
+    if steps % 16 == 0 and bool(jnp.all(gen["done_B"])):
+      break
+  jax.block_until_ready((state, gen))
+  decode_s = time.perf_counter() - t0
+
+  results = decode.trim_at_eos(out, eos)
+  if not return_stats:
+    return results
+  sel = np.asarray(gen["selected_L"])
+  fet = np.asarray(gen["fetched_L"])
+  stats = {
+      "prefill_s": prefill_s, "decode_s": decode_s, "decode_steps": steps,
+      "decode_tokens_per_s": (len(prompts) * steps / decode_s
+                              if steps else 0.0),
+      "selected_blocks": sel.tolist(), "fetched_blocks": fet.tolist(),
+      "hit_rate": (1.0 - fet / np.maximum(sel, 1)).tolist(),
+  }
+  return results, stats
