@@ -68,3 +68,26 @@ def overfit_sequence(variant: str, *, steps: int = 150, length: int = 48,
     losses.append(m["loss"])
   return (cfg, graphdef, state["params"], seq, float(losses[0]),
           float(losses[-1]))
+
+
+def tiny_model_with_bias(variant: str, a_K=(1.5, -1.0)):
+  """A tiny model whose selection and eviction bias are non-trivial.
+
+  init_std 0.1 makes the query-aware scores discriminate; the eviction
+  gains A (zero at init, which would make b vanish) are set to `a_K`.
+
+  Returns:
+    (cfg, graphdef, params).
+  """
+  from nosa_jax import model  # pylint: disable=g-import-not-at-top
+  cfg = tiny_model_config(variant, init_std=0.1)
+  # One query chunk: the same numbers, less to compile.
+  cfg = dataclasses.replace(
+      cfg, sparse=dataclasses.replace(cfg.sparse, query_chunk=256))
+  graphdef, params = model.init(cfg, 0)
+  if cfg.sparse.has_eviction_head:
+    a = jnp.asarray(a_K, jnp.float32)
+    params = jax.tree.map_with_path(
+        lambda p, x: x + a if "evict_a" in jax.tree_util.keystr(p) else x,
+        params)
+  return cfg, graphdef, params

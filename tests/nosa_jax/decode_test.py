@@ -20,19 +20,7 @@ from nosa_jax import testing
 from tests import tolerances
 
 
-def _model(variant):
-  """Tiny model with a non-trivial selection and eviction bias."""
-  cfg = testing.tiny_model_config(variant, init_std=0.1)
-  # One query chunk: the same numbers, less to compile.
-  cfg = dataclasses.replace(
-      cfg, sparse=dataclasses.replace(cfg.sparse, query_chunk=256))
-  graphdef, params = model.init(cfg, 0)
-  if cfg.sparse.has_eviction_head:  # A = 0 at init would make b vanish
-    a_K = jnp.array([1.5, -1.0])
-    params = jax.tree.map_with_path(
-        lambda p, x: x + a_K if "evict_a" in jax.tree_util.keystr(p) else x,
-        params)
-  return cfg, graphdef, params
+_model = testing.tiny_model_with_bias
 
 
 class DecodeEquivalenceTest(parameterized.TestCase):

@@ -7,7 +7,6 @@ budget, tails filling), that greedy generate matches, and the fetch counts
 (cold start, misses only, the §3 locality bound for nosa).
 """
 
-import dataclasses
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -22,18 +21,7 @@ from nosa_jax import testing
 from tests import tolerances
 
 
-def _model(variant):
-  """Tiny model with a non-trivial selection and eviction bias."""
-  cfg = testing.tiny_model_config(variant, init_std=0.1)
-  cfg = dataclasses.replace(
-      cfg, sparse=dataclasses.replace(cfg.sparse, query_chunk=256))
-  graphdef, params = model.init(cfg, 0)
-  if cfg.sparse.has_eviction_head:  # A = 0 at init would make b vanish
-    a_K = jnp.array([1.5, -1.0])
-    params = jax.tree.map_with_path(
-        lambda p, x: x + a_K if "evict_a" in jax.tree_util.keystr(p) else x,
-        params)
-  return cfg, graphdef, params
+_model = testing.tiny_model_with_bias
 
 
 def _sets(idx_BKP):
