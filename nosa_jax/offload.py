@@ -333,56 +333,62 @@ def diff_slots(slot_map_BKP: jax.Array, idx_BKP: jax.Array,
   return new_map_BKP, load_BKP, fetch_BKP
 
 
-def _fetch(k_host, v_host, k_slot, v_slot, load_BKP, fetch_BKP):
-  """Copies the missing blocks host -> device slots, one tile each."""
-  b, kv, p, c, d = k_slot.shape
-  flat = fetch_BKP.reshape(-1)
-  order = jnp.argsort(~flat, stable=True).astype(jnp.int32)
-  ids = load_BKP.reshape(-1)
+def _copy_blocks(src, dst, todo, where, memory_kind):
+  """Copies whole blocks between [B, K, n, C, D] arrays (K and V together).
+
+  Args:
+    src: (k, v) arrays blocks are read from.
+    dst: (k, v) arrays blocks are written to (returned updated).
+    todo: flat bool mask of the copies to make; only those run (a
+      fori_loop over the compacted list, so the trip count is the number of
+      copies, not the static maximum).
+    where: f -> (source block index, destination block index), each a
+      5-tuple, for flat entry f.
+    memory_kind: the destination's memory (`_DEVICE` or `_HOST`).
+  """
+  order = jnp.argsort(~todo, stable=True).astype(jnp.int32)
+  tile = (1, 1, 1) + src[0].shape[3:]
 
   def body(i, carry):
-    ks, vs = carry
-    f = order[i]
-    bi, ki, pi = f // (kv * p), (f // p) % kv, f % p
-    j = ids[f]
-    zero = jnp.zeros((), jnp.int32)
-    src = (bi, ki, j, zero, zero)
-    dst = (bi, ki, pi, zero, zero)
-    kt = jax.device_put(jax.lax.dynamic_slice(k_host, src, (1, 1, 1, c, d)),
-                        _DEVICE)
-    vt = jax.device_put(jax.lax.dynamic_slice(v_host, src, (1, 1, 1, c, d)),
-                        _DEVICE)
-    return (jax.lax.dynamic_update_slice(ks, kt, dst),
-            jax.lax.dynamic_update_slice(vs, vt, dst))
+    src_idx, dst_idx = where(order[i])
+    return tuple(
+        jax.lax.dynamic_update_slice(
+            d_arr, jax.device_put(jax.lax.dynamic_slice(s_arr, src_idx, tile),
+                                  memory_kind), dst_idx)
+        for s_arr, d_arr in zip(src, carry, strict=True))
 
-  return jax.lax.fori_loop(0, jnp.sum(flat).astype(jnp.int32), body,
-                           (k_slot, v_slot))
+  return jax.lax.fori_loop(0, jnp.sum(todo).astype(jnp.int32), body,
+                           tuple(dst))
+
+
+def _fetch(k_host, v_host, k_slot, v_slot, load_BKP, fetch_BKP):
+  """Copies the missing blocks host -> device slots, one tile each."""
+  _, kv, p, _, _ = k_slot.shape
+  ids = load_BKP.reshape(-1)
+  zero = jnp.zeros((), jnp.int32)
+
+  def where(f):
+    bi, ki, pi = f // (kv * p), (f // p) % kv, f % p
+    return (bi, ki, ids[f], zero, zero), (bi, ki, pi, zero, zero)
+
+  return _copy_blocks((k_host, v_host), (k_slot, v_slot),
+                      fetch_BKP.reshape(-1), where, _DEVICE)
 
 
 def _write_back(k_host, v_host, k_slot, v_slot, own_slot_BK, pos_B, c):
   """Copies each block completed at this step from its slot to the host."""
-  b, kv = own_slot_BK.shape
+  kv = own_slot_BK.shape[1]
   full_B = pos_B % c == c - 1
-  flat = jnp.repeat(full_B, kv)  # entries (b, k)
-  order = jnp.argsort(~flat, stable=True).astype(jnp.int32)
-  _, _, _, cc, d = k_slot.shape
+  zero = jnp.zeros((), jnp.int32)
 
-  def body(i, carry):
-    kh, vh = carry
-    f = order[i]
+  def where(f):
     bi, ki = f // kv, f % kv
-    zero = jnp.zeros((), jnp.int32)
-    src = (bi, ki, own_slot_BK[bi, ki], zero, zero)
-    dst = (bi, ki, (pos_B[bi] // c).astype(jnp.int32), zero, zero)
-    kt = jax.device_put(jax.lax.dynamic_slice(k_slot, src, (1, 1, 1, cc, d)),
-                        _HOST)
-    vt = jax.device_put(jax.lax.dynamic_slice(v_slot, src, (1, 1, 1, cc, d)),
-                        _HOST)
-    return (jax.lax.dynamic_update_slice(kh, kt, dst),
-            jax.lax.dynamic_update_slice(vh, vt, dst))
+    block = (pos_B[bi] // c).astype(jnp.int32)
+    return ((bi, ki, own_slot_BK[bi, ki], zero, zero),
+            (bi, ki, block, zero, zero))
 
-  return jax.lax.fori_loop(0, jnp.sum(flat).astype(jnp.int32), body,
-                           (k_host, v_host))
+  return _copy_blocks((k_slot, v_slot), (k_host, v_host),
+                      jnp.repeat(full_B, kv), where, _HOST)
 
 
 def _attend(q_BHD, k_BKD, v_BKD, layer: OffloadLayer, pos_B,
