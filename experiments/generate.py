@@ -1,4 +1,4 @@
-r"""Sample from a trained NOSA model (GPU-resident decode, NOSA_SPEC.md §4).
+r"""Sample from a trained NOSA model (NOSA_SPEC.md §4), KV on GPU or host.
 
   python -m experiments.generate --workdir=/tmp/nosa_tiny --prompt="def "
   python -m experiments.generate --workdir=/tmp/run --prompt="import os" \
@@ -6,9 +6,13 @@ r"""Sample from a trained NOSA model (GPU-resident decode, NOSA_SPEC.md §4).
       --implementation=pallas
   # random weights, no checkpoint (smoke test of the engine):
   python -m experiments.generate --config=configs/tiny.py --prompt="hi"
+  # KV cache in pinned host memory, selected blocks on the GPU:
+  python -m experiments.generate --workdir=/tmp/nosa_tiny --prompt="def " \
+      --offload=host --cache_blocks=16
 
 Prints the prompt and its continuation, then the decode throughput (prefill
-excluded) and the mean step-to-step selection overlap gamma per layer.
+excluded) and per layer the mean step-to-step selection overlap gamma
+(--offload=none) or the block-cache hit rate (--offload=host).
 """
 
 import dataclasses
@@ -23,6 +27,7 @@ from nosa_jax import data
 from nosa_jax import decode
 from nosa_jax import hf_io
 from nosa_jax import model
+from nosa_jax import offload
 from nosa_jax import train
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to load.")
@@ -35,15 +40,17 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus mass; 1 disables it.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling (and random-init) seed.")
 _IMPL = flags.DEFINE_enum("implementation", None, ["xla", "pallas"],
                           "Attention implementation (default: the config's).")
-_OFFLOAD = flags.DEFINE_string(
-    "offload", "none", "KV placement; only 'none' (GPU-resident) for now.")
+_OFFLOAD = flags.DEFINE_enum(
+    "offload", "none", ["none", "host"],
+    "KV placement: 'none' = GPU-resident cache; 'host' = pinned host store "
+    "with a GPU block cache (sparse variants only).")
+_CACHE_BLOCKS = flags.DEFINE_integer(
+    "cache_blocks", None, "--offload=host: GPU slots per (layer, sequence, "
+    "KV head); default topk_blocks.")
 
 
 def main(argv):
   del argv
-  if _OFFLOAD.value != "none":
-    sys.exit(f"--offload={_OFFLOAD.value!r} is not available yet: the host "
-             "offload engine comes in a later part; use --offload=none")
   train.quiet_library_logs()
   try:
     if _WORKDIR.value:
@@ -60,21 +67,30 @@ def main(argv):
       mcfg = dataclasses.replace(mcfg, sparse=dataclasses.replace(
           mcfg.sparse, implementation=_IMPL.value))
     tok = data.load_tokenizer(cfg.data.tokenizer)
+    # Training documents start with BOS (nosa_jax.data), so prompts do too.
+    prompt = [tok.bos_id] + tok.encode(_PROMPT.value).tolist()
+    kwargs = dict(temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
+                  eos_id=tok.eos_id, pad_id=tok.pad_id, seed=_SEED.value,
+                  return_stats=True)
+    if _OFFLOAD.value == "host":
+      options = offload.OffloadOptions(cache_blocks=_CACHE_BLOCKS.value)
+      (out,), stats = offload.generate(params, mcfg, [prompt], _MAX_NEW.value,
+                                       options=options, **kwargs)
+      label, per_layer = "block-cache hit rate", stats["hit_rate"]
+    else:
+      (out,), stats = decode.generate(params, mcfg, [prompt], _MAX_NEW.value,
+                                      **kwargs)
+      label, per_layer = "gamma", stats["gamma_per_layer"]
   except (OSError, ValueError) as e:  # ConfigError is a ValueError
     sys.exit(f"generate error: {e}")
-  # Training documents start with BOS (nosa_jax.data), so prompts do too.
-  prompt = [tok.bos_id] + tok.encode(_PROMPT.value).tolist()
-  (out,), stats = decode.generate(
-      params, mcfg, [prompt], _MAX_NEW.value, temperature=_TEMPERATURE.value,
-      top_p=_TOP_P.value, eos_id=tok.eos_id, pad_id=tok.pad_id,
-      seed=_SEED.value, return_stats=True)
-  print(f"[{source}, {mcfg.sparse.variant}/{mcfg.sparse.implementation}]")
+  print(f"[{source}, {mcfg.sparse.variant}/{mcfg.sparse.implementation}, "
+        f"offload={_OFFLOAD.value}]")
   print(tok.decode(prompt) + tok.decode(out))
-  gamma = " ".join(f"{g:.3f}" for g in stats["gamma_per_layer"])
+  values = " ".join(f"{g:.3f}" for g in per_layer)
   print(f"\n{len(out)} tokens; decode {stats['decode_tokens_per_s']:.1f} "
         f"tokens/s over {stats['decode_steps']} steps (prefill "
-        f"{stats['prefill_s'] * 1e3:.0f} ms, excluded); gamma per layer: "
-        f"{gamma}")
+        f"{stats['prefill_s'] * 1e3:.0f} ms, excluded); {label} per layer: "
+        f"{values}")
 
 
 if __name__ == "__main__":

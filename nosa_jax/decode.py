@@ -93,6 +93,31 @@ def capacity(max_len: int, block_size: int) -> int:
   return -(-max_len // block_size) * block_size
 
 
+def synthetic_cache(params: Any, cfg: config_lib.ModelConfig, batch: int,
+                    context_len: int, max_len: int) -> DecodeCache:
+  """A cache as if `context_len` tokens of zeros had been prefilled.
+
+  For decode benchmarks (experiments/decode_bench.py), where prefill time is
+  excluded and the values do not change the bytes a step moves: shapes are
+  `prefill`'s (taken with eval_shape, nothing is run), K/V, bias and
+  compressed keys are zeros, lengths are context_len.
+  """
+  shapes = cache_shapes(params, cfg, batch, context_len, max_len)
+  cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+  return dataclasses.replace(
+      cache, lengths_B=jnp.full((batch,), context_len, jnp.int32))
+
+
+def cache_shapes(params: Any, cfg: config_lib.ModelConfig, batch: int,
+                 context_len: int, max_len: int) -> DecodeCache:
+  """`prefill`'s cache as ShapeDtypeStructs (eval_shape: nothing runs)."""
+  tokens = jax.ShapeDtypeStruct((batch, context_len), jnp.int32)
+  lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  shapes, _ = jax.eval_shape(
+      lambda p, t, n: prefill(p, cfg, t, n, max_len), params, tokens, lengths)
+  return shapes
+
+
 # ------------------------------------------------------------------------------
 # The layer math of `model.py`, written over raw parameters.
 # ------------------------------------------------------------------------------
@@ -271,6 +296,24 @@ def _append(layer: LayerCache, k_BKD, v_BKD, bias_BK, pos_B,
                     kbar_BWKD=kbar, ebar_BKW=ebar)
 
 
+def eviction_block_scores(ebar_KW: jax.Array, pos: jax.Array,
+                          sp: config_lib.SparseConfig, n: int) -> jax.Array:
+  """Query-agnostic block scores [K, N] of one sequence at position pos.
+
+  Windows not complete at pos hold zeros: they rank as missing (-inf).
+  With window_blocks >= 1 (and kernel <= C + stride) they overlap only
+  forced blocks, so this is training's ranking. Training reads every window
+  of the sequence, so with window_blocks = 0 its eviction score sees
+  windows that end after t; decode cannot, and does not.
+  """
+  c_W = jnp.arange(ebar_KW.shape[-1])
+  done_W = sp.compress_stride * c_W + sp.compress_kernel - 1 <= pos
+  ebar_KW = jnp.where(done_W[None, :], ebar_KW, -_INF)
+  return selection.block_pool(
+      ebar_KW, num_blocks=n, block_size=sp.block_size,
+      kernel=sp.compress_kernel, stride=sp.compress_stride)
+
+
 def select_decode_blocks(q_BHD: jax.Array, layer: LayerCache,
                          pos_B: jax.Array,
                          sp: config_lib.SparseConfig) -> jax.Array:
@@ -294,17 +337,7 @@ def select_decode_blocks(q_BHD: jax.Array, layer: LayerCache,
       sq_BKTN = selection.query_aware_scores(q_HD[None, None], kbar_WKD[None],
                                              pos_T, sp, n)
     if ebar_KW is not None:
-      # Windows not complete at pos hold zeros: rank them as missing (-inf).
-      # With window_blocks >= 1 (and kernel <= C + stride) they overlap only
-      # forced blocks, so this is training's ranking. Training reads every
-      # window of the sequence, so with window_blocks = 0 its eviction score
-      # sees windows that end after t; decode cannot, and does not.
-      c_W = jnp.arange(ebar_KW.shape[-1])
-      done_W = sp.compress_stride * c_W + sp.compress_kernel - 1 <= pos
-      ebar_KW = jnp.where(done_W[None, :], ebar_KW, -_INF)
-      se_BKN = selection.block_pool(
-          ebar_KW, num_blocks=n, block_size=sp.block_size,
-          kernel=sp.compress_kernel, stride=sp.compress_stride)[None]
+      se_BKN = eviction_block_scores(ebar_KW, pos, sp, n)[None]
     idx_BKTP, _, _ = selection.select_from_scores(sq_BKTN, se_BKN, pos_T, sp)
     return idx_BKTP[0, :, 0]
 

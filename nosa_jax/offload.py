@@ -101,11 +101,65 @@ from nosa_jax import decode
 from nosa_jax import layers
 from nosa_jax import selection
 from nosa_jax import sparse_attention
+import pallas_kernels
 
 _F32 = jnp.float32
 _HOST = jax.memory.Space.Host  # pinned_host
 _DEVICE = jax.memory.Space.Device
 VARIANTS = ("infllmv2", "dma", "nosa")
+FETCH_MODES = ("auto", "pallas", "loop")
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadOptions:
+  """How the engine moves blocks (static: part of the jit cache key).
+
+  Attributes:
+    fetch: "pallas" copies blocks with the zero-copy Pallas kernel
+      (`pallas_kernels.gather_blocks`, reading the pinned_host store
+      directly; interpreted off the GPU, so slow there), "loop" with a
+      fori_loop of per-block `device_put`s (XLA copies; 1.4-4 GB/s on the
+      H100), "auto" = "pallas" on GPU, "loop" elsewhere.
+    gather_programs: persistent grid of the Pallas copy kernel.
+    cache_blocks: device slots per (layer, sequence, KV head); None =
+      topk_blocks. Above topk_blocks, slots keep blocks that are no longer
+      selected; a miss overwrites first an empty slot, then the slot whose
+      block has the lowest block eviction score (dma / nosa: the score
+      query-agnostic selection ranks by, §2.4) or, for infllmv2, the least
+      recently selected one.
+    synthetic_gamma: benchmark only (experiments/decode_bench.py): replace
+      the model's selection by `synthetic_selection`, whose locality is
+      gamma (random weights learn none). The model's selection is still
+      computed, so the step costs what a real one does. The logits are then
+      not the model's.
+  """
+  fetch: str = "auto"
+  gather_programs: int = 132
+  cache_blocks: Optional[int] = None
+  synthetic_gamma: Optional[float] = None
+
+  def __post_init__(self):
+    if self.fetch not in FETCH_MODES:
+      raise ValueError(f"OffloadOptions.fetch must be one of {FETCH_MODES}, "
+                       f"got {self.fetch!r}")
+    if self.gather_programs < 1:
+      raise ValueError("OffloadOptions.gather_programs must be >= 1, got "
+                       f"{self.gather_programs}")
+    if self.synthetic_gamma is not None and not (
+        0.0 <= self.synthetic_gamma < 1.0):
+      raise ValueError("OffloadOptions.synthetic_gamma must be None or in "
+                       f"[0, 1), got {self.synthetic_gamma}")
+    if self.cache_blocks is not None and self.cache_blocks < 1:
+      raise ValueError("OffloadOptions.cache_blocks must be None or >= 1, "
+                       f"got {self.cache_blocks}")
+
+  def use_pallas(self) -> bool:
+    if self.fetch == "auto":
+      return jax.default_backend() == "gpu"
+    return self.fetch == "pallas"
+
+
+DEFAULT_OPTIONS = OffloadOptions()
 
 
 @jax.tree_util.register_dataclass
@@ -118,6 +172,7 @@ class OffloadLayer:
   k_slot: jax.Array      # [B, K, P, C, D] device
   v_slot: jax.Array      # [B, K, P, C, D] device
   slot_map: jax.Array    # [B, K, P] int32, -1 = empty
+  slot_last: jax.Array   # [B, K, P] int32, last position a slot was selected
   key_buf: Optional[jax.Array]   # [B, K, compress_kernel, D]
   bias_BKS: Optional[jax.Array]  # [B, K, S] fp32 (dma / nosa)
   kbar_BWKD: Optional[jax.Array]
@@ -131,10 +186,16 @@ class OffloadState:
   lengths_B: jax.Array  # int32; also the position of the next token
 
 
-def num_slots(cfg: config_lib.ModelConfig, max_len: int) -> int:
+def num_slots(cfg: config_lib.ModelConfig, max_len: int,
+              options: OffloadOptions = DEFAULT_OPTIONS) -> int:
   """P: device slots per (layer, sequence, KV head)."""
   n = decode.capacity(max_len, cfg.sparse.block_size) // cfg.sparse.block_size
-  return min(cfg.sparse.topk_blocks, n)
+  want = options.cache_blocks or cfg.sparse.topk_blocks
+  if want < cfg.sparse.topk_blocks:
+    raise ValueError(f"OffloadOptions.cache_blocks={want} is below "
+                     f"topk_blocks={cfg.sparse.topk_blocks}; the cache must "
+                     "hold a whole selection")
+  return min(want, n)
 
 
 def host_store_bytes(cfg: config_lib.ModelConfig, batch: int,
@@ -176,8 +237,10 @@ def check_host_capacity(cfg: config_lib.ModelConfig, batch: int,
 
 def _check_variant(cfg: config_lib.ModelConfig):
   if cfg.sparse.variant not in VARIANTS:
-    raise ValueError(f"offload supports variants {VARIANTS}, not "
-                     f"{cfg.sparse.variant!r} (use decode.py for `full`)")
+    raise ValueError(
+        f"offload supports variants {VARIANTS}, not {cfg.sparse.variant!r}: "
+        "full attention has no selection to offload (use the GPU-resident "
+        "engine: decode.py, --offload=none)")
 
 
 # ------------------------------------------------------------------------------
@@ -185,8 +248,9 @@ def _check_variant(cfg: config_lib.ModelConfig):
 # ------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_len"))
-def _prefill(params, cfg, tokens_BT, lengths_B, max_len):
+@functools.partial(jax.jit, static_argnames=("cfg", "max_len", "options"))
+def _prefill(params, cfg, tokens_BT, lengths_B, max_len,
+             options=DEFAULT_OPTIONS):
   sp = cfg.sparse
   cache, logits_BV = decode.prefill(params, cfg, tokens_BT, lengths_B,
                                     max_len)
@@ -194,7 +258,7 @@ def _prefill(params, cfg, tokens_BT, lengths_B, max_len):
   b, kv, s, d = cache.layers[0].k_BKSD.shape
   c = sp.block_size
   n = s // c
-  p = num_slots(cfg, max_len)
+  p = num_slots(cfg, max_len, options)
   # The tail: the partial block of each prompt goes to slot 0 (§4.2).
   tail_B = lengths_B // c
   has_tail_B = lengths_B % c != 0
@@ -222,6 +286,8 @@ def _prefill(params, cfg, tokens_BT, lengths_B, max_len):
         k_host=jax.device_put(k_BKNCD, _HOST),
         v_host=jax.device_put(v_BKNCD, _HOST),
         k_slot=slots(k_BKNCD), v_slot=slots(v_BKNCD), slot_map=map_BKP,
+        slot_last=jnp.where(map_BKP >= 0, lengths_B[:, None, None] - 1,
+                            -1).astype(jnp.int32),
         key_buf=key_buf, bias_BKS=lc.bias_BKS, kbar_BWKD=lc.kbar_BWKD,
         ebar_BKW=lc.ebar_BKW))
   return OffloadState(layers=tuple(out), lengths_B=lengths_B), logits_BV
@@ -229,7 +295,8 @@ def _prefill(params, cfg, tokens_BT, lengths_B, max_len):
 
 def prefill(params: Any, cfg: config_lib.ModelConfig, tokens_BT: jax.Array,
             lengths_B: jax.Array, max_len: int, *,
-            host_memory_limit: Optional[int] = None
+            host_memory_limit: Optional[int] = None,
+            options: OffloadOptions = DEFAULT_OPTIONS
             ) -> tuple[OffloadState, jax.Array]:
   """Runs the prompts (decode.prefill) and builds the offloaded state.
 
@@ -239,14 +306,63 @@ def prefill(params: Any, cfg: config_lib.ModelConfig, tokens_BT: jax.Array,
   (cold start, §4.2).
 
   Args as `decode.prefill`, plus host_memory_limit (bytes) for the
-  capacity check (default: free physical memory).
+  capacity check (default: free physical memory) and the engine options
+  (the cache size; pass the same options to `decode_step`).
 
   Raises:
     ValueError: `full` variant, or the host store does not fit.
   """
   _check_variant(cfg)
   check_host_capacity(cfg, tokens_BT.shape[0], max_len, host_memory_limit)
-  return _prefill(params, cfg, tokens_BT, jnp.asarray(lengths_B), max_len)
+  return _prefill(params, cfg, tokens_BT, jnp.asarray(lengths_B), max_len,
+                  options)
+
+
+def synthetic_state(params: Any, cfg: config_lib.ModelConfig, batch: int,
+                    context_len: int, max_len: int,
+                    options: OffloadOptions = DEFAULT_OPTIONS
+                    ) -> OffloadState:
+  """An offloaded state as if `context_len` tokens of zeros had been
+  prefilled, with every slot empty (the first step is a cold start).
+
+  For decode benchmarks (prefill excluded; values do not change the bytes
+  moved): the host store is allocated in pinned_host memory directly,
+  one layer at a time, without the device ever holding the whole cache.
+  """
+  _check_variant(cfg)
+  check_host_capacity(cfg, batch, max_len)
+  if (options.synthetic_gamma is not None
+      and context_len < synthetic_min_length(cfg.sparse)):
+    raise ValueError(
+        f"context_len={context_len} is too short for synthetic_gamma: "
+        f"synthetic_selection needs >= {synthetic_min_length(cfg.sparse)} "
+        "tokens")
+  shapes = decode.cache_shapes(params, cfg, batch, context_len, max_len)
+  zeros = lambda x: None if x is None else jnp.zeros(x.shape, x.dtype)
+  c, d = cfg.sparse.block_size, cfg.head_dim
+  s = decode.capacity(max_len, c)
+  p = num_slots(cfg, max_len, options)
+  shape = (batch, cfg.num_kv_heads, s // c, c, d)
+  # device_put inside the jit: the result's type carries the host memory
+  # space (out_shardings alone give a pinned_host array typed as device
+  # memory, which the step then rejects).
+  zeros_host = jax.jit(
+      lambda: jax.device_put(jnp.zeros(shape, cfg.dtype), _HOST))
+  kern = cfg.sparse.compress_kernel
+  out = []
+  for lc in shapes.layers:
+    out.append(OffloadLayer(
+        k_host=zeros_host(), v_host=zeros_host(),
+        k_slot=jnp.zeros((batch, cfg.num_kv_heads, p, c, d), cfg.dtype),
+        v_slot=jnp.zeros((batch, cfg.num_kv_heads, p, c, d), cfg.dtype),
+        slot_map=jnp.full((batch, cfg.num_kv_heads, p), -1, jnp.int32),
+        slot_last=jnp.full((batch, cfg.num_kv_heads, p), -1, jnp.int32),
+        key_buf=(None if lc.kbar_BWKD is None else jnp.zeros(
+            (batch, cfg.num_kv_heads, kern, d), cfg.dtype)),
+        bias_BKS=zeros(lc.bias_BKS), kbar_BWKD=zeros(lc.kbar_BWKD),
+        ebar_BKW=zeros(lc.ebar_BKW)))
+  return OffloadState(layers=tuple(out),
+                      lengths_B=jnp.full((batch,), context_len, jnp.int32))
 
 
 # ------------------------------------------------------------------------------
@@ -296,21 +412,25 @@ def _update_selection_state(layer: OffloadLayer, k_BKD, bias_BK, pos_B,
 
 
 def diff_slots(slot_map_BKP: jax.Array, idx_BKP: jax.Array,
-               own_B: jax.Array):
+               own_B: jax.Array, keep_BKP: Optional[jax.Array] = None):
   """The block-table diff of §4.4, per (b, k).
 
   Args:
-    slot_map_BKP: block id held by each slot (-1 empty).
-    idx_BKP: the selection, ascending, -1 (invalid) last; at most P valid.
+    slot_map_BKP: block id held by each slot (-1 empty); P slots.
+    idx_BKP: the selection [B, K, P_sel], ascending, -1 (invalid) last;
+      P_sel <= P.
     own_B: the query's own block (always selected; never fetched: it is
       either resident or new).
+    keep_BKP: how much each slot's block is worth keeping (fp32); a miss
+      takes the free slot (not holding a selected block) with the lowest
+      value, empty slots first. None: free slots in ascending slot order.
 
   Returns:
     (new_map_BKP, load_BKP, fetch_BKP): the new slot map; the block loaded
     into each slot (-1 = none, includes a new own block); fetch = load from
     the host store (load minus the own block).
   """
-  p = slot_map_BKP.shape[-1]
+  p_sel = idx_BKP.shape[-1]
   valid_BKP = idx_BKP >= 0
   in_sel_BKP = jnp.any((slot_map_BKP[..., :, None] == idx_BKP[..., None, :])
                        & valid_BKP[..., None, :], axis=-1) & (slot_map_BKP
@@ -322,11 +442,18 @@ def diff_slots(slot_map_BKP: jax.Array, idx_BKP: jax.Array,
   big = jnp.iinfo(jnp.int32).max
   miss_ids_BKP = jnp.sort(jnp.where(miss_BKP, idx_BKP, big), axis=-1)
   free_BKP = ~in_sel_BKP
-  rank_BKP = jnp.cumsum(free_BKP, axis=-1) - 1
+  if keep_BKP is None:
+    rank_BKP = jnp.cumsum(free_BKP, axis=-1) - 1
+  else:  # rank of each free slot by (non-empty, keep value, slot)
+    key_BKP = jnp.where(slot_map_BKP < 0, -jnp.inf,
+                        keep_BKP.astype(_F32))
+    key_BKP = jnp.where(free_BKP, key_BKP, jnp.inf)
+    order_BKP = jnp.argsort(key_BKP, axis=-1, stable=True)
+    rank_BKP = jnp.argsort(order_BKP, axis=-1)
   assign_BKP = free_BKP & (rank_BKP < n_miss_BK[..., None])
   load_BKP = jnp.where(
       assign_BKP,
-      jnp.take_along_axis(miss_ids_BKP, jnp.clip(rank_BKP, 0, p - 1),
+      jnp.take_along_axis(miss_ids_BKP, jnp.clip(rank_BKP, 0, p_sel - 1),
                           axis=-1), -1).astype(jnp.int32)
   new_map_BKP = jnp.where(assign_BKP, load_BKP, slot_map_BKP)
   fetch_BKP = assign_BKP & (load_BKP != own_B[:, None, None])
@@ -361,9 +488,32 @@ def _copy_blocks(src, dst, todo, where, memory_kind):
                            tuple(dst))
 
 
-def _fetch(k_host, v_host, k_slot, v_slot, load_BKP, fetch_BKP):
+def _tiles(x):
+  return x.reshape((-1,) + x.shape[3:])
+
+
+def _pallas_copy(src, dst, todo, src_row, dst_row, options: OffloadOptions):
+  """`_copy_blocks` with the zero-copy Pallas kernel (flat tile indices)."""
+  order = jnp.argsort(~todo, stable=True).astype(jnp.int32)
+  shape = dst[0].shape
+  out = pallas_kernels.gather_blocks(
+      tuple(_tiles(x) for x in src), tuple(_tiles(x) for x in dst),
+      src_row[order].astype(jnp.int32), dst_row[order].astype(jnp.int32),
+      jnp.sum(todo).astype(jnp.int32), programs=options.gather_programs,
+      interpret=jax.default_backend() != "gpu")
+  return tuple(x.reshape(shape) for x in out)
+
+
+def _fetch(k_host, v_host, k_slot, v_slot, load_BKP, fetch_BKP,
+           options: OffloadOptions):
   """Copies the missing blocks host -> device slots, one tile each."""
-  _, kv, p, _, _ = k_slot.shape
+  b, kv, p, _, _ = k_slot.shape
+  n = k_host.shape[2]
+  if options.use_pallas():
+    f = jnp.arange(b * kv * p)
+    src_row = (f // p) * n + jnp.maximum(load_BKP.reshape(-1), 0)
+    return _pallas_copy((k_host, v_host), (k_slot, v_slot),
+                        fetch_BKP.reshape(-1), src_row, f, options)
   ids = load_BKP.reshape(-1)
   zero = jnp.zeros((), jnp.int32)
 
@@ -376,7 +526,11 @@ def _fetch(k_host, v_host, k_slot, v_slot, load_BKP, fetch_BKP):
 
 
 def _write_back(k_host, v_host, k_slot, v_slot, own_slot_BK, pos_B, c):
-  """Copies each block completed at this step from its slot to the host."""
+  """Copies each block completed at this step from its slot to the host.
+
+  Always XLA copies: a Pallas output is device memory (pallas_call sets
+  it), so the zero-copy kernel cannot write into the pinned_host store.
+  """
   kv = own_slot_BK.shape[1]
   full_B = pos_B % c == c - 1
   zero = jnp.zeros((), jnp.int32)
@@ -391,8 +545,73 @@ def _write_back(k_host, v_host, k_slot, v_slot, own_slot_BK, pos_B, c):
                       jnp.repeat(full_B, kv), where, _HOST)
 
 
+def synthetic_selection(pos_B: jax.Array, kv: int, n: int,
+                        sp: config_lib.SparseConfig, gamma: float,
+                        salt: int = 0) -> jax.Array:
+  """A selection of topk_blocks blocks whose step-to-step locality is gamma.
+
+  For benchmarks only. The forced blocks (sinks, window, own block) are
+  selected as the model does; the other F = topk - sink - window - 1 picks
+  are lanes: lane j holds block sink + j + F * ((h_j + e) mod M) in epoch
+  e, with M = floor(A / F) and A the blocks before the window, so lanes
+  never collide and consecutive epochs differ. Lane j's epoch at position
+  t is floor((t + j * period / F) / period) with period = F / m and
+  m = (1 - gamma) * topk: on average m lanes change per step, staggered,
+  so (1 - gamma) of the selection is new at each step. Deterministic and
+  stateless: h_j mixes j, the KV head, the sequence and `salt` (the
+  layer). Changes of M (every F blocks of growth) and the window's growth
+  add rare extra misses.
+
+  Returns:
+    idx_BKP int32 [B, K, topk], ascending; requires A >= 2F for every
+    sequence (checked by the caller: `synthetic_min_length`).
+  """
+  p = sp.topk_blocks
+  f = p - sp.sink_blocks - sp.window_blocks - 1
+  c = sp.block_size
+  own_B = (pos_B // c).astype(jnp.int32)
+  avail_B = jnp.clip(own_B - sp.window_blocks - sp.sink_blocks, 0, n)
+  m_B = jnp.maximum(avail_B // max(f, 1), 1)
+  misses = max((1.0 - gamma) * p, 1e-6)
+  period = f / misses
+  j_1F = jnp.arange(f)[None, :]
+  e_BF = jnp.floor((pos_B[:, None] + j_1F * (period / f)) / period).astype(
+      jnp.int32)
+  k_1K1 = jnp.arange(kv)[None, :, None]
+  b_B11 = jnp.arange(pos_B.shape[0])[:, None, None]
+  h_BKF = (j_1F[None] * 40503 + k_1K1 * 2654435 + b_B11 * 97
+           + salt * 7919) % 1000003
+  lane_BKF = (sp.sink_blocks + j_1F[None] + f * (
+      (h_BKF + e_BF[:, None, :]) % m_B[:, None, None]))
+  forced_BX = jnp.concatenate([
+      jnp.broadcast_to(jnp.arange(sp.sink_blocks)[None, :],
+                       (pos_B.shape[0], sp.sink_blocks)),
+      own_B[:, None] - jnp.arange(sp.window_blocks, -1, -1)[None, :]], axis=1)
+  forced_BKX = jnp.broadcast_to(forced_BX[:, None],
+                                (pos_B.shape[0], kv, forced_BX.shape[1]))
+  return jnp.sort(jnp.concatenate([forced_BKX, lane_BKF], -1),
+                  axis=-1).astype(jnp.int32)
+
+
+def synthetic_min_length(sp: config_lib.SparseConfig) -> int:
+  """Shortest context `synthetic_selection` supports (A >= 2F blocks)."""
+  f = sp.topk_blocks - sp.sink_blocks - sp.window_blocks - 1
+  return (2 * f + sp.window_blocks + sp.sink_blocks + 1) * sp.block_size
+
+
+def _keep_values(layer: OffloadLayer, pos_B, sp: config_lib.SparseConfig):
+  """[B, K, P] worth of keeping each slot's block (see OffloadOptions)."""
+  if layer.ebar_BKW is None:  # infllmv2: least recently selected goes first
+    return layer.slot_last.astype(_F32)
+  n = layer.k_host.shape[2]
+  se_BKN = jax.vmap(lambda e, t: decode.eviction_block_scores(e, t, sp, n))(
+      layer.ebar_BKW, pos_B)
+  return jnp.take_along_axis(se_BKN, jnp.maximum(layer.slot_map, 0), axis=-1)
+
+
 def _attend(q_BHD, k_BKD, v_BKD, layer: OffloadLayer, pos_B,
-            sp: config_lib.SparseConfig):
+            sp: config_lib.SparseConfig, options: OffloadOptions,
+            salt: int = 0):
   """Steps 2-6 of one layer; returns (layer, out_BHD, selected, fetched)."""
   b, kv, p, c, d = layer.k_slot.shape
   n = layer.k_host.shape[2]
@@ -402,12 +621,21 @@ def _attend(q_BHD, k_BKD, v_BKD, layer: OffloadLayer, pos_B,
       v_BKSD=None, bias_BKS=layer.bias_BKS, kbar_BWKD=layer.kbar_BWKD,
       ebar_BKW=layer.ebar_BKW)
   idx_BKP = decode.select_decode_blocks(q_BHD, shim, pos_B, sp)
-  if idx_BKP.shape[-1] != p:
-    raise AssertionError(f"selection width {idx_BKP.shape} != P={p}")
+  if idx_BKP.shape[-1] > p:
+    raise AssertionError(f"selection width {idx_BKP.shape} > P={p}")
+  if options.synthetic_gamma is not None:
+    synth_BKP = synthetic_selection(pos_B, kv, n, sp, options.synthetic_gamma,
+                                    salt)
+    # Keeps the model's selection alive (XLA cannot prove the condition),
+    # so the step still pays for scoring.
+    idx_BKP = jnp.where(jnp.min(idx_BKP) >= -1, synth_BKP, idx_BKP)
   own_B = (pos_B // c).astype(jnp.int32)
-  new_map, load_BKP, fetch_BKP = diff_slots(layer.slot_map, idx_BKP, own_B)
+  keep_BKP = (_keep_values(layer, pos_B, sp)
+              if p > idx_BKP.shape[-1] else None)
+  new_map, load_BKP, fetch_BKP = diff_slots(layer.slot_map, idx_BKP, own_B,
+                                            keep_BKP)
   k_slot, v_slot = _fetch(layer.k_host, layer.v_host, layer.k_slot,
-                          layer.v_slot, load_BKP, fetch_BKP)
+                          layer.v_slot, load_BKP, fetch_BKP, options)
   # The token goes into its own block's slot at row pos % C.
   own_slot_BK = jnp.argmax(new_map == own_B[:, None, None],
                            axis=-1).astype(jnp.int32)
@@ -434,14 +662,16 @@ def _attend(q_BHD, k_BKD, v_BKD, layer: OffloadLayer, pos_B,
   out_BHD = sparse_attention.decode_attention(
       q_BHD, k_slot.reshape(b, kv, p * c, d), v_slot.reshape(b, kv, p * c, d),
       bias, slot_len_BKP.astype(jnp.int32), c, sp.implementation)
+  slot_last = jnp.where(sel_slot_BKP, pos_B[:, None, None], layer.slot_last)
   layer = dataclasses.replace(layer, k_host=k_host, v_host=v_host,
-                              k_slot=k_slot, v_slot=v_slot, slot_map=new_map)
+                              k_slot=k_slot, v_slot=v_slot, slot_map=new_map,
+                              slot_last=slot_last.astype(jnp.int32))
   return (layer, out_BHD, jnp.sum(valid_BKP, -1).astype(jnp.int32),
           jnp.sum(fetch_BKP, -1).astype(jnp.int32))
 
 
 def _decode_step(params, cfg: config_lib.ModelConfig, state: OffloadState,
-                 tokens_B):
+                 tokens_B, options: OffloadOptions):
   sp = cfg.sparse
   pos_B = state.lengths_B
   x_B1M = decode._embed(params, cfg, tokens_B[:, None])  # pylint: disable=protected-access
@@ -456,7 +686,8 @@ def _decode_step(params, cfg: config_lib.ModelConfig, state: OffloadState,
         state.layers[i], k_B1KD[:, 0],
         None if bias_B1K is None else bias_B1K[:, 0], pos_B, sp)
     layer, out_BHD, sel_BK, fet_BK = _attend(
-        q_B1HD[:, 0], k_B1KD[:, 0], v_B1KD[:, 0], layer, pos_B, sp)
+        q_B1HD[:, 0], k_B1KD[:, 0], v_B1KD[:, 0], layer, pos_B, sp, options,
+        salt=i)
     new_layers.append(layer)
     selected.append(sel_BK)
     fetched.append(fet_BK)
@@ -468,10 +699,11 @@ def _decode_step(params, cfg: config_lib.ModelConfig, state: OffloadState,
   return state, decode._logits(params, cfg, x_B1M[:, 0]), stats  # pylint: disable=protected-access
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",),
+@functools.partial(jax.jit, static_argnames=("cfg", "options"),
                    donate_argnames=("state",))
 def decode_step(params: Any, cfg: config_lib.ModelConfig,
-                state: OffloadState, tokens_B: jax.Array):
+                state: OffloadState, tokens_B: jax.Array,
+                options: OffloadOptions = DEFAULT_OPTIONS):
   """Appends one token per sequence and returns the next-token logits.
 
   Args:
@@ -480,13 +712,14 @@ def decode_step(params: Any, cfg: config_lib.ModelConfig,
     state: from `prefill` or a previous step (donated, so the host store
       is updated in place: do not reuse it).
     tokens_B: the token at position state.lengths_B of each sequence.
+    options: the engine options `prefill` was given.
 
   Returns:
     (state, logits_BV, stats): logits in fp32; stats["selected"] and
     stats["fetched"] int32 [L, B, K], the selected blocks and the blocks
     copied from the host at this step.
   """
-  return _decode_step(params, cfg, state, tokens_B)
+  return _decode_step(params, cfg, state, tokens_B, options)
 
 
 # ------------------------------------------------------------------------------
@@ -494,12 +727,13 @@ def decode_step(params: Any, cfg: config_lib.ModelConfig,
 # ------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",),
+@functools.partial(jax.jit, static_argnames=("cfg", "options"),
                    donate_argnames=("state",))
 def _generate_step(params, state, gen, temperature, top_p, eos_id, pad_id,
-                   *, cfg):
+                   *, cfg, options):
   live_B = ~gen["done_B"]
-  state, logits_BV, stats = _decode_step(params, cfg, state, gen["tok_B"])
+  state, logits_BV, stats = _decode_step(params, cfg, state, gen["tok_B"],
+                                         options)
   gen = decode._next_token(gen, logits_BV, temperature, top_p, eos_id,  # pylint: disable=protected-access
                            pad_id)
   live = live_B[None, :, None]
@@ -516,7 +750,8 @@ def generate(params: Any, cfg: config_lib.ModelConfig,
              eos_id: Optional[int] = None, pad_id: Optional[int] = None,
              seed: int = 0, max_len: Optional[int] = None,
              return_stats: bool = False,
-             host_memory_limit: Optional[int] = None):
+             host_memory_limit: Optional[int] = None,
+             options: OffloadOptions = DEFAULT_OPTIONS):
   """`decode.generate` with K/V offloaded; same arguments and tokens.
 
   With return_stats, stats has prefill_s, decode_s, decode_steps,
@@ -531,7 +766,8 @@ def generate(params: Any, cfg: config_lib.ModelConfig,
   check_host_capacity(cfg, len(prompts), s, host_memory_limit)
   temp, top_p = jnp.float32(temperature), jnp.float32(top_p)
 
-  run_prefill = _prefill.lower(params, cfg, tokens, lengths, s).compile()
+  run_prefill = _prefill.lower(params, cfg, tokens, lengths, s,
+                               options).compile()
   t0 = time.perf_counter()
   state, logits_BV = jax.block_until_ready(
       run_prefill(params, tokens, lengths))
@@ -543,7 +779,7 @@ def generate(params: Any, cfg: config_lib.ModelConfig,
   gen = decode._next_token_jit(gen, logits_BV, temp, top_p, eos, pad_id)  # pylint: disable=protected-access
   out = [gen["tok_B"]]
   step = _generate_step.lower(params, state, gen, temp, top_p, eos, pad_id,
-                              cfg=cfg).compile()
+                              cfg=cfg, options=options).compile()
   t0 = time.perf_counter()
   steps = 0
   for steps in range(1, max_new_tokens):

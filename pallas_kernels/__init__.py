@@ -6,6 +6,8 @@ Imports only jax and numpy (STYLE.md rule 1).
 from pallas_kernels.block_sparse_attention import block_sparse_attention
 from pallas_kernels.block_sparse_attention import (
     block_sparse_attention_reference)
+from pallas_kernels.block_gather import gather_blocks
+from pallas_kernels.block_gather import gather_blocks_reference
 from pallas_kernels.common import BlockSizes
 from pallas_kernels.sparse_decode import DecodeBlockSizes
 from pallas_kernels.sparse_decode import decode_bytes_read
@@ -22,4 +24,6 @@ __all__ = [
     "sparse_decode_reference",
     "block_sparse_attention",
     "block_sparse_attention_reference",
+    "gather_blocks",
+    "gather_blocks_reference",
 ]

@@ -8,12 +8,17 @@ budget, tails filling), that greedy generate matches, and the fetch counts
 """
 
 
+import os
+import subprocess
+import sys
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nosa_jax import config as config_lib
 from nosa_jax import decode
 from nosa_jax import model
 from nosa_jax import offload
@@ -22,6 +27,8 @@ from tests import tolerances
 
 
 _model = testing.tiny_model_with_bias
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
 
 
 def _sets(idx_BKP):
@@ -69,8 +76,61 @@ class OffloadTest(parameterized.TestCase):
     np.testing.assert_array_equal(new_map, [[[0, -1, 2, 7]]])
     np.testing.assert_array_equal(fetch, [[[True, False, False, False]]])
 
-  @parameterized.named_parameters(("infllmv2", "infllmv2"), ("nosa", "nosa"))
-  def test_offload_matches_decode(self, variant):
+  def test_diff_keep_values(self):
+    # 6 slots, selection of 3: misses take empty slots first, then the
+    # lowest keep values; slots holding a selected block are never taken.
+    old = jnp.array([[[4, 9, -1, 6, 2, 5]]])
+    keep = jnp.array([[[0.5, -3.0, 7.0, 1.0, 9.0, -1.0]]])
+    sel = jnp.array([[[1, 2, 3]]])  # 2 resident; 1 and 3 missing
+    new_map, load, fetch = offload.diff_slots(old, sel, jnp.array([3]), keep)
+    np.testing.assert_array_equal(new_map, [[[4, 3, 1, 6, 2, 5]]])
+    np.testing.assert_array_equal(load, [[[-1, 3, 1, -1, -1, -1]]])
+    # 3 is the own block (new, not fetched); 1 is fetched into the empty slot.
+    np.testing.assert_array_equal(fetch, [[[False, False, True, False, False,
+                                            False]]])
+
+  def test_synthetic_selection_locality(self):
+    sp = config_lib.SparseConfig(
+        variant="nosa", block_size=64, compress_kernel=32, compress_stride=16,
+        topk_blocks=64, query_topk_blocks=33, sink_blocks=1, window_blocks=16)
+    t0 = offload.synthetic_min_length(sp) + 3000
+    sel = jax.jit(lambda t, g: offload.synthetic_selection(t, 2, 600, sp, g),
+                  static_argnums=1)
+    for gamma in (0.944, 0.889, 0.5):
+      prev, new = None, []
+      for t in range(t0, t0 + 200):
+        idx = np.asarray(sel(jnp.array([t, t + 77]), gamma)).reshape(-1, 64)
+        for row, tt in zip(idx, (t, t, t + 77, t + 77), strict=True):
+          self.assertLen(set(row.tolist()), 64)  # distinct, all valid
+          own = tt // 64
+          self.assertContainsSubset({0, own} | set(range(own - 16, own)),
+                                    set(row.tolist()))
+          self.assertLessEqual(row.max(), own)
+        if prev is not None:
+          new += [len(set(a) - set(b)) for a, b in zip(idx, prev, strict=True)]
+        prev = idx
+      self.assertAlmostEqual(1 - np.mean(new) / 64, gamma, delta=0.01)
+
+  def test_options_validation(self):
+    with self.assertRaisesRegex(ValueError, "fetch must be one of"):
+      offload.OffloadOptions(fetch="dma")
+    with self.assertRaisesRegex(ValueError, "cache_blocks"):
+      offload.OffloadOptions(cache_blocks=0)
+    cfg, _, _ = _model("nosa")
+    with self.assertRaisesRegex(ValueError, "below topk_blocks"):
+      offload.num_slots(cfg, 1024, offload.OffloadOptions(cache_blocks=2))
+
+  @parameterized.named_parameters(
+      ("infllmv2", "infllmv2", offload.OffloadOptions(fetch="loop")),
+      ("nosa", "nosa", offload.OffloadOptions(fetch="loop")),
+      # The Pallas copy kernel (interpreted on CPU) and a cache that holds
+      # every block of the sequence: after a block's first fetch it is
+      # never fetched again.
+      ("nosa_pallas_all_cached", "nosa", offload.OffloadOptions(
+          fetch="pallas", gather_programs=3, cache_blocks=64)),
+      ("infllmv2_cache_lru", "infllmv2", offload.OffloadOptions(
+          fetch="loop", cache_blocks=9)))
+  def test_offload_matches_decode(self, variant, options):
     cfg, graphdef, params = _model(variant)
     sp = cfg.sparse
     c, budget = sp.block_size, sp.topk_blocks  # 16 tokens, 8 blocks
@@ -88,7 +148,11 @@ class OffloadTest(parameterized.TestCase):
     cache, want_BV = decode.prefill(params, cfg, prompt, jnp.asarray(lengths),
                                     max_len)
     state, got_BV = offload.prefill(params, cfg, prompt, jnp.asarray(lengths),
-                                    max_len)
+                                    max_len, options=options)
+    all_cached = options.cache_blocks == 64
+    if all_cached:
+      self.assertEqual(state.layers[0].slot_map.shape[-1], max_len // c + 1)
+    seen = None
     np.testing.assert_array_equal(got_BV, want_BV)
     prev = None
     for i in range(steps):
@@ -96,7 +160,8 @@ class OffloadTest(parameterized.TestCase):
       tok = tokens[rows, pos]
       cache, want_BV, idx_LBKP = decode.decode_step(
           params, cfg, cache, tok, return_selection=True)
-      state, got_BV, stats = offload.decode_step(params, cfg, state, tok)
+      state, got_BV, stats = offload.decode_step(params, cfg, state, tok,
+                                                 options)
       # Not bitwise: the slot order (hence the summation order) differs.
       np.testing.assert_allclose(got_BV, want_BV, **tol, err_msg=f"step {i}")
       np.testing.assert_allclose(got_BV, ref_BTV[rows, pos], **tol,
@@ -106,12 +171,23 @@ class OffloadTest(parameterized.TestCase):
       fet_LBK = np.asarray(stats["fetched"])
       np.testing.assert_array_equal(sel_LBK, (idx_LBKP >= 0).sum(-1))
       own_B = pos // c
+      cur_sets = [_sets(x) for x in idx_LBKP]
+      if all_cached:  # fetched = selected blocks never resident before
+        if seen is None:  # prefill's tail block is resident
+          seen = [[[{int(lengths[bi] // c)} if lengths[bi] % c else set()
+                    for _ in range(cfg.num_kv_heads)] for bi in range(b)]
+                  for _ in range(cfg.num_layers)]
+        for li in range(cfg.num_layers):
+          for bi in range(b):
+            for k in range(cfg.num_kv_heads):
+              new = cur_sets[li][bi][k] - seen[li][bi][k] - {own_B[bi]}
+              self.assertEqual(fet_LBK[li, bi, k], len(new), (i, li, bi, k))
+              seen[li][bi][k] |= cur_sets[li][bi][k]
       if prev is None:  # cold start: every selected block but the tail
         np.testing.assert_array_equal(fet_LBK, sel_LBK - 1)
       else:
         # At most the selected blocks that were not selected (hence
         # resident) at the previous step, the new own block excluded.
-        cur_sets = [_sets(x) for x in idx_LBKP]
         prev_sets = [_sets(x) for x in prev]
         for li in range(cfg.num_layers):
           for bi in range(b):
@@ -153,6 +229,24 @@ class OffloadTest(parameterized.TestCase):
     hit = np.array(stats["hit_rate"])
     self.assertTrue(np.all((hit > 0) & (hit <= 1)), hit)
     self.assertTrue(np.all(np.array(stats["fetched_blocks"]) > 0))
+
+  def test_generate_cli(self):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "experiments.generate",
+           "--config=configs/tiny.py", "--prompt=def f(", "--offload=host",
+           "--max_new_tokens=20"]
+    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=180)
+    self.assertEqual(run.returncode, 0, run.stderr[-2000:])
+    self.assertIn("offload=host", run.stdout)
+    self.assertRegex(run.stdout, r"20 tokens; decode [0-9.]+ tokens/s .* "
+                     r"block-cache hit rate per layer: ([0-9.]+ ){3}[0-9.]+")
+    bad = subprocess.run(cmd + ["--cache_blocks=3"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=180)
+    self.assertEqual(bad.returncode, 1)
+    self.assertEqual(bad.stderr.strip().splitlines()[-1],
+                     "generate error: OffloadOptions.cache_blocks=3 is below "
+                     "topk_blocks=8; the cache must hold a whole selection")
 
 
 if __name__ == "__main__":
