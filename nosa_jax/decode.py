@@ -103,9 +103,12 @@ def synthetic_cache(params: Any, cfg: config_lib.ModelConfig, batch: int,
   compressed keys are zeros, lengths are context_len.
   """
   shapes = cache_shapes(params, cfg, batch, context_len, max_len)
-  cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-  return dataclasses.replace(
-      cache, lengths_B=jnp.full((batch,), context_len, jnp.int32))
+  # Committed to the device like prefill's output: an uncommitted input
+  # would make the first decode_step compile a second time.
+  return jax.device_put(jax.jit(lambda: dataclasses.replace(
+      jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes),
+      lengths_B=jnp.full((batch,), context_len, jnp.int32)))(),
+                        jax.devices()[0])
 
 
 def cache_shapes(params: Any, cfg: config_lib.ModelConfig, batch: int,

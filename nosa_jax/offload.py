@@ -350,9 +350,10 @@ def synthetic_state(params: Any, cfg: config_lib.ModelConfig, batch: int,
       lambda: jax.device_put(jnp.zeros(shape, cfg.dtype), _HOST))
   kern = cfg.sparse.compress_kernel
   out = []
-  for lc in shapes.layers:
-    out.append(OffloadLayer(
-        k_host=zeros_host(), v_host=zeros_host(),
+
+  @jax.jit  # committed below, as prefill's (see decode.synthetic_cache)
+  def device_fields(lc):
+    return dict(
         k_slot=jnp.zeros((batch, cfg.num_kv_heads, p, c, d), cfg.dtype),
         v_slot=jnp.zeros((batch, cfg.num_kv_heads, p, c, d), cfg.dtype),
         slot_map=jnp.full((batch, cfg.num_kv_heads, p), -1, jnp.int32),
@@ -360,9 +361,15 @@ def synthetic_state(params: Any, cfg: config_lib.ModelConfig, batch: int,
         key_buf=(None if lc.kbar_BWKD is None else jnp.zeros(
             (batch, cfg.num_kv_heads, kern, d), cfg.dtype)),
         bias_BKS=zeros(lc.bias_BKS), kbar_BWKD=zeros(lc.kbar_BWKD),
-        ebar_BKW=zeros(lc.ebar_BKW)))
-  return OffloadState(layers=tuple(out),
-                      lengths_B=jnp.full((batch,), context_len, jnp.int32))
+        ebar_BKW=zeros(lc.ebar_BKW))
+
+  for lc in shapes.layers:
+    out.append(OffloadLayer(
+        k_host=zeros_host(), v_host=zeros_host(),
+        **jax.device_put(device_fields(lc), jax.devices()[0])))
+  lengths_B = jax.device_put(np.full((batch,), context_len, np.int32),
+                             jax.devices()[0])
+  return OffloadState(layers=tuple(out), lengths_B=lengths_B)
 
 
 # ------------------------------------------------------------------------------

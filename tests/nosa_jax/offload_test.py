@@ -111,6 +111,30 @@ class OffloadTest(parameterized.TestCase):
         prev = idx
       self.assertAlmostEqual(1 - np.mean(new) / 64, gamma, delta=0.01)
 
+  def test_synthetic_state_is_prefills_type(self):
+    cfg, _, params = _model("nosa")
+    opts = offload.OffloadOptions(synthetic_gamma=0.9, cache_blocks=10)
+    st = offload.synthetic_state(params, cfg, 2, 250, 300, opts)
+    real, _ = offload.prefill(params, cfg, jnp.zeros((2, 250), jnp.int32),
+                              jnp.array([250, 250]), 300, options=opts)
+    kind = lambda x: (str(jax.typeof(x)), x.sharding.memory_kind)
+    self.assertEqual(jax.tree.map(kind, st), jax.tree.map(kind, real))
+    self.assertTrue(np.all(np.asarray(st.layers[0].slot_map) == -1))
+    np.testing.assert_array_equal(st.lengths_B, [250, 250])
+    fetched, compiled = [], offload.decode_step._cache_size()
+    for _ in range(21):
+      st, _, stats = offload.decode_step(params, cfg, st,
+                                         jnp.zeros(2, jnp.int32), opts)
+      fetched.append(int(np.sum(stats["fetched"])))
+    # One compile for every step; cold start fetches all but the own
+    # block; afterwards about (1 - gamma) of the selection per step.
+    self.assertEqual(offload.decode_step._cache_size(), compiled + 1)
+    sel = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.sparse.topk_blocks
+    self.assertEqual(fetched[0], sel * 7 // 8)
+    self.assertAlmostEqual(1 - np.mean(fetched[1:]) / sel, 0.9, delta=0.03)
+    with self.assertRaisesRegex(ValueError, "too short for synthetic_gamma"):
+      offload.synthetic_state(params, cfg, 2, 100, 300, opts)
+
   def test_options_validation(self):
     with self.assertRaisesRegex(ValueError, "fetch must be one of"):
       offload.OffloadOptions(fetch="dma")
