@@ -39,6 +39,7 @@ written as they finish, so a run cut short keeps what it measured.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -88,6 +89,12 @@ _GPU_FRACTION = flags.DEFINE_float(
 _TIME_BUDGET = flags.DEFINE_float(
     "time_budget_s", 520.0, "Skip the remaining systems past this.")
 _OUT = flags.DEFINE_string("out_dir", "/tmp/decode_bench", "Output dir.")
+_LAYERS = flags.DEFINE_integer(
+    "num_layers", None, "Override the layer count (profiling only: the "
+    "records then describe a shallower model; the JSON says so).")
+_PROFILE = flags.DEFINE_bool(
+    "profile", False, "Trace the timed steps of each system with "
+    "jax.profiler into out_dir/profile/<system>_L<ctx>_B<batch>.")
 _RUNLOCAL = flags.DEFINE_bool("runlocal", False,
                               "Tiny shapes for a CPU smoke run.")
 
@@ -100,8 +107,11 @@ def _model_config(name: str, variant: str) -> config_lib.ModelConfig:
   cfg = config_lib.ExperimentConfig.from_dict(
       _CONFIGS[name].get_config(f"variant={variant}").to_dict()).model
   impl = "pallas" if jax.default_backend() == "gpu" else "xla"
-  return dataclasses.replace(cfg, sparse=dataclasses.replace(
+  cfg = dataclasses.replace(cfg, sparse=dataclasses.replace(
       cfg.sparse, implementation=impl))
+  if _LAYERS.value:
+    cfg = dataclasses.replace(cfg, num_layers=_LAYERS.value)
+  return cfg
 
 
 def _random_params(cfg: config_lib.ModelConfig, seed: int = 0):
@@ -261,14 +271,20 @@ def run_decode(run: Run, cfg: config_lib.ModelConfig, params,
   jax.block_until_ready(state)
   warm_s = time.perf_counter() - t0
   stats_list = []
-  t0 = time.perf_counter()
-  for _ in range(_STEPS.value):
-    state = step(state)
-    if run.options is not None:
-      state, stats = state
-      stats_list.append((stats["fetched"].sum(), stats["selected"].sum()))
-  jax.block_until_ready(state)
-  dt = (time.perf_counter() - t0) / _STEPS.value
+  trace = contextlib.nullcontext()
+  if _PROFILE.value:
+    trace = jax.profiler.trace(os.path.join(
+        _OUT.value, "profile", f"{run.system}_L{run.context}_B{run.batch}"),
+                               create_perfetto_trace=True)
+  with trace:
+    t0 = time.perf_counter()
+    for _ in range(_STEPS.value):
+      state = step(state)
+      if run.options is not None:
+        state, stats = state
+        stats_list.append(stats)  # summed after the timing
+    jax.block_until_ready(state)
+    dt = (time.perf_counter() - t0) / _STEPS.value
   mem = (jax.devices()[0].memory_stats() or {}).get("bytes_in_use", 0)
   rec = dataclasses.asdict(run)
   rec.pop("options")
@@ -280,8 +296,9 @@ def run_decode(run: Run, cfg: config_lib.ModelConfig, params,
                  else "cudnn/xla"))
   gamma = 1.0
   if run.options is not None:
-    fetched = int(sum(int(f) for f, _ in stats_list))
-    selected = int(sum(int(s) for _, s in stats_list))
+    fetched = int(sum(np.asarray(st["fetched"]).sum() for st in stats_list))
+    selected = int(sum(np.asarray(st["selected"]).sum()
+                       for st in stats_list))
     gamma = 1.0 - fetched / max(selected, 1)
     tile = cfg.sparse.block_size * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
     pcie = 2 * tile * fetched / _STEPS.value
@@ -393,7 +410,8 @@ def main(argv):
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec="minutes"),
       "host": platform.node(), "jax": jax.__version__, "model": name,
-      "steps": _STEPS.value, "warmup": _WARMUP.value},
+      "steps": _STEPS.value, "warmup": _WARMUP.value,
+      "num_layers_override": _LAYERS.value},
              "records": []}
   t_start = time.perf_counter()
   hw = cost_model.H100

@@ -134,7 +134,7 @@ class OffloadOptions:
       not the model's.
   """
   fetch: str = "auto"
-  gather_programs: int = 132
+  gather_programs: int = 528
   cache_blocks: Optional[int] = None
   synthetic_gamma: Optional[float] = None
 
