@@ -20,10 +20,10 @@ Memory placement, per layer (`OffloadLayer`):
                    (`jax.memory.Space.Host`). Block-major: block n of
                    (b, k) is one contiguous C x D tile (decision 6).
                    N = ceil(max_len / C) is the capacity. Filled at
-                   prefill; during decode a block is written back when its
-                   last token arrives (the step that fills it).
-  k_slot, v_slot   [B, K, P, C, D] device memory, P = min(topk_blocks, N)
-                   slots: the device block cache.
+                   prefill; during decode a completed block is written
+                   back by `flush` (below).
+  k_slot, v_slot   [B, K, P, C, D] device memory, P = min(cache_blocks or
+                   topk_blocks, N) slots: the device block cache.
   slot_map         [B, K, P] int32: the block id held by each slot, -1 =
                    empty. A slot keeps its block until another block is
                    loaded into it (so the map is what the slot holds, not
@@ -48,18 +48,19 @@ One decode step, per layer (§4.3, decode.py's order):
      ones, in ascending id order, go into the slots not holding a selected
      block, in ascending slot order; the query's own block, when it is new
      (pos % C == 0), takes a slot but is not fetched;
-  4. fetch: a `lax.fori_loop` over the compacted list of missing
-     (b, k, slot, block) entries, each a `dynamic_slice` of the pinned_host
-     store (one C x D tile) followed by `jax.device_put(...,
-     Space.Device)` and a `dynamic_update_slice` into the slot cache, all
-     inside the jitted step. The trip count is the number of misses
-     (dynamic), at most B*K*P per layer. (Gathers on a pinned_host operand
-     are rejected by XLA, hence one slice per block.)
-  5. the token's k, v are written into its own block's slot at pos % C;
-     if that completes the block, the slot's tile is copied back to the
-     host store (a second fori_loop over the full (b, k), device_put to
-     Space.Host + dynamic_update_slice; `decode_step` donates the state so
-     the store is updated in place);
+  4. fetch (OffloadOptions.fetch): "pallas" = one launch of the zero-copy
+     kernel `pallas_kernels.gather_blocks`, which reads the missing tiles
+     straight from the pinned_host store into their slots (46 GB/s = 0.92
+     of bulk H2D on the H100, WORKSPACE.md); "loop" = a `lax.fori_loop`
+     over the compacted misses, each a `dynamic_slice` of the store plus
+     `device_put` (XLA rejects gathers on a pinned_host operand; 2.5 GB/s,
+     and its dynamic trip count syncs the GPU with the host), used on CPU;
+  5. the token's k, v are written into its own block's slot at pos % C.
+     A block that completes stays in its slot (it is in the forced window
+     for window_blocks * C steps); `flush`, called every C steps by the
+     driver, copies the last completed block of every (b, k) to the host
+     (a static loop of B*K tile copies per layer), so the step itself has
+     no data-dependent control flow;
   6. `sparse_attention.decode_attention` over the P slots; a slot counts
      only if its block is selected, with slot_len = min(C, len - C*id)
      (partial tail, empty slots and stale slots masked), bias gathered
@@ -70,15 +71,11 @@ Stats per step (`stats` dict, int32 [L, B, K]): `selected` (valid selected
 blocks) and `fetched` (blocks copied host -> device). Hit rate =
 1 - fetched / selected.
 
-Tested on CPU (tests/nosa_jax/offload_test.py) for infllmv2 and nosa with
-implementation="xla"; `dma` and the pallas decode kernel go through the
-same code but are untested here. Not done yet:
-  * anything measured on the GPU: the per-block fori_loop fetch is correct
-    but PERFORMANCE.md measured this pattern at 1.4-4 GB/s on the H100; a
-    zero-copy Pallas gather or batched async copies should replace it;
-  * overlap of the fetch with compute, prefetch (decision 7, first half);
-  * a cache larger than topk_blocks keeping the best eviction score blocks
-    (decision 7, second half): P = min(topk_blocks, N) for now;
+Tested on CPU (tests/nosa_jax/offload_test.py: both fetch modes, the
+larger cache) and on the H100 (the same tests with NOSA_TEST_GPU=1);
+throughput in experiments/decode_bench.py. Not done:
+  * overlap of the fetch with compute (decision 7, first half): the step
+    is serial, fetch then attention (WORKSPACE.md has what was tried);
   * prefill runs `decode.prefill` and moves its K/V to the host afterwards,
     so the device transiently holds the prompt's K/V at full capacity;
   * one device only (no sharding of the store or the slots).
@@ -236,6 +233,11 @@ def check_host_capacity(cfg: config_lib.ModelConfig, batch: int,
 
 
 def _check_variant(cfg: config_lib.ModelConfig):
+  if cfg.sparse.window_blocks < 1:
+    raise ValueError(
+        "offload needs sparse.window_blocks >= 1 (a completed block stays "
+        "in the forced window until `flush` writes it to the host), got "
+        f"{cfg.sparse.window_blocks}")
   if cfg.sparse.variant not in VARIANTS:
     raise ValueError(
         f"offload supports variants {VARIANTS}, not {cfg.sparse.variant!r}: "
@@ -532,24 +534,53 @@ def _fetch(k_host, v_host, k_slot, v_slot, load_BKP, fetch_BKP,
                       fetch_BKP.reshape(-1), where, _DEVICE)
 
 
-def _write_back(k_host, v_host, k_slot, v_slot, own_slot_BK, pos_B, c):
-  """Copies each block completed at this step from its slot to the host.
+def _write_back(layer: OffloadLayer, lengths_B, c: int) -> OffloadLayer:
+  """Copies each sequence's last completed block from its slot to the host.
 
-  Always XLA copies: a Pallas output is device memory (pallas_call sets
-  it), so the zero-copy kernel cannot write into the pinned_host store.
+  Block j = lengths // C - 1 of every (b, k) (for a sequence without a
+  completed block, its partial own block, which the host never reads
+  before it is complete and written again). A static loop of B * K tile
+  copies: no data-dependent control flow, which on the GPU would stall the
+  step on a device -> host read of the loop predicate.
   """
-  kv = own_slot_BK.shape[1]
-  full_B = pos_B % c == c - 1
+  b, kv = layer.slot_map.shape[:2]
+  own_B = (lengths_B // c).astype(jnp.int32)
+  block_B = jnp.where(own_B > 0, own_B - 1, 0)
+  slot_BK = jnp.argmax(layer.slot_map == block_B[:, None, None],
+                       axis=-1).astype(jnp.int32)
   zero = jnp.zeros((), jnp.int32)
+  tile = (1, 1, 1) + layer.k_slot.shape[3:]
 
-  def where(f):
+  def body(f, carry):
     bi, ki = f // kv, f % kv
-    block = (pos_B[bi] // c).astype(jnp.int32)
-    return ((bi, ki, own_slot_BK[bi, ki], zero, zero),
-            (bi, ki, block, zero, zero))
+    src = (bi, ki, slot_BK[bi, ki], zero, zero)
+    dst = (bi, ki, block_B[bi], zero, zero)
+    return tuple(jax.lax.dynamic_update_slice(
+        h, jax.device_put(jax.lax.dynamic_slice(x, src, tile), _HOST), dst)
+                 for x, h in zip((layer.k_slot, layer.v_slot), carry,
+                                 strict=True))
 
-  return _copy_blocks((k_slot, v_slot), (k_host, v_host),
-                      jnp.repeat(full_B, kv), where, _HOST)
+  k_host, v_host = jax.lax.fori_loop(0, b * kv, body,
+                                     (layer.k_host, layer.v_host))
+  return dataclasses.replace(layer, k_host=k_host, v_host=v_host)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",),
+                   donate_argnames=("state",))
+def flush(cfg: config_lib.ModelConfig, state: OffloadState) -> OffloadState:
+  """Writes the blocks completed during the last C steps to the host store.
+
+  A block completed during decode stays in its slot (it is in the forced
+  window for window_blocks * C >= C steps, so it is not evicted and never
+  fetched meanwhile); `flush` copies it to the host. Call it at least once
+  every C = block_size decode steps, and before reading the host store;
+  `generate` does. Each sequence completes exactly one block per C steps,
+  so a flush every C steps writes each completed block once. Taking the
+  write-back out of the step keeps the step free of data-dependent loops.
+  """
+  c = cfg.sparse.block_size
+  return dataclasses.replace(state, layers=tuple(
+      _write_back(layer, state.lengths_B, c) for layer in state.layers))
 
 
 def synthetic_selection(pos_B: jax.Array, kv: int, n: int,
@@ -651,8 +682,6 @@ def _attend(q_BHD, k_BKD, v_BKD, layer: OffloadLayer, pos_B,
   row_B1 = (pos_B % c)[:, None]
   k_slot = k_slot.at[b_, k_, own_slot_BK, row_B1].set(k_BKD)
   v_slot = v_slot.at[b_, k_, own_slot_BK, row_B1].set(v_BKD)
-  k_host, v_host = _write_back(layer.k_host, layer.v_host, k_slot, v_slot,
-                               own_slot_BK, pos_B, c)
   # Attention over the slots holding a selected block.
   valid_BKP = idx_BKP >= 0
   sel_slot_BKP = jnp.any(
@@ -670,8 +699,8 @@ def _attend(q_BHD, k_BKD, v_BKD, layer: OffloadLayer, pos_B,
       q_BHD, k_slot.reshape(b, kv, p * c, d), v_slot.reshape(b, kv, p * c, d),
       bias, slot_len_BKP.astype(jnp.int32), c, sp.implementation)
   slot_last = jnp.where(sel_slot_BKP, pos_B[:, None, None], layer.slot_last)
-  layer = dataclasses.replace(layer, k_host=k_host, v_host=v_host,
-                              k_slot=k_slot, v_slot=v_slot, slot_map=new_map,
+  layer = dataclasses.replace(layer, k_slot=k_slot, v_slot=v_slot,
+                              slot_map=new_map,
                               slot_last=slot_last.astype(jnp.int32))
   return (layer, out_BHD, jnp.sum(valid_BKP, -1).astype(jnp.int32),
           jnp.sum(fetch_BKP, -1).astype(jnp.int32))
@@ -789,9 +818,12 @@ def generate(params: Any, cfg: config_lib.ModelConfig,
                               cfg=cfg, options=options).compile()
   t0 = time.perf_counter()
   steps = 0
+  c = cfg.sparse.block_size
   for steps in range(1, max_new_tokens):
     state, gen = step(params, state, gen, temp, top_p, eos, pad_id)
     out.append(gen["tok_B"])
+    if steps % c == 0:
+      state = flush(cfg, state)
     if steps % 16 == 0 and bool(jnp.all(gen["done_B"])):
       break
   jax.block_until_ready((state, gen))
