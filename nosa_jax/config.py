@@ -213,6 +213,11 @@ class DataConfig:
     text_field: the jsonl field holding the text.
     holdout_fraction: fraction of documents kept for the eval split.
     cache_dir: where tokenized corpora are cached ('' = ~/.cache/nosa_jax).
+    passkey_fraction: fraction of training windows replaced by synthetic
+      passkey documents (`nosa_jax.passkey`; the answer is inside the
+      window), so that small models learn the long-range retrieval the
+      passkey evaluation measures. 0 = the plain corpus. The eval split is
+      never changed.
   """
 
   source: str = "stdlib"
@@ -220,12 +225,17 @@ class DataConfig:
   text_field: str = "text"
   holdout_fraction: float = 0.01
   cache_dir: str = ""
+  passkey_fraction: float = 0.0
 
   def __post_init__(self):
     _require(isinstance(self.source, str) and self.source, "data.source",
              "must be 'stdlib' or a path", self.source)
     _require(0.0 < self.holdout_fraction < 0.5, "data.holdout_fraction",
              "must be in (0, 0.5)", self.holdout_fraction)
+    _require(isinstance(self.passkey_fraction, (int, float))
+             and not isinstance(self.passkey_fraction, bool)
+             and 0.0 <= self.passkey_fraction <= 1.0, "data.passkey_fraction",
+             "must be a number in [0, 1]", self.passkey_fraction)
 
 
 @dataclasses.dataclass(frozen=True)

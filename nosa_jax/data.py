@@ -39,6 +39,7 @@ from absl import logging
 import numpy as np
 
 from nosa_jax import config as config_lib
+from nosa_jax import passkey
 
 # Bump when the cache layout or tokenization rules change, so old cache files
 # are never trusted by new code.
@@ -308,6 +309,39 @@ class TokenStream:
     """
     windows = self.window_indices(position, batch_size)
     return _gather_windows(self.tokens, windows, self.seq_len)
+
+
+class PasskeyMixStream(TokenStream):
+  """A train stream in which a fraction of windows are passkey documents.
+
+  Row i of `batch_at(position, ...)` is replaced, with probability
+  `fraction`, by `passkey.PasskeyBuilder.training_document` of seq_len + 1
+  tokens (random key and depth; half of them keep the corpus window as the
+  haystack). The choice and the document come from an RNG seeded with
+  (seed, stream position), so batches stay a pure function of the position
+  and resumed runs see the same data.
+  """
+
+  def __init__(self, tokens: np.ndarray, seq_len: int, seed: int = 0, *,
+               name: str = "token stream", tokenizer: Tokenizer,
+               fraction: float):
+    super().__init__(tokens, seq_len, seed, name=name)
+    self.fraction = fraction
+    self._builder = passkey.PasskeyBuilder(tokenizer)
+    need = self._builder.fixed_length("9" * 5)
+    if need > seq_len + 1:
+      raise config_lib.ConfigError(
+          f"data.passkey_fraction={fraction} is invalid with train.seq_len="
+          f"{seq_len}: a passkey document needs seq_len + 1 >= {need}")
+
+  def batch_at(self, position: int, batch_size: int) -> np.ndarray:
+    batch = super().batch_at(position, batch_size)
+    for i in range(batch_size):
+      rng = np.random.default_rng([self.seed, position + i, 1])
+      if rng.random() < self.fraction:
+        batch[i] = self._builder.training_document(self.seq_len + 1, rng,
+                                                   batch[i])
+    return batch
 
 
 def _gather_windows(tokens: np.ndarray, windows: np.ndarray,
@@ -725,8 +759,14 @@ def load_datasets(cfg: config_lib.DataConfig, seq_len: int,
         meta["num_tokens"]["train"], meta["num_tokens"]["eval"],
         meta["split_by"], base)
 
+  if cfg.passkey_fraction > 0:
+    train = PasskeyMixStream(arrays["train"], seq_len, seed,
+                             name="train split", tokenizer=tokenizer,
+                             fraction=cfg.passkey_fraction)
+  else:
+    train = TokenStream(arrays["train"], seq_len, seed, name="train split")
   return Datasets(
-      train=TokenStream(arrays["train"], seq_len, seed, name="train split"),
+      train=train,
       eval=TokenStream(arrays["eval"], seq_len, seed, name="eval split"),
       tokenizer=tokenizer,
       vocab_size=tokenizer.vocab_size)
