@@ -366,20 +366,13 @@ def _attend(q_BHD, layer: LayerCache, pos_B, sp: config_lib.SparseConfig):
   j_BKP = jnp.where(valid_BKP, idx_BKP, 0)
   slot_len_BKP = jnp.where(
       valid_BKP, jnp.clip(len_B[:, None, None] - c * j_BKP, 0, c), 0)
-  # Gather the selected blocks into P slots of C rows: [B, K, P * C, ...].
-  b_ = jnp.arange(b)[:, None, None]
-  k_ = jnp.arange(kv)[None, :, None]
-  p = idx_BKP.shape[-1]
-
-  def gather(x_BKS_):
-    blocks = x_BKS_.reshape((b, kv, n, c) + x_BKS_.shape[3:])[b_, k_, j_BKP]
-    return blocks.reshape((b, kv, p * c) + x_BKS_.shape[3:])
-
+  # The kernel reads the selected blocks in place through the block table
+  # (no gathered copy of the P blocks).
   bias_BKS = layer.bias_BKS if sp.variant in ("dma", "nosa") else None
   out_BHD = sparse_attention.decode_attention(
-      q_BHD, gather(layer.k_BKSD), gather(layer.v_BKSD),
-      None if bias_BKS is None else gather(bias_BKS),
-      slot_len_BKP.astype(jnp.int32), c, sp.implementation)
+      q_BHD, layer.k_BKSD, layer.v_BKSD, bias_BKS,
+      slot_len_BKP.astype(jnp.int32), c, sp.implementation,
+      block_idx_BKP=j_BKP.astype(jnp.int32))
   return out_BHD, idx_BKP
 
 

@@ -254,7 +254,8 @@ def decode_attention(q_BHD: jax.Array, k_BKSD: jax.Array, v_BKSD: jax.Array,
                      bias_BKS: Optional[jax.Array], slot_len_BKP: jax.Array,
                      block_size: int,
                      implementation: Literal["xla", "pallas"] = "xla",
-                     tuning: Optional[dict] = None) -> jax.Array:
+                     tuning: Optional[dict] = None,
+                     block_idx_BKP: Optional[jax.Array] = None) -> jax.Array:
   """One query token per sequence against its cached KV blocks (slots).
 
   Args:
@@ -268,6 +269,9 @@ def decode_attention(q_BHD: jax.Array, k_BKSD: jax.Array, v_BKSD: jax.Array,
       interpret mode off the GPU).
     tuning: keyword arguments for the pallas kernel (`block_sizes` as a
       `DecodeBlockSizes`, `num_warps`, `num_stages`).
+    block_idx_BKP: optional block table: slot p is block block_idx_BKP[...,
+      p] of k/v/bias, which then hold the whole cache [B, K, N * C, ...]
+      (read in place by the kernel; the xla path gathers).
 
   Returns:
     out_BHD in q's dtype; 0 for a row with no valid key.
@@ -275,12 +279,14 @@ def decode_attention(q_BHD: jax.Array, k_BKSD: jax.Array, v_BKSD: jax.Array,
   if implementation == "pallas":
     return pallas_kernels.sparse_decode(
         q_BHD, k_BKSD, v_BKSD, bias_BKS, slot_len_BKP, block_size,
+        block_idx_BKP=block_idx_BKP,
         interpret=jax.default_backend() != "gpu", **(tuning or {}))
   if implementation != "xla":
     raise ValueError(f"implementation={implementation!r}: use 'xla' or "
                      "'pallas'")
   return pallas_kernels.sparse_decode_reference(
-      q_BHD, k_BKSD, v_BKSD, bias_BKS, slot_len_BKP, block_size)
+      q_BHD, k_BKSD, v_BKSD, bias_BKS, slot_len_BKP, block_size,
+      block_idx_BKP=block_idx_BKP)
 
 
 def decode_bytes_read(q_BHD, k_BKSD, v_BKSD, bias_BKS, slot_len_BKP,

@@ -102,10 +102,11 @@ def _dot(a, b, *, contract_b: int):
 
 def _sparse_decode_kernel(
     q_ref,         # [Gp, D]  Gp = G padded to a power of 2 >= 16
-    k_ref,         # [S, D]   S = P * C, slot-major
+    k_ref,         # [S, D]   S = P * C slot-major, or the cache's N * C
     v_ref,         # [S, D]
     bias_ref,      # [S] fp32, or None
     slot_len_ref,  # [P] int32
+    block_idx_ref,  # [P] int32 block of the cache each slot reads, or None
     o_ref,         # [Gp, D] fp32, unnormalised output of this split
     m_ref,         # [Gp] fp32, max logit of this split (-inf: no valid key)
     l_ref,         # [Gp] fp32, softmax denominator relative to m
@@ -125,7 +126,8 @@ def _sparse_decode_kernel(
   def body(slot, carry):
     o, m_i, l_i = carry
     valid = token < slot_len_ref[slot]  # [C]
-    span = pl.ds(pl.multiple_of(slot * c, c), c)
+    blk = slot if block_idx_ref is None else block_idx_ref[slot]
+    span = pl.ds(pl.multiple_of(blk * c, c), c)
     # Masked loads: invalid rows cost no memory traffic and read as 0, so
     # stale or NaN cache contents cannot leak into p @ v.
     k = plt.load(k_ref.at[span, :], mask=valid[:, None], other=0)  # [C, D]
@@ -160,7 +162,8 @@ def _sparse_decode_kernel(
 # ---------------------------------------------------------------------------
 
 
-def _validate(q_BHD, k_BKSD, v_BKSD, bias_BKS, slot_len_BKP, block_size):
+def _validate(q_BHD, k_BKSD, v_BKSD, bias_BKS, slot_len_BKP, block_size,
+              block_idx_BKP=None):
   """Raises a one-line ValueError naming the first bad argument."""
   if q_BHD.ndim != 3:
     raise ValueError(f"q_BHD must be [B, H, D], got shape {q_BHD.shape}")
@@ -195,9 +198,17 @@ def _validate(q_BHD, k_BKSD, v_BKSD, bias_BKS, slot_len_BKP, block_size):
     raise ValueError(f"slot_len_BKP dtype must be int32, got "
                      f"{slot_len_BKP.dtype}")
   p = slot_len_BKP.shape[2]
-  if s != p * block_size:
+  if block_idx_BKP is None and s != p * block_size:
     raise ValueError(f"k_BKSD slot axis S={s} != P * block_size = {p} * "
                      f"{block_size}")
+  if block_idx_BKP is not None:
+    if s % block_size:
+      raise ValueError(f"k_BKSD cache axis S={s} is not a multiple of "
+                       f"block_size={block_size}")
+    if (block_idx_BKP.shape != slot_len_BKP.shape
+        or block_idx_BKP.dtype != jnp.int32):
+      raise ValueError(f"block_idx_BKP must be int32 {slot_len_BKP.shape}, "
+                       f"got {block_idx_BKP.dtype} {block_idx_BKP.shape}")
   if bias_BKS is not None:
     if bias_BKS.shape != (b, kv_heads, s):
       raise ValueError(f"bias_BKS shape {bias_BKS.shape} must be [B, K, S] "
@@ -218,6 +229,7 @@ def sparse_decode(
     slot_len_BKP: jax.Array,
     block_size: int,
     *,
+    block_idx_BKP: jax.Array | None = None,
     block_sizes: DecodeBlockSizes | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
@@ -237,6 +249,11 @@ def sparse_decode(
       (0 = empty slot, C = full block, else the partial tail block); the
       other positions are ignored whatever they hold.
     block_size: C, tokens per slot; a power of 2 >= 16.
+    block_idx_BKP: optional [B, K, P] int32 block table: slot p reads
+      block block_idx_BKP[b, k, p] of k/v/bias, which are then the whole
+      cache [B, K, N * C, ...] (paged-attention style, no gathered copy);
+      entries of empty slots (slot_len 0) are never read. None: k/v/bias
+      are slot-major with S = P * C.
     block_sizes: split of the slot axis; None = `DecodeBlockSizes()`.
     num_warps: Triton warps per program; None = 4.
     num_stages: Triton software-pipelining stages of the slot loop;
@@ -248,7 +265,8 @@ def sparse_decode(
     [B, H, D] softmax(q.k / sqrt(D) + bias) v over the valid keys, in q's
     dtype (fp32 accumulation); 0 for a query with no valid key.
   """
-  _validate(q_BHD, k_BKSD, v_BKSD, bias_BKS, slot_len_BKP, block_size)
+  _validate(q_BHD, k_BKSD, v_BKSD, bias_BKS, slot_len_BKP, block_size,
+            block_idx_BKP)
   b, h, d = q_BHD.shape
   kv_heads, s = k_BKSD.shape[1:3]
   g = h // kv_heads
@@ -276,6 +294,8 @@ def sparse_decode(
           None if bias_BKS is None else pl.BlockSpec(
               (None, None, s), lambda i, j, n: (i, j, 0)),
           pl.BlockSpec((None, None, num_slots), lambda i, j, n: (i, j, 0)),
+          None if block_idx_BKP is None else pl.BlockSpec(
+              (None, None, num_slots), lambda i, j, n: (i, j, 0)),
       ],
       out_specs=[
           pl.BlockSpec((None, None, None, gp, d),
@@ -294,7 +314,7 @@ def sparse_decode(
       interpret=interpret,
       debug=debug,
       name="nosa_sparse_decode",
-  )(q_BKGD, k_BKSD, v_BKSD, bias_BKS, slot_len_BKP)
+  )(q_BKGD, k_BKSD, v_BKSD, bias_BKS, slot_len_BKP, block_idx_BKP)
 
   # Log-sum-exp combination of the splits. A split (or a whole row) with no
   # valid key has m = -inf and l = 0: shift by 0 there so its weight is 0.
@@ -305,6 +325,19 @@ def sparse_decode(
   o_BKGD = (w_BKNG[..., None] * o_BKNGD).sum(axis=2)
   o_BKGD = o_BKGD / jnp.where(l_BKG > 0, l_BKG, 1.0)[..., None]
   return o_BKGD[:, :, :g].reshape(b, h, d).astype(q_BHD.dtype)
+
+
+def gather_blocks_by_index(x_BKS_: jax.Array, block_idx_BKP: jax.Array,
+                           block_size: int) -> jax.Array:
+  """[B, K, N * C, ...] cache -> [B, K, P * C, ...] slot-major copy."""
+  b, kv, s = x_BKS_.shape[:3]
+  p = block_idx_BKP.shape[-1]
+  rest = x_BKS_.shape[3:]
+  blocks = x_BKS_.reshape((b, kv, s // block_size, block_size) + rest)
+  idx = jnp.clip(block_idx_BKP, 0, s // block_size - 1)
+  out = blocks[jnp.arange(b)[:, None, None], jnp.arange(kv)[None, :, None],
+               idx]
+  return out.reshape((b, kv, p * block_size) + rest)
 
 
 def decode_bytes_read(
@@ -354,11 +387,21 @@ def sparse_decode_reference(
     bias_BKS: jax.Array | None,
     slot_len_BKP: jax.Array,
     block_size: int,
+    *,
+    block_idx_BKP: jax.Array | None = None,
 ) -> jax.Array:
   """Pure-jnp `sparse_decode`: fp32 logits, dense masking. The spec.
 
-  Same arguments and result as `sparse_decode` (without the tuning ones).
+  Same arguments and result as `sparse_decode` (without the tuning ones);
+  a block table is applied by gathering the blocks first.
   """
+  _validate(q_BHD, k_BKSD, v_BKSD, bias_BKS, slot_len_BKP, block_size,
+            block_idx_BKP)
+  if block_idx_BKP is not None:
+    k_BKSD, v_BKSD, bias_BKS = (
+        None if x is None else gather_blocks_by_index(x, block_idx_BKP,
+                                                      block_size)
+        for x in (k_BKSD, v_BKSD, bias_BKS))
   b, h, d = q_BHD.shape
   kv_heads, s = k_BKSD.shape[1:3]
   num_slots = slot_len_BKP.shape[2]

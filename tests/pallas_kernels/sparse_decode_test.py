@@ -117,6 +117,31 @@ class SparseDecodeTest(parameterized.TestCase):
     clean = self._decode(q, k, v, bias, slot_len, 16)
     np.testing.assert_array_equal(_f32(out), _f32(clean))
 
+  @parameterized.parameters(("float32", True), ("bfloat16", False))
+  def test_block_table_reads_cache_in_place(self, dtype, bias):
+    # A cache of N = 7 blocks; slots read blocks through the table (with a
+    # repeat and an empty slot whose table entry is out of range garbage).
+    q, k, v, bias_BKS, slot_len = _inputs(5, b=2, k=_K, g=4, p=7, c=16, d=32,
+                                          dtype=dtype, bias=bias)
+    table = jnp.asarray([[[6, 0, 3, 3], [1, 2, 5, 999]],
+                         [[4, 4, 0, 6], [2, 0, 1, 3]]], jnp.int32)
+    lens = jnp.asarray([[[16, 9, 16, 3], [16, 16, 4, 0]],
+                        [[16, 2, 16, 11], [5, 16, 16, 16]]], jnp.int32)
+    out = self._decode(q, k, v, bias_BKS, lens, 16, block_idx_BKP=table)
+    ref = sd.sparse_decode_reference(q, k, v, bias_BKS, lens, 16,
+                                     block_idx_BKP=table)
+    # The same as slot-major attention over an explicit gathered copy.
+    gather = lambda x: None if x is None else sd.gather_blocks_by_index(
+        x, table, 16)
+    slots = sd.sparse_decode_reference(q, gather(k), gather(v),
+                                       gather(bias_BKS), lens, 16)
+    tol = tolerances.tol(dtype)
+    np.testing.assert_allclose(_f32(out), _f32(ref), **tol)
+    np.testing.assert_allclose(_f32(ref), _f32(slots), **tol)
+    with self.assertRaisesRegex(ValueError, "block_idx_BKP must be int32"):
+      self._decode(q, k, v, bias_BKS, lens, 16,
+                   block_idx_BKP=table.astype(jnp.int16))
+
   def test_large_bf16(self):
     """The paper's decode shape: C = 64, P = 64 slots, D = 128 (GPU only)."""
     if self.INTERPRET:
