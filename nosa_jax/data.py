@@ -316,10 +316,11 @@ class PasskeyMixStream(TokenStream):
 
   Row i of `batch_at(position, ...)` is replaced, with probability
   `fraction`, by `passkey.PasskeyBuilder.training_document` of seq_len + 1
-  tokens (random key and depth; half of them keep the corpus window as the
-  haystack). The choice and the document come from an RNG seeded with
-  (seed, stream position), so batches stay a pure function of the position
-  and resumed runs see the same data.
+  tokens (one or more passkey documents with random keys and depths; about
+  half of them keep the corpus window as the haystack). The choice and the
+  documents come from an RNG seeded with (seed, stream position), so
+  batches stay a pure function of the position and resumed runs see the
+  same data.
   """
 
   def __init__(self, tokens: np.ndarray, seq_len: int, seed: int = 0, *,
@@ -328,7 +329,7 @@ class PasskeyMixStream(TokenStream):
     super().__init__(tokens, seq_len, seed, name=name)
     self.fraction = fraction
     self._builder = passkey.PasskeyBuilder(tokenizer)
-    need = self._builder.fixed_length("9" * 5)
+    need = self._builder.min_document_length()
     if need > seq_len + 1:
       raise config_lib.ConfigError(
           f"data.passkey_fraction={fraction} is invalid with train.seq_len="

@@ -1,0 +1,319 @@
+r"""Quality study (issue 8): train each variant on the same tokens, evaluate.
+
+  # on the GPU machine, one variant per call (it keeps nothing in between):
+  python -m experiments.quality_study --config=configs/quality.py \
+      --variants=nosa --out_dir=$OUT/quality
+  # here, with the variant_*.json files of all calls in one DIR: plots only
+  python -m experiments.quality_study --config=configs/quality.py \
+      --variants= --out_dir=DIR
+  # CPU smoke run
+  python -m experiments.quality_study --config=configs/quality.py:runlocal \
+      --variants=full,nosa --out_dir=/tmp/quality
+
+--variants: full, infllmv2, dma, nosa, each optionally with `_loc<weight>`
+(the differentiable locality penalty, e.g. nosa_loc0.1).
+
+Token budget, the same for every variant: `config.train.num_steps` steps of
+batch_size x seq_len tokens. With --minutes_per_variant=M instead, the step
+time of the first listed variant is measured (one extra compilation plus a
+few timed steps; list the slowest variant first) and num_steps = M minutes
+of it, used for every variant of this call. The JSON records num_steps, so
+later calls can pass it as --config.train.num_steps.
+
+Per variant, OUT_DIR/variant_<name>.json holds the training curves (train
+and eval loss, locality) read back from TensorBoard, wall times and
+`nosa_jax.evaluation.evaluate` (held-out perplexity, passkey accuracy by
+length x depth, decode gamma per layer). After every variant, quality.json
+(one row per variant) and loss.png, passkey.png, gamma.png are rebuilt from
+all variant files in OUT_DIR, so a call cut short keeps what it finished.
+Without matplotlib (a bare GPU image) only the JSONs are written; the
+plotting lives here, not in the library, as matplotlib is a dev dependency.
+Checkpoints stay in --work_dir; a variant's old workdir there is removed
+first unless --resume.
+"""
+
+import dataclasses
+import functools
+import glob
+import json
+import os
+import re
+import shutil
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+
+from nosa_jax import checkpoint
+from nosa_jax import config as config_lib
+from nosa_jax import data
+from nosa_jax import evaluation
+from nosa_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "configs/quality.py[:runlocal]", lock_config=True)
+_VARIANTS = flags.DEFINE_string(
+    "variants", "full,infllmv2,dma,nosa",
+    "Comma-separated variants, e.g. full,nosa,nosa_loc0.1; empty: only "
+    "rebuild the summary and plots from OUT_DIR.")
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "Results (JSON + PNG).")
+_WORK_DIR = flags.DEFINE_string("work_dir", "/tmp/quality_runs",
+                                "Training workdirs (checkpoints).")
+_RESUME = flags.DEFINE_bool(
+    "resume", False, "Resume a variant's workdir instead of starting it "
+    "afresh (the default removes WORK_DIR/<variant> first).")
+_MINUTES = flags.DEFINE_float(
+    "minutes_per_variant", 0.0, "If > 0, size num_steps from the measured "
+    "step time of the first variant; else config.train.num_steps.")
+flags.mark_flags_as_required(["config", "out_dir"])
+
+_SPEC = re.compile(
+    r"(full|infllmv2|dma|nosa)(?:_loc(\d+(?:\.\d*)?(?:e-?\d+)?))?")
+_CURVES = ("train/loss", "train/tokens_per_s", "train/locality_penalty",
+           "eval/loss", "locality/gamma")
+
+
+def parse_variants(text: str) -> list[tuple[str, str, float]]:
+  """'full,nosa_loc0.1' -> [(name, variant, locality_weight), ...]."""
+  out = []
+  for name in filter(None, (s.strip() for s in text.split(","))):
+    m = _SPEC.fullmatch(name)
+    if not m or (m.group(1) == "full" and m.group(2)) or name in [
+        o[0] for o in out]:
+      raise config_lib.ConfigError(
+          f"variants={text!r} is invalid: {name!r} must be one of full, "
+          "infllmv2, dma, nosa, optionally with _loc<weight> for a sparse "
+          "variant (e.g. nosa_loc0.1), each listed once")
+    out.append((name, m.group(1), float(m.group(2) or 0.0)))
+  return out
+
+
+def variant_config(base: dict, variant: str, weight: float,
+                   num_steps: int | None = None) -> config_lib.ExperimentConfig:
+  d = json.loads(json.dumps(base))  # a deep copy of plain data
+  d["model"]["sparse"].update(variant=variant, locality_weight=weight)
+  if num_steps:
+    t = d["train"]
+    t["num_steps"] = num_steps
+    if t["warmup_steps"] >= num_steps // 2:  # keep most steps past warmup
+      t["warmup_steps"] = num_steps // 10
+  return config_lib.ExperimentConfig.from_dict(d)
+
+
+def eval_config(d: dict) -> evaluation.EvalConfig:
+  """The config's `eval` section; errors name the `eval.` field."""
+  known = {f.name for f in dataclasses.fields(evaluation.EvalConfig)}
+  unknown = sorted(set(d) - known)
+  if unknown:
+    raise config_lib.ConfigError(
+        f"eval.{unknown[0]} is not a known field; known fields: "
+        f"{', '.join(sorted(known))}")
+  try:
+    return evaluation.EvalConfig(**d)
+  except config_lib.ConfigError as e:
+    raise config_lib.ConfigError(f"eval.{e}") from None
+
+
+def measure_step_seconds(cfg: config_lib.ExperimentConfig,
+                         steps: int = 5) -> float:
+  """Seconds per train step after compilation, on a real batch."""
+  ds = data.load_datasets(cfg.data, cfg.train.seq_len, cfg.train.seed)
+  graphdef, state, tx = train.init_state(cfg)
+  step = jax.jit(functools.partial(train.train_step, graphdef=graphdef,
+                                   cfg=cfg.model, tx=tx), donate_argnums=0)
+  batch = jnp.asarray(ds.train.batch_at(0, cfg.train.batch_size))
+  state, m = step(state, batch)
+  jax.block_until_ready(m)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, m = step(state, batch)
+  jax.block_until_ready(m)
+  return (time.perf_counter() - t0) / steps
+
+
+def run_variant(name: str, cfg: config_lib.ExperimentConfig,
+                ecfg: evaluation.EvalConfig, workdir: str) -> dict:
+  """Trains (or resumes) in workdir, evaluates the final checkpoint."""
+  t0 = time.time()
+  last = train.train_and_evaluate(cfg, workdir)
+  t1 = time.time()
+  _, params, step = evaluation.load_model(workdir=workdir)
+  res = evaluation.evaluate(params, cfg, ecfg)
+  curves = evaluation.read_scalars(os.path.join(workdir, "tensorboard"))
+  res.update(
+      name=name, step=step,
+      tokens=step * cfg.train.batch_size * cfg.train.seq_len,
+      train_seconds=t1 - t0, eval_seconds=time.time() - t1,
+      final_train=last, config=dataclasses.asdict(cfg),
+      curves={k: v for k, v in curves.items() if k in _CURVES})
+  return res
+
+
+def _outside(pk: dict | None, key: str) -> float | None:
+  """Mean `key` over the cells whose needles all lie outside the forced
+  sink + window blocks: retrieval that needs the selection to work."""
+  if not pk or "outside_forced" not in pk:
+    return None
+  grid, out = np.array(pk[key]), np.array(pk["outside_forced"])
+  return float(grid[out == 1.0].mean()) if np.any(out == 1.0) else None
+
+
+def summarize(results: list[dict]) -> list[dict]:
+  """One row per variant: budget, speed, loss, passkey, gamma."""
+  rows = []
+  for r in results:
+    tps = [v for _, v in r["curves"].get("train/tokens_per_s", [])[1:]]
+    rows.append({
+        "name": r["name"], "variant": r["model"]["variant"],
+        "locality_weight": r["config"]["model"]["sparse"]["locality_weight"],
+        "steps": r["step"], "tokens": r["tokens"],
+        "params": r["model"]["num_params"],
+        "tokens_per_s": float(np.median(tps)) if tps else None,
+        "train_seconds": r["train_seconds"],
+        "heldout_nll": r["perplexity"]["nll"],
+        "heldout_ppl": r["perplexity"]["ppl"],
+        "passkey": r["passkey"]["overall"] if r["passkey"] else None,
+        "passkey_by_length": (r["passkey"]["accuracy_by_length"]
+                              if r["passkey"] else None),
+        "passkey_outside_window": _outside(r["passkey"], "accuracy"),
+        "passkey_answer_nll": (r["passkey"]["overall_answer_nll"]
+                               if r["passkey"] else None),
+        "passkey_answer_nll_outside_window": _outside(r["passkey"],
+                                                      "answer_nll"),
+        "gamma": r["gamma"]["mean"] if r["gamma"] else None})
+  return rows
+
+
+def plot(results: list[dict], out_dir: str) -> list[str]:
+  """loss.png, passkey.png, gamma.png; returns their paths."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  paths = [os.path.join(out_dir, f) for f in
+           ("loss.png", "passkey.png", "gamma.png")]
+
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  for r in results:
+    per_step = r["tokens"] / max(r["step"], 1)
+    for ax, tag in zip(axes, ("train/loss", "eval/loss"), strict=True):
+      pts = np.array(r["curves"].get(tag, []), float).reshape(-1, 2)
+      ax.plot(pts[:, 0] * per_step / 1e6, pts[:, 1], marker=".",
+              label=r["name"])
+  for ax, title in zip(axes, ("train loss", "held-out loss"), strict=True):
+    ax.set(title=title, xlabel="training tokens (M)", ylabel="nats/token")
+    ax.grid(alpha=0.3)
+  axes[1].legend()
+  fig.tight_layout()
+  fig.savefig(paths[0], dpi=90)
+  plt.close(fig)
+
+  pk = [r for r in results if r["passkey"]]
+  n = max(len(pk), 1)
+  fig, axes = plt.subplots(3, n, squeeze=False, figsize=(3.2 * n, 9.0))
+  # Exact match, fraction of answer tokens right, answer NLL (chance for a
+  # digit is ln 10): the last two still rank models that never retrieve.
+  rows = (("accuracy", "exact match", 1.0, "viridis"),
+          ("token_accuracy", "answer tokens right", 1.0, "viridis"),
+          ("answer_nll", "answer NLL (nats)", np.log(10), "viridis_r"))
+  for col, r in enumerate(pk):
+    p = r["passkey"]
+    for row, (key, what, vmax, cmap) in enumerate(rows):
+      ax = axes[row, col]
+      grid = np.array(p[key]).T  # [depth, length]
+      ax.imshow(grid, vmin=0, vmax=vmax, cmap=cmap, origin="lower",
+                aspect="auto")
+      for (i, j), v in np.ndenumerate(grid):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                color="w" if (v < vmax / 2) == (row < 2) else "k")
+      ax.set_xticks(range(len(p["lengths"])), p["lengths"])
+      ax.set_yticks(range(len(p["depths"])), p["depths"])
+      ax.set(title=f"{r['name']}: {what}" if row == 0 else what,
+             xlabel="context (tokens)", ylabel="depth")
+  fig.tight_layout()
+  fig.savefig(paths[1], dpi=90)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(5, 3.4))
+  for r in results:
+    if r["gamma"]:
+      ax.plot(r["gamma"]["per_layer"], marker="o", label=r["name"])
+  ax.set(title="decode locality gamma", xlabel="layer", ylabel="gamma")
+  ax.xaxis.get_major_locator().set_params(integer=True)
+  ax.grid(alpha=0.3)
+  if any(r["gamma"] for r in results):
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(paths[2], dpi=90)
+  plt.close(fig)
+  return paths
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+  return "-" if x is None else f"{x:,.{digits}f}"
+
+
+def rebuild(out_dir: str) -> None:
+  """quality.json and the plots from every variant_*.json in out_dir."""
+  results = []
+  for path in sorted(glob.glob(os.path.join(out_dir, "variant_*.json"))):
+    with open(path) as f:
+      results.append(json.load(f))
+  if not results:
+    logging.warning("no variant_*.json in %s: nothing to summarize", out_dir)
+    return
+  rows = summarize(results)
+  checkpoint.write_json_atomic(os.path.join(out_dir, "quality.json"),
+                               {"rows": rows})
+  try:
+    plot(results, out_dir)
+  except ImportError:  # e.g. a GPU image without matplotlib
+    logging.warning("matplotlib is not installed: no PNGs; run again with "
+                    "--variants= --out_dir=%s where it is", out_dir)
+  for r in rows:
+    print(f"{r['name']:>14} | {r['steps']} steps, {r['tokens'] / 1e6:.1f}M "
+          f"tokens | held-out NLL {r['heldout_nll']:.4f} | passkey "
+          f"{_fmt(r['passkey'])} (answer NLL "
+          f"{_fmt(r['passkey_answer_nll'])}) | gamma {_fmt(r['gamma'])} | "
+          f"tokens/s {_fmt(r['tokens_per_s'], 0)}")
+
+
+def main(argv):
+  del argv
+  train.quiet_library_logs()
+  try:
+    specs = parse_variants(_VARIANTS.value)
+    base = _CONFIG.value.to_dict()
+    ecfg = eval_config(base.pop("eval", {}))
+    cfgs = {n: variant_config(base, v, w) for n, v, w in specs}
+  except config_lib.ConfigError as e:
+    sys.exit(f"config error: {e}")
+  os.makedirs(_OUT_DIR.value, exist_ok=True)
+  if specs and _MINUTES.value > 0:
+    first = next(iter(cfgs.values()))
+    sec = measure_step_seconds(first)
+    steps = max(int(_MINUTES.value * 60 / sec), 2)
+    logging.info("%s: %.3f s/step -> num_steps %d for %.1f minutes",
+                 specs[0][0], sec, steps, _MINUTES.value)
+    cfgs = {n: variant_config(base, v, w, steps) for n, v, w in specs}
+  for name, cfg in cfgs.items():
+    workdir = os.path.join(_WORK_DIR.value, name)
+    if not _RESUME.value and os.path.isdir(workdir):
+      logging.info("removing the previous run in %s (--resume keeps it)",
+                   workdir)
+      shutil.rmtree(workdir)
+    res = run_variant(name, cfg, ecfg, workdir)
+    checkpoint.write_json_atomic(
+        os.path.join(_OUT_DIR.value, f"variant_{name}.json"), res)
+    rebuild(_OUT_DIR.value)
+  if not specs:
+    rebuild(_OUT_DIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
