@@ -71,6 +71,7 @@ class QualityStudyTest(absltest.TestCase):
         [sys.executable, "-m", "experiments.quality_study", *args], cwd=REPO,
         env=env, capture_output=True, text=True, timeout=timeout)
 
+  @pytest.mark.slow  # ~40 s on 2 cores; the study's pieces are tested above
   def test_two_variants_end_to_end(self):
     out = self.create_tempdir().full_path
     work = self.create_tempdir().full_path

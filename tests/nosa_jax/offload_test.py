@@ -17,6 +17,7 @@ from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from nosa_jax import config as config_lib
 from nosa_jax import decode
@@ -258,6 +259,7 @@ class OffloadTest(parameterized.TestCase):
     self.assertTrue(np.all((hit > 0) & (hit <= 1)), hit)
     self.assertTrue(np.all(np.array(stats["fetched_blocks"]) > 0))
 
+  @pytest.mark.slow  # a subprocess start + compile: ~17 s on 2 cores
   def test_generate_cli(self):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "experiments.generate",

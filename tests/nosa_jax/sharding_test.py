@@ -71,17 +71,33 @@ class MeshTrajectoryTest(absltest.TestCase):
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     return workdir
 
-  def test_meshes_follow_one_device(self):
-    base = _losses(self._run(1, "1,1,1"))
+  _base = None
+
+  def _baseline(self):
+    """The one-device trajectory, computed once for the class."""
+    if MeshTrajectoryTest._base is None:
+      MeshTrajectoryTest._base = _losses(self._run(1, "1,1,1"))
+    return MeshTrajectoryTest._base
+
+  def _check_meshes(self, meshes):
+    base = self._baseline()
     self.assertLen(base, 6)
     self.assertLess(base[-1], base[0])
-    for mesh in ("8,1,1", "2,4,1", "2,2,2"):
+    for mesh in meshes:
       got = _losses(self._run(8, mesh))
       np.testing.assert_allclose(got, base, rtol=2e-5, atol=2e-5,
                                  err_msg=f"mesh {mesh}")
 
+  def test_data_parallel_follows_one_device(self):
+    # (2, 4, 1) and (2, 2, 2) are in the checkpoint test below.
+    self._check_meshes(("8,1,1",))
+
+  @pytest.mark.slow
+  def test_meshes_follow_one_device(self):
+    self._check_meshes(("8,1,1", "2,4,1", "2,2,2"))
+
   def test_checkpoint_restores_on_another_mesh(self):
-    base = _losses(self._run(1, "1,1,1"))
+    base = self._baseline()
     workdir = self._run(8, "2,4,1", stop=3)
     self._run(8, "2,2,2", workdir=workdir)
     np.testing.assert_allclose(_losses(workdir), base, rtol=2e-5, atol=2e-5)
