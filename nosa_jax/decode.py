@@ -122,20 +122,22 @@ def cache_shapes(params: Any, cfg: config_lib.ModelConfig, batch: int,
 
 
 # ------------------------------------------------------------------------------
-# The layer math of `model.py`, written over raw parameters.
+# The layer math of `model.py`, written over raw parameters (public: the
+# offloaded engine, offload.py, runs the same layers).
 # ------------------------------------------------------------------------------
 
 
-def _w(p, dtype) -> jax.Array:
-  return jnp.asarray(p[...]).astype(dtype)  # nnx.Param or plain array
+def cast_weight(p, dtype) -> jax.Array:
+  """A parameter (nnx.Param or plain array) in the compute dtype."""
+  return jnp.asarray(p[...]).astype(dtype)
 
 
-def _qkv_bias(p_attn, cfg: config_lib.ModelConfig, x_BTM, positions_BT):
+def qkv_bias(p_attn, cfg: config_lib.ModelConfig, x_BTM, positions_BT):
   """Projections, RoPE and the eviction bias (model.Attention, §2.1-§2.2)."""
   dt = x_BTM.dtype
-  q_BTHD = jnp.einsum("BTM,MHD->BTHD", x_BTM, _w(p_attn["wq"], dt))
-  k_BTKD = jnp.einsum("BTM,MKD->BTKD", x_BTM, _w(p_attn["wk"], dt))
-  v_BTKD = jnp.einsum("BTM,MKD->BTKD", x_BTM, _w(p_attn["wv"], dt))
+  q_BTHD = jnp.einsum("BTM,MHD->BTHD", x_BTM, cast_weight(p_attn["wq"], dt))
+  k_BTKD = jnp.einsum("BTM,MKD->BTKD", x_BTM, cast_weight(p_attn["wk"], dt))
+  v_BTKD = jnp.einsum("BTM,MKD->BTKD", x_BTM, cast_weight(p_attn["wv"], dt))
   q_BTHD = layers.apply_rope(q_BTHD, positions_BT, cfg.rope_theta)
   k_BTKD = layers.apply_rope(k_BTKD, positions_BT, cfg.rope_theta)
   bias_BTK = None
@@ -145,20 +147,24 @@ def _qkv_bias(p_attn, cfg: config_lib.ModelConfig, x_BTM, positions_BT):
   return q_BTHD, k_BTKD, v_BTKD, bias_BTK
 
 
-def _mlp_residual(p_block, cfg: config_lib.ModelConfig, x_BTM):
+def mlp_residual(p_block, cfg: config_lib.ModelConfig, x_BTM):
+  """x + SwiGLU(RMSNorm(x)): the second half of a block."""
   dt = x_BTM.dtype
   h_BTM = layers.rms_norm(x_BTM, p_block["mlp_norm"]["scale"][...],
                           cfg.rms_eps)
   m = p_block["mlp"]
-  return x_BTM + layers.swiglu(h_BTM, _w(m["w_gate"], dt), _w(m["w_up"], dt),
-                               _w(m["w_down"], dt))
+  return x_BTM + layers.swiglu(h_BTM, cast_weight(m["w_gate"], dt),
+                               cast_weight(m["w_up"], dt),
+                               cast_weight(m["w_down"], dt))
 
 
-def _embed(params, cfg, tokens):
+def embed(params, cfg, tokens):
+  """Token embeddings in the compute dtype."""
   return jnp.take(params["embed"][...], tokens, axis=0).astype(cfg.dtype)
 
 
-def _logits(params, cfg: config_lib.ModelConfig, x_BM):
+def logits(params, cfg: config_lib.ModelConfig, x_BM):
+  """Final norm and LM head (tied or not); fp32 logits."""
   x_BM = layers.rms_norm(x_BM, params["final_norm"]["scale"][...],
                          cfg.rms_eps)
   head_MV = (params["embed"][...].T if cfg.tie_embeddings
@@ -222,13 +228,13 @@ def prefill(params: Any, cfg: config_lib.ModelConfig, tokens_BT: jax.Array,
     pad[axis] = (0, n_win - x_BW_.shape[axis])
     return jnp.pad(x_BW_, pad)
 
-  x_BTM = _embed(params, cfg, tokens_BT)
+  x_BTM = embed(params, cfg, tokens_BT)
   caches = []
   for i in range(cfg.num_layers):
     p_block = params["blocks"][i]
     h_BTM = layers.rms_norm(x_BTM, p_block["attn_norm"]["scale"][...],
                             cfg.rms_eps)
-    q_BTHD, k_BTKD, v_BTKD, bias_BTK = _qkv_bias(p_block["attn"], cfg, h_BTM,
+    q_BTHD, k_BTKD, v_BTKD, bias_BTK = qkv_bias(p_block["attn"], cfg, h_BTM,
                                                  positions_BT)
     kbar = ebar = None
     if sp.variant == "full":
@@ -252,11 +258,11 @@ def prefill(params: Any, cfg: config_lib.ModelConfig, tokens_BT: jax.Array,
         bias_BKS=None if bias_BTK is None else to_cache(bias_BTK),
         kbar_BWKD=kbar, ebar_BKW=ebar))
     x_BTM = x_BTM + jnp.einsum("BTHD,HDM->BTM", out_BTHD,
-                               _w(p_block["attn"]["wo"], x_BTM.dtype))
-    x_BTM = _mlp_residual(p_block, cfg, x_BTM)
+                               cast_weight(p_block["attn"]["wo"], x_BTM.dtype))
+    x_BTM = mlp_residual(p_block, cfg, x_BTM)
   last_BM = x_BTM[jnp.arange(b), lengths_B - 1]
   return (DecodeCache(layers=tuple(caches), lengths_B=lengths_B),
-          _logits(params, cfg, last_BM))
+          logits(params, cfg, last_BM))
 
 
 # ------------------------------------------------------------------------------
@@ -381,24 +387,24 @@ def _decode_step(params, cfg: config_lib.ModelConfig, cache: DecodeCache,
   """Unjitted decode_step; also returns the selections idx_LBKP."""
   sp = cfg.sparse
   pos_B = cache.lengths_B
-  x_B1M = _embed(params, cfg, tokens_B[:, None])
+  x_B1M = embed(params, cfg, tokens_B[:, None])
   new_layers, sel = [], []
   for i in range(cfg.num_layers):
     p_block = params["blocks"][i]
     h_B1M = layers.rms_norm(x_B1M, p_block["attn_norm"]["scale"][...],
                             cfg.rms_eps)
-    q_B1HD, k_B1KD, v_B1KD, bias_B1K = _qkv_bias(
+    q_B1HD, k_B1KD, v_B1KD, bias_B1K = qkv_bias(
         p_block["attn"], cfg, h_B1M, pos_B[:, None])
     layer = _append(cache.layers[i], k_B1KD[:, 0], v_B1KD[:, 0],
                     None if bias_B1K is None else bias_B1K[:, 0], pos_B, sp)
     out_BHD, idx_BKP = _attend(q_B1HD[:, 0], layer, pos_B, sp)
     new_layers.append(layer)
     sel.append(idx_BKP)
-    x_B1M = x_B1M + jnp.einsum("BHD,HDM->BM", out_BHD, _w(
+    x_B1M = x_B1M + jnp.einsum("BHD,HDM->BM", out_BHD, cast_weight(
         p_block["attn"]["wo"], x_B1M.dtype))[:, None]
-    x_B1M = _mlp_residual(p_block, cfg, x_B1M)
+    x_B1M = mlp_residual(p_block, cfg, x_B1M)
   new_cache = DecodeCache(layers=tuple(new_layers), lengths_B=pos_B + 1)
-  return new_cache, _logits(params, cfg, x_B1M[:, 0]), jnp.stack(sel)
+  return new_cache, logits(params, cfg, x_B1M[:, 0]), jnp.stack(sel)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "return_selection"),
@@ -484,7 +490,8 @@ def sample_tokens(logits_BV: jax.Array, key: jax.Array,
   return jnp.where(temperature > 0, sampled_B, greedy_B).astype(jnp.int32)
 
 
-def _next_token(state, logits_BV, temperature, top_p, eos_id, pad_id):
+def next_token(state, logits_BV, temperature, top_p, eos_id, pad_id):
+  """One sampling step of `generate`'s loop state (shared with offload)."""
   key, sub = jax.random.split(state["key"])
   tok_B = sample_tokens(logits_BV, sub, temperature, top_p)
   tok_B = jnp.where(state["done_B"], pad_id, tok_B)  # finished: emit pad
@@ -501,7 +508,7 @@ def _generate_step(params, cache, state, temperature, top_p, eos_id, pad_id,
   live_B = ~state["done_B"]
   cache, logits_BV, idx_LBKP = _decode_step(params, cfg, cache,
                                             state["tok_B"])
-  state = _next_token(state, logits_BV, temperature, top_p, eos_id, pad_id)
+  state = next_token(state, logits_BV, temperature, top_p, eos_id, pad_id)
   if track_gamma:  # mean over KV heads, summed over live sequences
     g_LB = jnp.mean(selection_gamma(state["idx_LBKP"], idx_LBKP), axis=-1)
     count_B = live_B & state["have_prev"]  # no previous step at the first
@@ -513,7 +520,7 @@ def _generate_step(params, cache, state, temperature, top_p, eos_id, pad_id,
   return cache, state
 
 
-_next_token_jit = jax.jit(_next_token)
+next_token_jit = jax.jit(next_token)
 
 
 def prepare_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int,
@@ -604,7 +611,7 @@ def generate(params: Any, cfg: config_lib.ModelConfig,
   prefill_s = time.perf_counter() - t0
   state = {"key": jax.random.key(seed),
            "done_B": jnp.zeros(len(prompts), bool)}
-  state = _next_token_jit(state, logits_BV, temp, top_p, eos, pad_id)
+  state = next_token_jit(state, logits_BV, temp, top_p, eos, pad_id)
   out = [state["tok_B"]]
   if return_stats:
     n_sel = (s // c if cfg.sparse.variant == "full"

@@ -710,13 +710,13 @@ def _decode_step(params, cfg: config_lib.ModelConfig, state: OffloadState,
                  tokens_B, options: OffloadOptions):
   sp = cfg.sparse
   pos_B = state.lengths_B
-  x_B1M = decode._embed(params, cfg, tokens_B[:, None])  # pylint: disable=protected-access
+  x_B1M = decode.embed(params, cfg, tokens_B[:, None])
   new_layers, selected, fetched = [], [], []
   for i in range(cfg.num_layers):
     p_block = params["blocks"][i]
     h_B1M = layers.rms_norm(x_B1M, p_block["attn_norm"]["scale"][...],
                             cfg.rms_eps)
-    q_B1HD, k_B1KD, v_B1KD, bias_B1K = decode._qkv_bias(  # pylint: disable=protected-access
+    q_B1HD, k_B1KD, v_B1KD, bias_B1K = decode.qkv_bias(
         p_block["attn"], cfg, h_B1M, pos_B[:, None])
     layer = _update_selection_state(
         state.layers[i], k_B1KD[:, 0],
@@ -727,12 +727,12 @@ def _decode_step(params, cfg: config_lib.ModelConfig, state: OffloadState,
     new_layers.append(layer)
     selected.append(sel_BK)
     fetched.append(fet_BK)
-    x_B1M = x_B1M + jnp.einsum("BHD,HDM->BM", out_BHD, decode._w(  # pylint: disable=protected-access
+    x_B1M = x_B1M + jnp.einsum("BHD,HDM->BM", out_BHD, decode.cast_weight(
         p_block["attn"]["wo"], x_B1M.dtype))[:, None]
-    x_B1M = decode._mlp_residual(p_block, cfg, x_B1M)  # pylint: disable=protected-access
+    x_B1M = decode.mlp_residual(p_block, cfg, x_B1M)
   state = OffloadState(layers=tuple(new_layers), lengths_B=pos_B + 1)
   stats = {"selected": jnp.stack(selected), "fetched": jnp.stack(fetched)}
-  return state, decode._logits(params, cfg, x_B1M[:, 0]), stats  # pylint: disable=protected-access
+  return state, decode.logits(params, cfg, x_B1M[:, 0]), stats
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "options"),
@@ -770,7 +770,7 @@ def _generate_step(params, state, gen, temperature, top_p, eos_id, pad_id,
   live_B = ~gen["done_B"]
   state, logits_BV, stats = _decode_step(params, cfg, state, gen["tok_B"],
                                          options)
-  gen = decode._next_token(gen, logits_BV, temperature, top_p, eos_id,  # pylint: disable=protected-access
+  gen = decode.next_token(gen, logits_BV, temperature, top_p, eos_id,
                            pad_id)
   live = live_B[None, :, None]
   gen["selected_L"] = gen["selected_L"] + jnp.sum(
@@ -812,7 +812,7 @@ def generate(params: Any, cfg: config_lib.ModelConfig,
          "done_B": jnp.zeros(len(prompts), bool),
          "selected_L": jnp.zeros(cfg.num_layers, jnp.int32),
          "fetched_L": jnp.zeros(cfg.num_layers, jnp.int32)}
-  gen = decode._next_token_jit(gen, logits_BV, temp, top_p, eos, pad_id)  # pylint: disable=protected-access
+  gen = decode.next_token_jit(gen, logits_BV, temp, top_p, eos, pad_id)
   out = [gen["tok_B"]]
   step = _generate_step.lower(params, state, gen, temp, top_p, eos, pad_id,
                               cfg=cfg, options=options).compile()
