@@ -158,6 +158,31 @@ def mlp_residual(p_block, cfg: config_lib.ModelConfig, x_BTM):
                                cast_weight(m["w_down"], dt))
 
 
+# The matrices the layer math casts to the compute dtype at every use.
+SERVING_CAST = frozenset({"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down",
+                          "embed", "lm_head"})
+
+
+def serving_params(params: Any, cfg: config_lib.ModelConfig) -> Any:
+  """`params` with the SERVING_CAST matrices cast once to cfg.dtype.
+
+  The layer math above casts exactly these to the compute dtype at every
+  use (the embedding after the lookup, the LM head to the normed
+  activations' dtype, which is cfg.dtype), so the results are bit-identical
+  while a decode step reads half the weight bytes of fp32 training
+  parameters. Norm scales and the eviction head (used in fp32) are kept.
+  """
+  dt = jnp.dtype(cfg.dtype)
+
+  def cast(path, x):
+    names = {getattr(k, "key", None) for k in path}
+    if names & SERVING_CAST and jnp.issubdtype(x.dtype, jnp.floating):
+      return x.astype(dt)
+    return x
+
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def embed(params, cfg, tokens):
   """Token embeddings in the compute dtype."""
   return jnp.take(params["embed"][...], tokens, axis=0).astype(cfg.dtype)
@@ -599,6 +624,7 @@ def generate(params: Any, cfg: config_lib.ModelConfig,
   Raises:
     ValueError: an empty prompt or a capacity too small.
   """
+  params = serving_params(params, cfg)  # cast once, not every step
   tokens, lengths, s, pad_id, eos = prepare_prompts(
       prompts, max_new_tokens, cfg.sparse.block_size, max_len=max_len,
       eos_id=eos_id, pad_id=pad_id)

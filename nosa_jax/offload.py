@@ -796,6 +796,7 @@ def generate(params: Any, cfg: config_lib.ModelConfig,
   and unfinished sequences, summed over KV heads.
   """
   _check_variant(cfg)
+  params = decode.serving_params(params, cfg)  # cast once, not every step
   tokens, lengths, s, pad_id, eos = decode.prepare_prompts(
       prompts, max_new_tokens, cfg.sparse.block_size, max_len=max_len,
       eos_id=eos_id, pad_id=pad_id)

@@ -162,5 +162,26 @@ class OverfitGenerateTest(absltest.TestCase):
     self.assertEqual(out, want)
 
 
+class ServingParamsTest(absltest.TestCase):
+
+  def test_cast_once_is_bit_identical(self):
+    cfg = testing.tiny_model_config("nosa", dtype="bfloat16")
+    _, params = model.init(cfg, 0)
+    served = decode.serving_params(params, cfg)
+    for path, x in jax.tree_util.tree_flatten_with_path(served)[0]:
+      names = {getattr(k, "key", None) for k in path}
+      want = (jnp.bfloat16 if names & decode.SERVING_CAST else jnp.float32)
+      self.assertEqual(x.dtype, want, jax.tree_util.keystr(path))
+    tokens = testing.random_tokens(jax.random.key(3), 2, 40)
+    lengths = jnp.array([40, 23])
+    outs = []
+    for p in (params, served):
+      cache, logits_BV = decode.prefill(p, cfg, tokens, lengths, 48)
+      cache, step_BV = decode.decode_step(p, cfg, cache, tokens[:, 0])
+      outs.append((np.asarray(logits_BV), np.asarray(step_BV)))
+    for a, b in zip(outs[0], outs[1], strict=True):
+      np.testing.assert_array_equal(a, b)
+
+
 if __name__ == "__main__":
   absltest.main()
