@@ -60,6 +60,11 @@ class OffloadTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, f"needs {need} bytes"):
       offload.prefill(params, cfg, tokens, jnp.array([40, 7]), 64,
                       host_memory_limit=need - 1)
+    # generate refuses both before anything runs.
+    with self.assertRaisesRegex(ValueError, "max_len=64 is too small"):
+      offload.generate(params, cfg, [list(range(3, 100))], 10, max_len=64)
+    with self.assertRaisesRegex(ValueError, "the host KV store needs"):
+      offload.generate(params, cfg, [[1, 2, 3]], 10, host_memory_limit=10)
     with self.assertRaisesRegex(ValueError, "offload supports"):
       offload.prefill(params, testing.tiny_model_config("full"), tokens,
                       jnp.array([40, 7]), 64)
