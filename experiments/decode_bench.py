@@ -215,9 +215,6 @@ def _plan(cfg_full, cfg_sparse, contexts, runlocal) -> list[Run]:
     max_len = ctx + _WARMUP.value + _STEPS.value + 1
     b = _BATCH.value
     for system in _SYSTEMS.value:
-      if system not in SYSTEMS:
-        raise app.UsageError(f"--systems: unknown {system!r}; allowed: "
-                             f"{', '.join(SYSTEMS)}")
       if system == "full_gpu":
         runs.append(Run(system, "full", ctx, b, "full"))
       elif system == "full_gpu_max":
@@ -326,6 +323,41 @@ def run_decode(run: Run, cfg: config_lib.ModelConfig, params,
   return rec
 
 
+def verdicts(records: list[dict]) -> list[str]:
+  """Plain-language comparisons the issue asks for, from measured records.
+
+  For each (context, batch) with both a GPU-resident and an offloaded run of
+  a variant: which is faster and by how much; NOSA vs InfLLMv2 offloaded;
+  and NOSA offloaded vs FullAttn at its largest batch at the same context.
+  """
+  by = {(r["system"], r["context"], r["batch"]): r for r in records}
+  out = []
+  for (system, ctx, b), r in sorted(by.items()):
+    if not system.endswith("_offload"):
+      continue
+    variant = system[:-len("_offload")]
+    resident = by.get((f"{variant}_gpu", ctx, b))
+    if resident:
+      ratio = resident["tokens_per_s"] / r["tokens_per_s"]
+      winner = ("GPU-resident beats offloaded" if ratio > 1
+                else "offloaded beats GPU-resident")
+      out.append(f"{variant}, L={ctx}, B={b}: {winner} "
+                 f"({max(ratio, 1 / ratio):.2f}x).")
+    if variant == "nosa" and ("infllmv2_offload", ctx, b) in by:
+      ratio = r["tokens_per_s"] / by[("infllmv2_offload", ctx, b)][
+          "tokens_per_s"]
+      out.append(f"NOSA offloaded / InfLLMv2 offloaded, L={ctx}, B={b}: "
+                 f"{ratio:.2f}x.")
+    if variant == "nosa":
+      full = [x for (sy, c, _), x in by.items()
+              if sy == "full_gpu_max" and c == ctx]
+      if full:
+        ratio = r["tokens_per_s"] / full[0]["tokens_per_s"]
+        out.append(f"NOSA offloaded (B={b}) / FullAttn at its largest batch "
+                   f"(B={full[0]['batch']}), L={ctx}: {ratio:.2f}x.")
+  return out
+
+
 def _table(results: dict) -> str:
   meta, ceil = results["meta"], results.get("ceilings", {})
   lines = [f"`{meta['command']}` on {meta['device']}, {meta['date']}", ""]
@@ -358,6 +390,9 @@ def _table(results: dict) -> str:
         f"{r['model_overlapped_tokens_per_s']:.0f} | "
         f"{r['step_over_max_gpu_pcie']:.2f} | "
         f"{r['gpu_bytes_in_use'] / 2**30:.1f} |")
+  found = verdicts(results["records"])
+  if found:
+    lines += [""] + [f"- {v}" for v in found]
   return "\n".join(lines) + "\n"
 
 
@@ -405,6 +440,10 @@ def main(argv):
     if part not in ("ceilings", "gather", "decode"):
       raise app.UsageError(f"--parts: unknown {part!r}; allowed: ceilings, "
                            "gather, decode")
+  for system in _SYSTEMS.value:
+    if system not in SYSTEMS:
+      raise app.UsageError(f"--systems: unknown {system!r}; allowed: "
+                           f"{', '.join(SYSTEMS)}")
   contexts = [int(c) for c in _CONTEXTS.value]
   if runlocal:
     contexts = [400]
