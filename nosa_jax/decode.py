@@ -349,8 +349,8 @@ def eviction_block_scores(ebar_KW: jax.Array, pos: jax.Array,
 
 
 def select_decode_blocks(q_BHD: jax.Array, layer: LayerCache,
-                         pos_B: jax.Array,
-                         sp: config_lib.SparseConfig) -> jax.Array:
+                         pos_B: jax.Array, sp: config_lib.SparseConfig, *,
+                         return_eviction_scores: bool = False):
   """The training selection (§2.5) of one query per sequence at pos_B.
 
   The cache must already hold the token at pos_B (its block is the query's
@@ -359,7 +359,10 @@ def select_decode_blocks(q_BHD: jax.Array, layer: LayerCache,
   Returns:
     idx_BKP int32 block indices, ascending, invalid (-1) last, with
     P = min(topk_blocks, N) and N = S / C; exactly
-    min(topk_blocks, pos // C + 1) entries are valid.
+    min(topk_blocks, pos // C + 1) entries are valid. With
+    return_eviction_scores, (idx_BKP, se_BKN): also the block eviction
+    scores the selection ranked by (`eviction_block_scores`; None without
+    an eviction head), for the offload cache's retention.
   """
   n = layer.k_BKSD.shape[2] // sp.block_size
   kbar, ebar = layer.kbar_BWKD, layer.ebar_BKW
@@ -373,9 +376,10 @@ def select_decode_blocks(q_BHD: jax.Array, layer: LayerCache,
     if ebar_KW is not None:
       se_BKN = eviction_block_scores(ebar_KW, pos, sp, n)[None]
     idx_BKTP, _, _ = selection.select_from_scores(sq_BKTN, se_BKN, pos_T, sp)
-    return idx_BKTP[0, :, 0]
+    return idx_BKTP[0, :, 0], None if se_BKN is None else se_BKN[0]
 
-  return jax.vmap(one)(q_BHD, kbar, ebar, pos_B)
+  idx_BKP, se_BKN = jax.vmap(one)(q_BHD, kbar, ebar, pos_B)
+  return (idx_BKP, se_BKN) if return_eviction_scores else idx_BKP
 
 
 def _attend(q_BHD, layer: LayerCache, pos_B, sp: config_lib.SparseConfig):

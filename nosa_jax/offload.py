@@ -469,46 +469,53 @@ def diff_slots(slot_map_BKP: jax.Array, idx_BKP: jax.Array,
   return new_map_BKP, load_BKP, fetch_BKP
 
 
-def _copy_blocks(src, dst, todo, where, memory_kind):
-  """Copies whole blocks between [B, K, n, C, D] arrays (K and V together).
+def _compact(todo_F, *rows_F):
+  """(count, rows...) with the entries to copy first, in their order."""
+  order = jnp.argsort(~todo_F, stable=True)
+  return (jnp.sum(todo_F).astype(jnp.int32),
+          *(r[order].astype(jnp.int32) for r in rows_F))
 
-  Args:
-    src: (k, v) arrays blocks are read from.
-    dst: (k, v) arrays blocks are written to (returned updated).
-    todo: flat bool mask of the copies to make; only those run (a
-      fori_loop over the compacted list, so the trip count is the number of
-      copies, not the static maximum).
-    where: f -> (source block index, destination block index), each a
-      5-tuple, for flat entry f.
-    memory_kind: the destination's memory (`_DEVICE` or `_HOST`).
+
+def _loop_copy(src, dst, src_row_F, dst_row_F, count, memory_kind):
+  """XLA tile copies: tile src_row_F[i] of src -> tile dst_row_F[i] of dst.
+
+  Rows index the flattened (B, K, n) block axes of [B, K, n, C, D] arrays;
+  K and V are copied together. Each copy is a dynamic_slice, a device_put to
+  `memory_kind` and a dynamic_update_slice on the 5-D arrays (the
+  pinned_host store is indexed in place, never reshaped: XLA rejects gathers
+  on it). `count`: a Python int gives a static loop; a traced one a loop of
+  data-dependent trip count (on the GPU each iteration then syncs the host
+  on its predicate: keep those out of the GPU step).
   """
-  order = jnp.argsort(~todo, stable=True).astype(jnp.int32)
   tile = (1, 1, 1) + src[0].shape[3:]
+  zero = jnp.zeros((), jnp.int32)
+
+  def index(x, row):
+    k, n = x.shape[1], x.shape[2]
+    return (row // (k * n), (row // n) % k, row % n, zero, zero)
 
   def body(i, carry):
-    src_idx, dst_idx = where(order[i])
     return tuple(
         jax.lax.dynamic_update_slice(
-            d_arr, jax.device_put(jax.lax.dynamic_slice(s_arr, src_idx, tile),
-                                  memory_kind), dst_idx)
+            d_arr, jax.device_put(jax.lax.dynamic_slice(
+                s_arr, index(s_arr, src_row_F[i]), tile), memory_kind),
+            index(d_arr, dst_row_F[i]))
         for s_arr, d_arr in zip(src, carry, strict=True))
 
-  return jax.lax.fori_loop(0, jnp.sum(todo).astype(jnp.int32), body,
-                           tuple(dst))
+  return jax.lax.fori_loop(0, count, body, tuple(dst))
 
 
 def _tiles(x):
   return x.reshape((-1,) + x.shape[3:])
 
 
-def _pallas_copy(src, dst, todo, src_row, dst_row, options: OffloadOptions):
-  """`_copy_blocks` with the zero-copy Pallas kernel (flat tile indices)."""
-  order = jnp.argsort(~todo, stable=True).astype(jnp.int32)
+def _pallas_copy(src, dst, count, src_row_F, dst_row_F,
+                 options: OffloadOptions):
+  """`_loop_copy` (device destination) with the zero-copy Pallas kernel."""
   shape = dst[0].shape
   out = pallas_kernels.gather_blocks(
       tuple(_tiles(x) for x in src), tuple(_tiles(x) for x in dst),
-      src_row[order].astype(jnp.int32), dst_row[order].astype(jnp.int32),
-      jnp.sum(todo).astype(jnp.int32), programs=options.gather_programs,
+      src_row_F, dst_row_F, count, programs=options.gather_programs,
       interpret=jax.default_backend() != "gpu")
   return tuple(x.reshape(shape) for x in out)
 
@@ -518,20 +525,14 @@ def _fetch(k_host, v_host, k_slot, v_slot, load_BKP, fetch_BKP,
   """Copies the missing blocks host -> device slots, one tile each."""
   b, kv, p, _, _ = k_slot.shape
   n = k_host.shape[2]
-  if options.use_pallas():
-    f = jnp.arange(b * kv * p)
-    src_row = (f // p) * n + jnp.maximum(load_BKP.reshape(-1), 0)
-    return _pallas_copy((k_host, v_host), (k_slot, v_slot),
-                        fetch_BKP.reshape(-1), src_row, f, options)
-  ids = load_BKP.reshape(-1)
-  zero = jnp.zeros((), jnp.int32)
-
-  def where(f):
-    bi, ki, pi = f // (kv * p), (f // p) % kv, f % p
-    return (bi, ki, ids[f], zero, zero), (bi, ki, pi, zero, zero)
-
-  return _copy_blocks((k_host, v_host), (k_slot, v_slot),
-                      fetch_BKP.reshape(-1), where, _DEVICE)
+  f = jnp.arange(b * kv * p)
+  src_row = (f // p) * n + jnp.maximum(load_BKP.reshape(-1), 0)
+  count, src_row, dst_row = _compact(fetch_BKP.reshape(-1), src_row, f)
+  copy = (functools.partial(_pallas_copy, options=options)
+          if options.use_pallas() else
+          functools.partial(_loop_copy, memory_kind=_DEVICE))
+  return copy((k_host, v_host), (k_slot, v_slot), src_row_F=src_row,
+              dst_row_F=dst_row, count=count)
 
 
 def _write_back(layer: OffloadLayer, lengths_B, c: int) -> OffloadLayer:
@@ -540,28 +541,19 @@ def _write_back(layer: OffloadLayer, lengths_B, c: int) -> OffloadLayer:
   Block j = lengths // C - 1 of every (b, k) (for a sequence without a
   completed block, its partial own block, which the host never reads
   before it is complete and written again). A static loop of B * K tile
-  copies: no data-dependent control flow, which on the GPU would stall the
-  step on a device -> host read of the loop predicate.
+  copies: no data-dependent control flow.
   """
-  b, kv = layer.slot_map.shape[:2]
+  b, kv, p = layer.slot_map.shape
+  n = layer.k_host.shape[2]
   own_B = (lengths_B // c).astype(jnp.int32)
   block_B = jnp.where(own_B > 0, own_B - 1, 0)
   slot_BK = jnp.argmax(layer.slot_map == block_B[:, None, None],
                        axis=-1).astype(jnp.int32)
-  zero = jnp.zeros((), jnp.int32)
-  tile = (1, 1, 1) + layer.k_slot.shape[3:]
-
-  def body(f, carry):
-    bi, ki = f // kv, f % kv
-    src = (bi, ki, slot_BK[bi, ki], zero, zero)
-    dst = (bi, ki, block_B[bi], zero, zero)
-    return tuple(jax.lax.dynamic_update_slice(
-        h, jax.device_put(jax.lax.dynamic_slice(x, src, tile), _HOST), dst)
-                 for x, h in zip((layer.k_slot, layer.v_slot), carry,
-                                 strict=True))
-
-  k_host, v_host = jax.lax.fori_loop(0, b * kv, body,
-                                     (layer.k_host, layer.v_host))
+  bk = jnp.arange(b * kv, dtype=jnp.int32)
+  k_host, v_host = _loop_copy(
+      (layer.k_slot, layer.v_slot), (layer.k_host, layer.v_host),
+      bk * p + slot_BK.reshape(-1), bk * n + jnp.repeat(block_B, kv),
+      b * kv, _HOST)
   return dataclasses.replace(layer, k_host=k_host, v_host=v_host)
 
 
@@ -637,13 +629,13 @@ def synthetic_min_length(sp: config_lib.SparseConfig) -> int:
   return (2 * f + sp.window_blocks + sp.sink_blocks + 1) * sp.block_size
 
 
-def _keep_values(layer: OffloadLayer, pos_B, sp: config_lib.SparseConfig):
-  """[B, K, P] worth of keeping each slot's block (see OffloadOptions)."""
-  if layer.ebar_BKW is None:  # infllmv2: least recently selected goes first
+def _keep_values(layer: OffloadLayer, se_BKN: Optional[jax.Array]):
+  """[B, K, P] worth of keeping each slot's block (see OffloadOptions).
+
+  se_BKN: the block eviction scores this step's selection ranked by.
+  """
+  if se_BKN is None:  # infllmv2: least recently selected goes first
     return layer.slot_last.astype(_F32)
-  n = layer.k_host.shape[2]
-  se_BKN = jax.vmap(lambda e, t: decode.eviction_block_scores(e, t, sp, n))(
-      layer.ebar_BKW, pos_B)
   return jnp.take_along_axis(se_BKN, jnp.maximum(layer.slot_map, 0), axis=-1)
 
 
@@ -658,7 +650,8 @@ def _attend(q_BHD, k_BKD, v_BKD, layer: OffloadLayer, pos_B,
       k_BKSD=jax.ShapeDtypeStruct((b, kv, n * c, d), layer.k_slot.dtype),
       v_BKSD=None, bias_BKS=layer.bias_BKS, kbar_BWKD=layer.kbar_BWKD,
       ebar_BKW=layer.ebar_BKW)
-  idx_BKP = decode.select_decode_blocks(q_BHD, shim, pos_B, sp)
+  idx_BKP, se_BKN = decode.select_decode_blocks(
+      q_BHD, shim, pos_B, sp, return_eviction_scores=True)
   if idx_BKP.shape[-1] > p:
     raise AssertionError(f"selection width {idx_BKP.shape} > P={p}")
   if options.synthetic_gamma is not None:
@@ -668,7 +661,7 @@ def _attend(q_BHD, k_BKD, v_BKD, layer: OffloadLayer, pos_B,
     # so the step still pays for scoring.
     idx_BKP = jnp.where(jnp.min(idx_BKP) >= -1, synth_BKP, idx_BKP)
   own_B = (pos_B // c).astype(jnp.int32)
-  keep_BKP = (_keep_values(layer, pos_B, sp)
+  keep_BKP = (_keep_values(layer, se_BKN)
               if p > idx_BKP.shape[-1] else None)
   new_map, load_BKP, fetch_BKP = diff_slots(layer.slot_map, idx_BKP, own_B,
                                             keep_BKP)
