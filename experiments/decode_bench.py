@@ -56,6 +56,7 @@ import numpy as np
 from configs import nosa_1b
 from configs import nosa_8b
 from configs import tiny
+from experiments import timing
 from nosa_jax import config as config_lib
 from nosa_jax import cost_model
 from nosa_jax import decode
@@ -126,23 +127,14 @@ def _random_params(cfg: config_lib.ModelConfig, seed: int = 0):
                                                       strict=True)])
 
 
-def _timeit(fn, *args, repeats=5):
-  jax.block_until_ready(fn(*args))
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - t0)
-  return best
+def _timeit(fn, *args):
+  return timing.timeit(fn, *args, iters=5, reduce=min)
 
 
 def measure_ceilings(runlocal: bool) -> dict:
   """HBM read and bulk pinned -> device bandwidth, bytes/s."""
   n = (1 << 20) if runlocal else (1 << 30)  # bf16 elements: 2 MiB / 2 GiB
-  x = jnp.ones((n,), jnp.bfloat16)
-  read = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
-  hbm = 2 * n / _timeit(read, x)
-  del x
+  hbm = timing.hbm_read_bandwidth(n)
   h = jax.device_put(jnp.ones((n // 2,), jnp.bfloat16), jax.memory.Space.Host)
   bulk = n / _timeit(lambda a: jax.device_put(a, jax.memory.Space.Device), h)
   del h

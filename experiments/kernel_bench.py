@@ -29,6 +29,7 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
+from experiments import timing
 from nosa_jax import config as config_lib
 from nosa_jax import metrics as metrics_lib
 from nosa_jax import selection
@@ -54,13 +55,7 @@ PAPER = config_lib.SparseConfig(variant="nosa", query_chunk=1024)
 
 def timeit(fn, *args, iters=None):
   """Median seconds per call after one compile/warm-up call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters or _ITERS.value):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  return timing.timeit(fn, *args, iters=iters or _ITERS.value)
 
 
 def timeit_device(fn, *args, reps=20):
@@ -81,9 +76,7 @@ def timeit_device(fn, *args, reps=20):
 
 def hbm_bandwidth() -> float:
   """Bytes/s of a 4 GiB device-to-device copy (read + write counted)."""
-  x = jnp.ones((2**31,), jnp.bfloat16)
-  copy = jax.jit(lambda a: a + jnp.bfloat16(1))
-  return 2 * x.nbytes / timeit(copy, x)
+  return timing.hbm_copy_bandwidth(2**31)
 
 
 def _qkvb(key, b, t, h, k, d, dtype=jnp.bfloat16):

@@ -299,6 +299,14 @@ def _subplots(n: int, ncols: int, width: float = 4.2, height: float = 3.2):
   return fig, list(axes.flat[:n])
 
 
+def _finish(fig, title: str | None):
+  """Optional suptitle, tight layout; returns the figure."""
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  return fig
+
+
 def _one_legend(axes) -> None:
   """A single legend, right of the last panel (runs repeat across panels)."""
   entries = {}
@@ -337,10 +345,7 @@ def plot_runs(runs: Mapping[str, Mapping[str, Scalars]],
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
   _one_legend(axes)
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  return fig
+  return _finish(fig, title)
 
 
 def plot_layer_scalars(runs: Mapping[str, Mapping[str, Scalars]],
@@ -361,10 +366,7 @@ def plot_layer_scalars(runs: Mapping[str, Mapping[str, Scalars]],
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
   _one_legend(axes)
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  return fig
+  return _finish(fig, title)
 
 
 def plot_histograms(histograms: Mapping[str, Sequence[Histogram]], *,
@@ -400,10 +402,7 @@ def plot_histograms(histograms: Mapping[str, Sequence[Histogram]], *,
     ax.set_xlabel("value")
     ax.set_ylabel("density")
     ax.legend(fontsize="small")
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  return fig
+  return _finish(fig, title)
 
 
 def plot_sweeps(records: Sequence[Mapping[str, Any]], *,
@@ -441,10 +440,7 @@ def plot_sweeps(records: Sequence[Mapping[str, Any]], *,
       ax.grid(alpha=0.3)
       if i == 0:
         ax.set_title(group)
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  return fig
+  return _finish(fig, title)
 
 
 def save_figure(fig, out_dir: str | None, name: str) -> str | None:
