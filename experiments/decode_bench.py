@@ -20,8 +20,13 @@ Parts (--parts, all by default):
                                 replaced by `offload.synthetic_selection` at
                                 the paper's gamma (--gamma_*), serial engine
               nosa_offload_cache  the same with --cache_factor x topk slots
-            NOSA offloaded *with overlap* is not implemented (WORKSPACE.md
-            says what was tried); the serial figures are what exists.
+              <v>_offload_fused  the same with the fetch fused into the
+                                decode attention kernel (OffloadOptions
+                                fetch="fused"): the PCIe reads overlap the
+                                attention's HBM reads and math, not the
+                                projections / MLP (those depend on the
+                                attention output). The only overlap that
+                                exists (WORKSPACE.md says what was tried).
 
 Protocol: random bf16 weights; caches are zero-filled as if `context` tokens
 had been prefilled (prefill excluded, as in the paper; K/V values do not
@@ -73,7 +78,8 @@ _OFFLOAD_BATCHES = flags.DEFINE_list(
     "(e.g. the largest the host holds at long L).")
 _SYSTEMS = flags.DEFINE_list(
     "systems", ["full_gpu", "full_gpu_max", "infllmv2_gpu", "nosa_gpu",
-                "infllmv2_offload", "nosa_offload", "nosa_offload_cache"],
+                "infllmv2_offload", "nosa_offload", "nosa_offload_cache",
+                "infllmv2_offload_fused", "nosa_offload_fused"],
     "Systems to run.")
 _GAMMA_NOSA = flags.DEFINE_float("gamma_nosa", 0.944, "Paper's NOSA gamma.")
 _GAMMA_INFLLM = flags.DEFINE_float("gamma_infllmv2", 0.889,
@@ -100,7 +106,8 @@ _RUNLOCAL = flags.DEFINE_bool("runlocal", False,
                               "Tiny shapes for a CPU smoke run.")
 
 SYSTEMS = ("full_gpu", "full_gpu_max", "infllmv2_gpu", "nosa_gpu",
-           "infllmv2_offload", "nosa_offload", "nosa_offload_cache")
+           "infllmv2_offload", "nosa_offload", "nosa_offload_cache",
+           "infllmv2_offload_fused", "nosa_offload_fused")
 _CONFIGS = {"1b": nosa_1b, "8b": nosa_8b, "tiny": tiny}
 
 
@@ -224,8 +231,9 @@ def _plan(cfg_full, cfg_sparse, contexts, runlocal) -> list[Run]:
                  else _GAMMA_INFLLM.value)
         cache = (_CACHE_FACTOR.value * cfg_sparse.sparse.topk_blocks
                  if system.endswith("_cache") else None)
-        opts = offload.OffloadOptions(cache_blocks=cache,
-                                      synthetic_gamma=gamma)
+        opts = offload.OffloadOptions(
+            cache_blocks=cache, synthetic_gamma=gamma,
+            fetch="fused" if system.endswith("_fused") else "auto")
         for bb in [b] + extra:
           runs.append(Run(system, variant, ctx, bb, "offload", opts, gamma))
   return runs
@@ -325,27 +333,36 @@ def verdicts(records: list[dict]) -> list[str]:
   by = {(r["system"], r["context"], r["batch"]): r for r in records}
   out = []
   for (system, ctx, b), r in sorted(by.items()):
-    if not system.endswith("_offload"):
+    if not system.endswith(("_offload", "_offload_fused")):
       continue
-    variant = system[:-len("_offload")]
+    variant, kind = system.split("_", 1)
     resident = by.get((f"{variant}_gpu", ctx, b))
     if resident:
       ratio = resident["tokens_per_s"] / r["tokens_per_s"]
       winner = ("GPU-resident beats offloaded" if ratio > 1
                 else "offloaded beats GPU-resident")
-      out.append(f"{variant}, L={ctx}, B={b}: {winner} "
+      out.append(f"{system}, L={ctx}, B={b}: {winner} "
                  f"({max(ratio, 1 / ratio):.2f}x).")
-    if variant == "nosa" and ("infllmv2_offload", ctx, b) in by:
-      ratio = r["tokens_per_s"] / by[("infllmv2_offload", ctx, b)][
+      # Overlap quality against measured parts: the resident step is the
+      # GPU time of the same step without transfers.
+      t_max = max(resident["step_ms"], r["model_t_pcie_ms"])
+      out.append(f"{system}, L={ctx}, B={b}: step {r['step_ms']:.2f} ms = "
+                 f"{r['step_ms'] / t_max:.2f} x max(T_gpu measured "
+                 f"resident {resident['step_ms']:.2f}, T_pcie "
+                 f"{r['model_t_pcie_ms']:.2f}) ms; cost-model T_gpu "
+                 f"{r['model_t_gpu_ms']:.2f} ms gives "
+                 f"{r['step_over_max_gpu_pcie']:.2f} x.")
+    if variant == "nosa" and (f"infllmv2_{kind}", ctx, b) in by:
+      ratio = r["tokens_per_s"] / by[(f"infllmv2_{kind}", ctx, b)][
           "tokens_per_s"]
-      out.append(f"NOSA offloaded / InfLLMv2 offloaded, L={ctx}, B={b}: "
+      out.append(f"NOSA / InfLLMv2, both {kind}, L={ctx}, B={b}: "
                  f"{ratio:.2f}x.")
     if variant == "nosa":
       full = [x for (sy, c, _), x in by.items()
               if sy == "full_gpu_max" and c == ctx]
       if full:
         ratio = r["tokens_per_s"] / full[0]["tokens_per_s"]
-        out.append(f"NOSA offloaded (B={b}) / FullAttn at its largest batch "
+        out.append(f"NOSA {kind} (B={b}) / FullAttn at its largest batch "
                    f"(B={full[0]['batch']}), L={ctx}: {ratio:.2f}x.")
   return out
 

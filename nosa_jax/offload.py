@@ -104,7 +104,7 @@ _F32 = jnp.float32
 _HOST = jax.memory.Space.Host  # pinned_host
 _DEVICE = jax.memory.Space.Device
 VARIANTS = ("infllmv2", "dma", "nosa")
-FETCH_MODES = ("auto", "pallas", "loop")
+FETCH_MODES = ("auto", "pallas", "loop", "fused")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +116,12 @@ class OffloadOptions:
       (`pallas_kernels.gather_blocks`, reading the pinned_host store
       directly; interpreted off the GPU, so slow there), "loop" with a
       fori_loop of per-block `device_put`s (XLA copies; 1.4-4 GB/s on the
-      H100), "auto" = "pallas" on GPU, "loop" elsewhere.
+      H100), "fused" with the decode attention kernel itself
+      (`pallas_kernels.sparse_decode_fetch`: each missing block is read
+      from the pinned_host store by the program that attends to it, so the
+      PCIe reads overlap the attention's HBM reads and math; no separate
+      copy launch; interpreted off the GPU), "auto" = "pallas" on GPU,
+      "loop" elsewhere.
     gather_programs: persistent grid of the Pallas copy kernel.
     cache_blocks: device slots per (layer, sequence, KV head); None =
       topk_blocks. Above topk_blocks, slots keep blocks that are no longer
@@ -665,8 +670,11 @@ def _attend(q_BHD, k_BKD, v_BKD, layer: OffloadLayer, pos_B,
               if p > idx_BKP.shape[-1] else None)
   new_map, load_BKP, fetch_BKP = diff_slots(layer.slot_map, idx_BKP, own_B,
                                             keep_BKP)
-  k_slot, v_slot = _fetch(layer.k_host, layer.v_host, layer.k_slot,
-                          layer.v_slot, load_BKP, fetch_BKP, options)
+  fused = options.fetch == "fused"
+  k_slot, v_slot = layer.k_slot, layer.v_slot
+  if not fused:
+    k_slot, v_slot = _fetch(layer.k_host, layer.v_host, k_slot, v_slot,
+                            load_BKP, fetch_BKP, options)
   # The token goes into its own block's slot at row pos % C.
   own_slot_BK = jnp.argmax(new_map == own_B[:, None, None],
                            axis=-1).astype(jnp.int32)
@@ -688,9 +696,17 @@ def _attend(q_BHD, k_BKD, v_BKD, layer: OffloadLayer, pos_B,
     bias_BKNC = layer.bias_BKS.reshape(b, kv, n, c)
     bias = bias_BKNC[b_[..., None], k_[..., None], j_BKP].reshape(b, kv,
                                                                   p * c)
-  out_BHD = sparse_attention.decode_attention(
-      q_BHD, k_slot.reshape(b, kv, p * c, d), v_slot.reshape(b, kv, p * c, d),
-      bias, slot_len_BKP.astype(jnp.int32), c, sp.implementation)
+  slot_len_BKP = slot_len_BKP.astype(jnp.int32)
+  if fused:  # the kernel fetches the missing blocks as it attends
+    out_BHD, k_slot, v_slot = pallas_kernels.sparse_decode_fetch(
+        q_BHD, k_slot, v_slot, bias, slot_len_BKP, layer.k_host,
+        layer.v_host, jnp.where(fetch_BKP, load_BKP, -1).astype(jnp.int32),
+        interpret=jax.default_backend() != "gpu")
+  else:
+    out_BHD = sparse_attention.decode_attention(
+        q_BHD, k_slot.reshape(b, kv, p * c, d),
+        v_slot.reshape(b, kv, p * c, d), bias, slot_len_BKP, c,
+        sp.implementation)
   slot_last = jnp.where(sel_slot_BKP, pos_B[:, None, None], layer.slot_last)
   layer = dataclasses.replace(layer, k_slot=k_slot, v_slot=v_slot,
                               slot_map=new_map,

@@ -13,6 +13,8 @@ from pallas_kernels.sparse_decode import DecodeBlockSizes
 from pallas_kernels.sparse_decode import decode_bytes_read
 from pallas_kernels.sparse_decode import num_decode_splits
 from pallas_kernels.sparse_decode import sparse_decode
+from pallas_kernels.sparse_decode import sparse_decode_fetch
+from pallas_kernels.sparse_decode import sparse_decode_fetch_reference
 from pallas_kernels.sparse_decode import sparse_decode_reference
 
 __all__ = [
@@ -21,6 +23,8 @@ __all__ = [
     "decode_bytes_read",
     "num_decode_splits",
     "sparse_decode",
+    "sparse_decode_fetch",
+    "sparse_decode_fetch_reference",
     "sparse_decode_reference",
     "block_sparse_attention",
     "block_sparse_attention_reference",

@@ -100,6 +100,35 @@ def _dot(a, b, *, contract_b: int):
       precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
 
 
+def _online_update(carry, q, k, v, b, valid, sm_scale):
+  """One slot of the fp32 online softmax: (o, m, l) -> (o, m, l)."""
+  o, m_i, l_i = carry
+  s = _dot(q, k, contract_b=1) * sm_scale  # [Gp, C]
+  if b is not None:
+    # Full-strength bias (project decision 1), not NOSI's b / sqrt(D).
+    s = s + b[None, :]
+  s = jnp.where(valid[None, :], s, -jnp.inf)
+  m_new = jnp.maximum(m_i, s.max(axis=1))
+  # While every key so far is masked, m_new = -inf; shift by 0 instead so
+  # that exp gives 0, not exp(-inf - -inf) = NaN.
+  shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+  alpha = jnp.exp(m_i - shift)  # [Gp]
+  p = jnp.exp(s - shift[:, None])  # [Gp, C]
+  l_i = alpha * l_i + p.sum(axis=1)
+  pv = _dot(p.astype(v.dtype), v, contract_b=0)  # [Gp, D]
+  return alpha[:, None] * o + pv, m_new, l_i
+
+
+def _init_carry(gp, d):
+  return (jnp.zeros((gp, d), jnp.float32),
+          jnp.full((gp,), -jnp.inf, jnp.float32),
+          jnp.zeros((gp,), jnp.float32))
+
+
+def _write_partials(carry, o_ref, m_ref, l_ref):
+  o_ref[...], m_ref[...], l_ref[...] = carry
+
+
 def _sparse_decode_kernel(
     q_ref,         # [Gp, D]  Gp = G padded to a power of 2 >= 16
     k_ref,         # [S, D]   S = P * C slot-major, or the cache's N * C
@@ -124,37 +153,75 @@ def _sparse_decode_kernel(
   token = lax.broadcasted_iota(jnp.int32, (c,), 0)
 
   def body(slot, carry):
-    o, m_i, l_i = carry
     valid = token < slot_len_ref[slot]  # [C]
     blk = slot if block_idx_ref is None else block_idx_ref[slot]
     span = pl.ds(pl.multiple_of(blk * c, c), c)
     # Masked loads: invalid rows cost no memory traffic and read as 0, so
     # stale or NaN cache contents cannot leak into p @ v.
     k = plt.load(k_ref.at[span, :], mask=valid[:, None], other=0)  # [C, D]
-    s = _dot(q, k, contract_b=1) * sm_scale  # [Gp, C]
-    if bias_ref is not None:
-      # Full-strength bias (project decision 1), not NOSI's b / sqrt(D).
-      b = plt.load(bias_ref.at[span], mask=valid, other=0)  # [C]
-      s = s + b[None, :]
-    s = jnp.where(valid[None, :], s, -jnp.inf)
-    m_new = jnp.maximum(m_i, s.max(axis=1))
-    # While every key so far is masked, m_new = -inf; shift by 0 instead so
-    # that exp gives 0, not exp(-inf - -inf) = NaN.
-    shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    alpha = jnp.exp(m_i - shift)  # [Gp]
-    p = jnp.exp(s - shift[:, None])  # [Gp, C]
-    l_i = alpha * l_i + p.sum(axis=1)
     v = plt.load(v_ref.at[span, :], mask=valid[:, None], other=0)  # [C, D]
-    pv = _dot(p.astype(v.dtype), v, contract_b=0)  # [Gp, D]
-    return alpha[:, None] * o + pv, m_new, l_i
+    b = (None if bias_ref is None
+         else plt.load(bias_ref.at[span], mask=valid, other=0))  # [C]
+    return _online_update(carry, q, k, v, b, valid, sm_scale)
 
-  init = (jnp.zeros((gp, d), jnp.float32),
-          jnp.full((gp,), -jnp.inf, jnp.float32),
-          jnp.zeros((gp,), jnp.float32))
-  o, m_i, l_i = lax.fori_loop(first, last, body, init)
-  o_ref[...] = o
-  m_ref[...] = m_i
-  l_ref[...] = l_i
+  _write_partials(lax.fori_loop(first, last, body, _init_carry(gp, d)),
+                  o_ref, m_ref, l_ref)
+
+
+def _sparse_decode_fetch_kernel(
+    q_ref,         # [Gp, D]
+    bias_ref,      # [P * C] fp32, or None
+    slot_len_ref,  # [P] int32
+    fetch_ref,     # [P] int32 host block to load into each slot, -1 = none
+    k_slot_ref,    # [B * K * P, C, D] memory_space=ANY (aliased to k_out)
+    v_slot_ref,    # [B * K * P, C, D]
+    k_host_ref,    # [B * K * N, C, D] memory_space=ANY (pinned_host)
+    v_host_ref,    # [B * K * N, C, D]
+    o_ref, m_ref, l_ref,  # as in _sparse_decode_kernel
+    k_out_ref,     # = k_slot_ref's buffer: fetched tiles are stored here
+    v_out_ref,
+    *,
+    sm_scale: float,
+    block_size: int,
+    slots_per_split: int,
+    num_slots: int,
+    num_blocks: int,
+):
+  gp, d = q_ref.shape
+  c = block_size
+  bk = pl.program_id(0) * pl.num_programs(1) + pl.program_id(1)
+  first = pl.program_id(2) * slots_per_split
+  last = jnp.minimum(first + slots_per_split, num_slots)
+  q = q_ref[...]
+  token = lax.broadcasted_iota(jnp.int32, (c,), 0)
+
+  def body(slot, carry):
+    valid = token < slot_len_ref[slot]  # [C]
+    src = fetch_ref[slot]
+    from_host = valid & (src >= 0)
+    from_slot = valid & (src < 0)
+    row = bk * num_slots + slot
+    host_row = bk * num_blocks + jnp.maximum(src, 0)
+
+    def load(slot_ref, host_ref, out_ref):
+      # Exactly one of the two masked loads moves data for each valid row:
+      # a resident slot reads HBM, a missing block reads the pinned_host
+      # store over PCIe (and is stored into its slot for the next steps).
+      x = plt.load(slot_ref.at[row], mask=from_slot[:, None], other=0)
+      y = plt.load(host_ref.at[host_row], mask=from_host[:, None], other=0)
+      x = jnp.where(from_host[:, None], y, x)
+      plt.store(out_ref.at[row], x, mask=from_host[:, None])
+      return x
+
+    k = load(k_slot_ref, k_host_ref, k_out_ref)
+    v = load(v_slot_ref, v_host_ref, v_out_ref)
+    b = (None if bias_ref is None else plt.load(
+        bias_ref.at[pl.ds(pl.multiple_of(slot * c, c), c)], mask=valid,
+        other=0))
+    return _online_update(carry, q, k, v, b, valid, sm_scale)
+
+  _write_partials(lax.fori_loop(first, last, body, _init_carry(gp, d)),
+                  o_ref, m_ref, l_ref)
 
 
 # ---------------------------------------------------------------------------
@@ -269,45 +336,28 @@ def sparse_decode(
             block_idx_BKP)
   b, h, d = q_BHD.shape
   kv_heads, s = k_BKSD.shape[1:3]
-  g = h // kv_heads
   num_slots = slot_len_BKP.shape[2]
   block_sizes = block_sizes or DecodeBlockSizes()
   n_split, per_split = num_decode_splits(b, kv_heads, num_slots, block_sizes)
-
-  # Pad the query rows of each KV head to a power of 2 >= 16 (Triton dot M).
-  gp = max(_MIN_DOT_DIM, _next_pow2(g))
-  q_BKGD = q_BHD.reshape(b, kv_heads, g, d)
-  q_BKGD = jnp.pad(q_BKGD, ((0, 0), (0, 0), (0, gp - g), (0, 0)))
+  gp, q_BKGD = _pad_queries(q_BHD, kv_heads)
 
   kernel = functools.partial(
       _sparse_decode_kernel, sm_scale=1.0 / math.sqrt(d),
       block_size=block_size, slots_per_split=per_split, num_slots=num_slots)
   kv_spec = pl.BlockSpec((None, None, s, d), lambda i, j, n: (i, j, 0, 0))
-  part_spec = pl.BlockSpec((None, None, None, gp), lambda i, j, n: (i, j, n, 0))
-  o_BKNGD, m_BKNG, l_BKNG = pl.pallas_call(
+  partials = pl.pallas_call(
       kernel,
       grid=(b, kv_heads, n_split),
       in_specs=[
-          pl.BlockSpec((None, None, gp, d), lambda i, j, n: (i, j, 0, 0)),
+          _query_spec(gp, d),
           kv_spec,
           kv_spec,
-          None if bias_BKS is None else pl.BlockSpec(
-              (None, None, s), lambda i, j, n: (i, j, 0)),
-          pl.BlockSpec((None, None, num_slots), lambda i, j, n: (i, j, 0)),
-          None if block_idx_BKP is None else pl.BlockSpec(
-              (None, None, num_slots), lambda i, j, n: (i, j, 0)),
+          None if bias_BKS is None else _per_bk(s),
+          _per_bk(num_slots),
+          None if block_idx_BKP is None else _per_bk(num_slots),
       ],
-      out_specs=[
-          pl.BlockSpec((None, None, None, gp, d),
-                       lambda i, j, n: (i, j, n, 0, 0)),
-          part_spec,
-          part_spec,
-      ],
-      out_shape=[
-          jax.ShapeDtypeStruct((b, kv_heads, n_split, gp, d), jnp.float32),
-          jax.ShapeDtypeStruct((b, kv_heads, n_split, gp), jnp.float32),
-          jax.ShapeDtypeStruct((b, kv_heads, n_split, gp), jnp.float32),
-      ],
+      out_specs=_partial_specs(gp, d),
+      out_shape=_partial_shapes(b, kv_heads, n_split, gp, d),
       compiler_params=plt.CompilerParams(
           num_warps=4 if num_warps is None else num_warps,
           num_stages=2 if num_stages is None else num_stages),
@@ -315,16 +365,178 @@ def sparse_decode(
       debug=debug,
       name="nosa_sparse_decode",
   )(q_BKGD, k_BKSD, v_BKSD, bias_BKS, slot_len_BKP, block_idx_BKP)
+  return _combine_splits(*partials, q_BHD)
 
-  # Log-sum-exp combination of the splits. A split (or a whole row) with no
-  # valid key has m = -inf and l = 0: shift by 0 there so its weight is 0.
+
+def _pad_queries(q_BHD, kv_heads):
+  """Query rows of each KV head padded to a power of 2 >= 16 (Triton dot M)."""
+  b, h, d = q_BHD.shape
+  g = h // kv_heads
+  gp = max(_MIN_DOT_DIM, _next_pow2(g))
+  q_BKGD = q_BHD.reshape(b, kv_heads, g, d)
+  return gp, jnp.pad(q_BKGD, ((0, 0), (0, 0), (0, gp - g), (0, 0)))
+
+
+def _per_bk(width):
+  return pl.BlockSpec((None, None, width), lambda i, j, n: (i, j, 0))
+
+
+def _query_spec(gp, d):
+  return pl.BlockSpec((None, None, gp, d), lambda i, j, n: (i, j, 0, 0))
+
+
+def _partial_specs(gp, d):
+  part_spec = pl.BlockSpec((None, None, None, gp), lambda i, j, n: (i, j, n, 0))
+  return [pl.BlockSpec((None, None, None, gp, d),
+                       lambda i, j, n: (i, j, n, 0, 0)), part_spec, part_spec]
+
+
+def _partial_shapes(b, kv_heads, n_split, gp, d):
+  return [jax.ShapeDtypeStruct((b, kv_heads, n_split, gp, d), jnp.float32),
+          jax.ShapeDtypeStruct((b, kv_heads, n_split, gp), jnp.float32),
+          jax.ShapeDtypeStruct((b, kv_heads, n_split, gp), jnp.float32)]
+
+
+def _combine_splits(o_BKNGD, m_BKNG, l_BKNG, q_BHD):
+  """Log-sum-exp combination of the split partials -> [B, H, D]."""
+  b, h, d = q_BHD.shape
+  kv_heads = o_BKNGD.shape[1]
+  # A split (or a whole row) with no valid key has m = -inf and l = 0:
+  # shift by 0 there so its weight is 0.
   m_BKG = m_BKNG.max(axis=2)
   m_BKG = jnp.where(m_BKG == -jnp.inf, 0.0, m_BKG)
   w_BKNG = jnp.exp(m_BKNG - m_BKG[:, :, None, :])
   l_BKG = (w_BKNG * l_BKNG).sum(axis=2)
   o_BKGD = (w_BKNG[..., None] * o_BKNGD).sum(axis=2)
   o_BKGD = o_BKGD / jnp.where(l_BKG > 0, l_BKG, 1.0)[..., None]
+  g = h // kv_heads
   return o_BKGD[:, :, :g].reshape(b, h, d).astype(q_BHD.dtype)
+
+
+def _validate_fetch(q_BHD, k_slot_BKPCD, v_slot_BKPCD, bias_BKS, slot_len_BKP,
+                    k_host_BKNCD, v_host_BKNCD, fetch_BKP):
+  """Raises a one-line ValueError naming the first bad argument."""
+  if k_slot_BKPCD.ndim != 5:
+    raise ValueError("k_slot_BKPCD must be [B, K, P, C, D], got shape "
+                     f"{k_slot_BKPCD.shape}")
+  b, kv, p, c, d = k_slot_BKPCD.shape
+  if v_slot_BKPCD.shape != k_slot_BKPCD.shape:
+    raise ValueError(f"v_slot_BKPCD shape {v_slot_BKPCD.shape} != "
+                     f"k_slot_BKPCD shape {k_slot_BKPCD.shape}")
+  flat = lambda x: jax.ShapeDtypeStruct((b, kv, p * c, d), x.dtype)
+  _validate(q_BHD, flat(k_slot_BKPCD), flat(v_slot_BKPCD), bias_BKS,
+            slot_len_BKP, c)
+  if slot_len_BKP.shape[2] != p:
+    raise ValueError(f"slot_len_BKP has {slot_len_BKP.shape[2]} slots, "
+                     f"k_slot_BKPCD has P={p}")
+  for name, x in (("k_host_BKNCD", k_host_BKNCD),
+                  ("v_host_BKNCD", v_host_BKNCD)):
+    if (x.ndim != 5 or x.shape[:2] != (b, kv) or x.shape[3:] != (c, d)
+        or x.dtype != k_slot_BKPCD.dtype):
+      raise ValueError(f"{name} must be {k_slot_BKPCD.dtype} [B, K, N, C, D]"
+                       f" = [{b}, {kv}, N, {c}, {d}], got {x.dtype} "
+                       f"{x.shape}")
+  if v_host_BKNCD.shape != k_host_BKNCD.shape:
+    raise ValueError(f"v_host_BKNCD shape {v_host_BKNCD.shape} != "
+                     f"k_host_BKNCD shape {k_host_BKNCD.shape}")
+  if fetch_BKP.shape != slot_len_BKP.shape or fetch_BKP.dtype != jnp.int32:
+    raise ValueError(f"fetch_BKP must be int32 {slot_len_BKP.shape}, got "
+                     f"{fetch_BKP.dtype} {fetch_BKP.shape}")
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=["block_sizes", "num_warps", "num_stages", "interpret",
+                     "debug"],
+    donate_argnames=["k_slot_BKPCD", "v_slot_BKPCD"])
+def sparse_decode_fetch(
+    q_BHD: jax.Array,
+    k_slot_BKPCD: jax.Array,
+    v_slot_BKPCD: jax.Array,
+    bias_BKS: jax.Array | None,
+    slot_len_BKP: jax.Array,
+    k_host_BKNCD: jax.Array,
+    v_host_BKNCD: jax.Array,
+    fetch_BKP: jax.Array,
+    *,
+    block_sizes: DecodeBlockSizes | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool = False,
+    debug: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`sparse_decode` over the block cache, fetching missing blocks itself.
+
+  The offload engine's fused fetch: slot p of (b, k) with fetch_BKP[b, k, p]
+  = n >= 0 does not hold its block yet; the kernel reads block n of the
+  host store (a `pinned_host` array, read in place over PCIe like
+  `gather_blocks`), attends to it, and stores it into the slot for later
+  steps. Resident slots are read from the device cache. The PCIe reads of
+  one layer thus overlap the HBM reads and the math of its attention, and
+  the separate gather launch (and its compaction of the miss list) goes.
+  They do not overlap the projections and the MLP, which depend on the
+  attention output.
+
+  Args:
+    q_BHD: [B, H, D] query of the new token, after RoPE.
+    k_slot_BKPCD, v_slot_BKPCD: [B, K, P, C, D] device block cache
+      (donated; returned updated).
+    bias_BKS: [B, K, P * C] fp32 bias of the slots' keys, or None.
+    slot_len_BKP: [B, K, P] int32 valid tokens of each slot (as in
+      `sparse_decode`); a fetched slot must have slot_len > 0.
+    k_host_BKNCD, v_host_BKNCD: [B, K, N, C, D] host store (any memory
+      kind), same dtype as the cache.
+    fetch_BKP: [B, K, P] int32 block of the store to load into each slot
+      before attending, -1 = the slot already holds its block.
+    block_sizes, num_warps, num_stages, interpret, debug: as for
+      `sparse_decode`.
+
+  Returns:
+    (out_BHD, k_slot_BKPCD, v_slot_BKPCD): the attention output, and the
+    cache with rows [0, slot_len) of every fetched slot replaced by the
+    store's block (rows past slot_len are not copied: in the engine a
+    fetched block is a complete one, slot_len = C).
+  """
+  _validate_fetch(q_BHD, k_slot_BKPCD, v_slot_BKPCD, bias_BKS, slot_len_BKP,
+                  k_host_BKNCD, v_host_BKNCD, fetch_BKP)
+  b, kv_heads, num_slots, c, d = k_slot_BKPCD.shape
+  block_sizes = block_sizes or DecodeBlockSizes()
+  n_split, per_split = num_decode_splits(b, kv_heads, num_slots, block_sizes)
+  gp, q_BKGD = _pad_queries(q_BHD, kv_heads)
+  tiles = lambda x: x.reshape((-1, c, d))
+  kernel = functools.partial(
+      _sparse_decode_fetch_kernel, sm_scale=1.0 / math.sqrt(d),
+      block_size=c, slots_per_split=per_split, num_slots=num_slots,
+      num_blocks=k_host_BKNCD.shape[2])
+  any_spec = pl.BlockSpec(memory_space=pl.ANY)
+  slot_in = 3 if bias_BKS is None else 4
+  *partials, k_tiles, v_tiles = pl.pallas_call(
+      kernel,
+      grid=(b, kv_heads, n_split),
+      in_specs=[
+          _query_spec(gp, d),
+          None if bias_BKS is None else _per_bk(num_slots * c),
+          _per_bk(num_slots),
+          _per_bk(num_slots),
+          any_spec, any_spec, any_spec, any_spec,
+      ],
+      out_specs=_partial_specs(gp, d) + [any_spec, any_spec],
+      out_shape=_partial_shapes(b, kv_heads, n_split, gp, d) + [
+          jax.ShapeDtypeStruct((b * kv_heads * num_slots, c, d),
+                               k_slot_BKPCD.dtype)] * 2,
+      # Operand numbers count only non-None inputs (bias may be absent).
+      input_output_aliases={slot_in: 3, slot_in + 1: 4},
+      compiler_params=plt.CompilerParams(
+          num_warps=4 if num_warps is None else num_warps,
+          num_stages=2 if num_stages is None else num_stages),
+      interpret=interpret,
+      debug=debug,
+      name="nosa_sparse_decode_fetch",
+  )(q_BKGD, bias_BKS, slot_len_BKP, fetch_BKP, tiles(k_slot_BKPCD),
+    tiles(v_slot_BKPCD), tiles(k_host_BKNCD), tiles(v_host_BKNCD))
+  shape = k_slot_BKPCD.shape
+  return (_combine_splits(*partials, q_BHD), k_tiles.reshape(shape),
+          v_tiles.reshape(shape))
 
 
 def gather_blocks_by_index(x_BKS_: jax.Array, block_idx_BKP: jax.Array,
@@ -429,3 +641,41 @@ def sparse_decode_reference(
                       precision=lax.Precision.HIGHEST)
   o_BKGD = o_BKGD / jnp.where(l_BKG > 0, l_BKG, 1.0)[..., None]
   return o_BKGD.reshape(b, h, d).astype(q_BHD.dtype)
+
+
+@jax.jit
+def sparse_decode_fetch_reference(
+    q_BHD: jax.Array,
+    k_slot_BKPCD: jax.Array,
+    v_slot_BKPCD: jax.Array,
+    bias_BKS: jax.Array | None,
+    slot_len_BKP: jax.Array,
+    k_host_BKNCD: jax.Array,
+    v_host_BKNCD: jax.Array,
+    fetch_BKP: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Pure-jnp `sparse_decode_fetch`: copy the fetched rows, then attend.
+
+  Same arguments (without the tuning ones) and results; the host arrays
+  must be in device memory here (XLA gathers cannot read pinned_host).
+  """
+  _validate_fetch(q_BHD, k_slot_BKPCD, v_slot_BKPCD, bias_BKS, slot_len_BKP,
+                  k_host_BKNCD, v_host_BKNCD, fetch_BKP)
+  b, kv, p, c, d = k_slot_BKPCD.shape
+  b_ = jnp.arange(b)[:, None, None]
+  k_ = jnp.arange(kv)[None, :, None]
+  src_BKP = jnp.maximum(fetch_BKP, 0)
+  copy_BKPC = ((fetch_BKP[..., None] >= 0)
+               & (jnp.arange(c)[None, None, None, :]
+                  < slot_len_BKP[..., None]))
+
+  def fill(slot_BKPCD, host_BKNCD):
+    return jnp.where(copy_BKPC[..., None], host_BKNCD[b_, k_, src_BKP],
+                     slot_BKPCD)
+
+  k_slot_BKPCD = fill(k_slot_BKPCD, k_host_BKNCD)
+  v_slot_BKPCD = fill(v_slot_BKPCD, v_host_BKNCD)
+  out_BHD = sparse_decode_reference(
+      q_BHD, k_slot_BKPCD.reshape(b, kv, p * c, d),
+      v_slot_BKPCD.reshape(b, kv, p * c, d), bias_BKS, slot_len_BKP, c)
+  return out_BHD, k_slot_BKPCD, v_slot_BKPCD

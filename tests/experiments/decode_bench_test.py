@@ -12,26 +12,42 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 
 
-def _rec(system, ctx, batch, tps):
+def _rec(system, ctx, batch, tps, pcie_ms=1.0):
+  step_ms = 1e3 * batch / tps
   return {"system": system, "context": ctx, "batch": batch,
-          "tokens_per_s": tps}
+          "tokens_per_s": tps, "step_ms": step_ms, "model_t_pcie_ms": pcie_ms,
+          "model_t_gpu_ms": 5.0, "step_over_max_gpu_pcie": step_ms / 5.0}
 
 
 class VerdictTest(absltest.TestCase):
 
   def test_comparisons(self):
-    recs = [_rec("nosa_gpu", 100, 4, 300.0), _rec("nosa_offload", 100, 4,
+    recs = [_rec("nosa_gpu", 100, 4, 400.0), _rec("nosa_offload", 100, 4,
                                                    200.0),
-            _rec("infllmv2_offload", 100, 4, 100.0),
+            _rec("nosa_offload_fused", 100, 4, 250.0),
+            _rec("infllmv2_offload", 100, 4, 100.0, pcie_ms=40.0),
             _rec("infllmv2_gpu", 100, 4, 50.0),
             _rec("full_gpu_max", 100, 9, 400.0)]
     got = decode_bench.verdicts(recs)
     self.assertEqual(got, [
-        "infllmv2, L=100, B=4: offloaded beats GPU-resident (2.00x).",
-        "nosa, L=100, B=4: GPU-resident beats offloaded (1.50x).",
-        "NOSA offloaded / InfLLMv2 offloaded, L=100, B=4: 2.00x.",
-        "NOSA offloaded (B=4) / FullAttn at its largest batch (B=9), L=100: "
-        "0.50x."])
+        "infllmv2_offload, L=100, B=4: offloaded beats GPU-resident (2.00x).",
+        "infllmv2_offload, L=100, B=4: step 40.00 ms = 0.50 x max(T_gpu "
+        "measured resident 80.00, T_pcie 40.00) ms; cost-model T_gpu 5.00 ms "
+        "gives 8.00 x.",
+        "nosa_offload, L=100, B=4: GPU-resident beats offloaded (2.00x).",
+        "nosa_offload, L=100, B=4: step 20.00 ms = 2.00 x max(T_gpu measured "
+        "resident 10.00, T_pcie 1.00) ms; cost-model T_gpu 5.00 ms gives "
+        "4.00 x.",
+        "NOSA / InfLLMv2, both offload, L=100, B=4: 2.00x.",
+        "NOSA offload (B=4) / FullAttn at its largest batch (B=9), L=100: "
+        "0.50x.",
+        "nosa_offload_fused, L=100, B=4: GPU-resident beats offloaded "
+        "(1.60x).",
+        "nosa_offload_fused, L=100, B=4: step 16.00 ms = 1.60 x max(T_gpu "
+        "measured resident 10.00, T_pcie 1.00) ms; cost-model T_gpu 5.00 ms "
+        "gives 3.20 x.",
+        "NOSA offload_fused (B=4) / FullAttn at its largest batch (B=9), "
+        "L=100: 0.62x."])
     self.assertEqual(decode_bench.verdicts([_rec("full_gpu", 1, 1, 1.0)]),
                      [])
 
@@ -44,19 +60,22 @@ class SmokeTest(absltest.TestCase):
     run = subprocess.run(
         [sys.executable, "-m", "experiments.decode_bench", "--runlocal",
          f"--out_dir={out}", "--steps=3", "--warmup=2",
-         "--systems=nosa_gpu,nosa_offload"], cwd=REPO, env=env,
+         "--systems=nosa_gpu,nosa_offload,nosa_offload_fused"],
+        cwd=REPO, env=env,
         capture_output=True, text=True, timeout=300)
     self.assertEqual(run.returncode, 0, run.stderr[-3000:])
     res = json.load(open(os.path.join(out, "decode_bench.json")))
     self.assertEqual([r["system"] for r in res["records"]],
-                     ["nosa_gpu", "nosa_offload"])
-    off = res["records"][1]
+                     ["nosa_gpu", "nosa_offload", "nosa_offload_fused"])
+    off, fused = res["records"][1:]
     self.assertGreater(off["fetched_blocks"], 0)
     self.assertTrue(0.0 < off["gamma"] < 1.0)
+    # Same synthetic selection, so the same blocks move either way.
+    self.assertEqual(fused["fetched_blocks"], off["fetched_blocks"])
     self.assertGreater(res["ceilings"]["pcie_bulk_bytes_per_s"], 0)
     self.assertEqual(res["gather"][-1]["method"], "xla_copy_loop")
     table = open(os.path.join(out, "table.md")).read()
-    self.assertIn("nosa, L=400, B=16:", table)
+    self.assertIn("nosa_offload_fused, L=400, B=16:", table)
     self.assertTrue(os.path.exists(os.path.join(out, "decode_bench.png")))
     bad = subprocess.run(
         [sys.executable, "-m", "experiments.decode_bench", "--runlocal",

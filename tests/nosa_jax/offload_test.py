@@ -159,7 +159,11 @@ class OffloadTest(parameterized.TestCase):
       ("nosa_pallas_all_cached", "nosa", offload.OffloadOptions(
           fetch="pallas", gather_programs=3, cache_blocks=64)),
       ("infllmv2_cache_lru", "infllmv2", offload.OffloadOptions(
-          fetch="loop", cache_blocks=9)))
+          fetch="loop", cache_blocks=9)),
+      # The decode attention kernel fetches the misses itself.
+      ("nosa_fused", "nosa", offload.OffloadOptions(fetch="fused")),
+      ("infllmv2_fused_lru", "infllmv2", offload.OffloadOptions(
+          fetch="fused", cache_blocks=9)))
   def test_offload_matches_decode(self, variant, options):
     cfg, graphdef, params = _model(variant)
     sp = cfg.sparse

@@ -142,6 +142,67 @@ class SparseDecodeTest(parameterized.TestCase):
       self._decode(q, k, v, bias_BKS, lens, 16,
                    block_idx_BKP=table.astype(jnp.int16))
 
+  def _fetch_inputs(self, seed, dtype, bias=True, n=6):
+    """Slots [B, K, P, C, D], a host store of n blocks, and a fetch list.
+
+    Fetched slots hold NaN (the kernel must neither read nor keep it); one
+    fetched slot is partial, to pin down that only rows < slot_len copy.
+    """
+    b, p, c, d = 2, 4, 16, 32
+    q, k, v, bias_BKS, slot_len = _inputs(seed, b=b, k=_K, g=4, p=p, c=c,
+                                          d=d, dtype=dtype, bias=bias)
+    slot = lambda x: x.reshape(b, _K, p, c, d)
+    rng = np.random.default_rng(seed + 100)
+    k_host, v_host = (jnp.asarray(rng.normal(size=(b, _K, n, c, d)), dtype)
+                      for _ in range(2))
+    fetch = jnp.asarray([[[3, -1, 0, -1], [-1, 5, -1, -1]],
+                         [[-1, -1, -1, 2], [1, 4, -1, -1]]], jnp.int32)
+    slot_len = jnp.where(fetch >= 0, c, slot_len).at[1, 0, 3].set(7)
+    nan = lambda x: jnp.where((fetch >= 0)[..., None, None], jnp.nan, x)
+    return (q, nan(slot(k)), nan(slot(v)), bias_BKS, slot_len, k_host,
+            v_host, fetch)
+
+  @parameterized.parameters(("float32", True), ("bfloat16", True),
+                            ("bfloat16", False))
+  def test_fetch_matches_reference(self, dtype, bias):
+    args = self._fetch_inputs(11, dtype, bias)
+    ref_out, ref_k, ref_v = sd.sparse_decode_fetch_reference(*args)
+    host = jax.memory.Space.Host  # the engine's store is pinned_host
+    args = args[:5] + tuple(jax.device_put(x, host) for x in args[5:7]) + (
+        args[7],)
+    self.assertEqual(args[5].sharding.memory_kind, "pinned_host")
+    out, k_slot, v_slot = sd.sparse_decode_fetch(
+        *args, interpret=self.INTERPRET)
+    np.testing.assert_allclose(_f32(out), _f32(ref_out),
+                               **tolerances.tol(dtype))
+    self.assertTrue(np.isfinite(_f32(out)).all())
+    # Copies are exact: rows [0, slot_len) of fetched slots now hold the
+    # store's block, every other row is untouched (NaN stays NaN).
+    np.testing.assert_array_equal(_f32(k_slot), _f32(ref_k))
+    np.testing.assert_array_equal(_f32(v_slot), _f32(ref_v))
+    self.assertEqual(k_slot.sharding.memory_kind, "device")
+
+  def test_fetch_without_misses_is_sparse_decode(self):
+    q, k, v, bias, slot_len, k_host, v_host, fetch = self._fetch_inputs(
+        12, "float32")
+    k, v = (jnp.nan_to_num(x) for x in (k, v))
+    flat = lambda x: x.reshape(2, _K, -1, 32)
+    want = self._decode(q, flat(k), flat(v), bias, slot_len, 16)
+    k_before = _f32(k)  # k and v are donated
+    out, k2, _ = sd.sparse_decode_fetch(
+        q, k, v, bias, slot_len, k_host, v_host, jnp.full_like(fetch, -1),
+        interpret=self.INTERPRET)
+    np.testing.assert_allclose(_f32(out), _f32(want),
+                               **tolerances.tol("float32"))
+    np.testing.assert_array_equal(_f32(k2), k_before)
+
+  def test_fetch_rejects_bad_arguments(self):
+    args = list(self._fetch_inputs(13, "float32"))
+    with self.assertRaisesRegex(ValueError, "fetch_BKP must be int32"):
+      sd.sparse_decode_fetch(*args[:7], args[7].astype(jnp.int16))
+    with self.assertRaisesRegex(ValueError, "k_host_BKNCD must be"):
+      sd.sparse_decode_fetch(*args[:5], args[5][..., :8, :], *args[6:])
+
   def test_large_bf16(self):
     """The paper's decode shape: C = 64, P = 64 slots, D = 128 (GPU only)."""
     if self.INTERPRET:
