@@ -13,9 +13,19 @@ compare like with like. Parts:
           bandwidth measured in the same run (a large device copy).
   train_sweep / decode_sweep: the same over kernel tilings.
           Decode times chain 20 calls in one jit (dispatch excluded).
+  bwd_sweep: the backward variants of the Pallas kernel (`_BWD_VARIANTS`:
+          fused dq, transposed backward tiles, larger backward tiles) at
+          each --lengths T with the last --masks kind: fwd and fwd+bwd ms
+          per variant, cuDNN dense fwd+bwd for reference, and each
+          variant's largest gradient difference from the first one's.
   step:   the training step of a 1B-like model at 16k tokens, `pallas`
           vs `full` (cuDNN): tokens/s and MFU.
 Prints a table and writes results.json under --out.
+
+Timing the backward variants (issue #4), about 3 minutes on one H100:
+
+  python -m experiments.kernel_bench --out=/tmp/kb --parts=bwd_sweep \
+      --lengths=32768,16384 --masks=local --iters=5
 """
 
 import dataclasses
@@ -49,6 +59,23 @@ _ITERS = flags.DEFINE_integer("iters", 10, "Timed iterations per figure.")
 _MASKS = flags.DEFINE_list(
     "masks", ["random", "local"], "Selection inputs for the train part: "
     "random queries, or slowly varying (local) ones.")
+
+# Backward variants of the Pallas kernel for the bwd_sweep part: name ->
+# (block_q, block_q_dq, block_q_dkv, dkv_segment) in tokens (x G=16 rows),
+# fused_dq, transpose_bwd. All keep the default forward (64 rows), 4 warps
+# and 2 stages; "default" is the library default.
+_BWD_VARIANTS = {
+    "default": ((4, 2, 2, 64), False, False),
+    "transposed": ((4, 2, 2, 64), False, True),
+    "fused": ((4, 2, 2, 64), True, False),
+    "fused_transposed": ((4, 2, 2, 64), True, True),
+    "transposed_dkv64rows": ((4, 2, 4, 64), False, True),
+    "fused_transposed_dkv64rows": ((4, 2, 4, 64), True, True),
+    "transposed_dq64rows": ((4, 4, 2, 64), False, True),
+}
+_BWD = flags.DEFINE_list(
+    "bwd_variants", list(_BWD_VARIANTS)[:6],
+    f"Variants timed by the bwd_sweep part, of {list(_BWD_VARIANTS)}.")
 
 PAPER = config_lib.SparseConfig(variant="nosa", query_chunk=1024)
 
@@ -208,6 +235,85 @@ def bench_train_sweep(rows):
     rows.append(row)
 
 
+def _bwd_tuning(name):
+  sizes, fused_dq, transpose_bwd = _BWD_VARIANTS[name]
+  return {"block_sizes": sparse_attention.KernelBlockSizes(*sizes),
+          "fused_dq": fused_dq, "transpose_bwd": transpose_bwd,
+          "num_warps": 4, "num_stages": 2}
+
+
+def _max_rel_diff(grads, want):
+  """Largest |grad - want| over max |want|, worst of the gradients."""
+  return max(float(jnp.max(jnp.abs(g.astype(jnp.float32) -
+                                   w.astype(jnp.float32))) /
+                   jnp.max(jnp.abs(w.astype(jnp.float32))))
+             for g, w in zip(grads, want, strict=True))
+
+
+def bench_bwd_sweep(rows, save=lambda: None):
+  """Backward variants (issue #4) at each --lengths T, last --masks kind.
+
+  The forward kernel is the same in every variant (the backward options
+  change only the backward kernels), so its time is taken once per T.
+  `max_rel_diff_vs_first` compares each variant's dq, dk, dv, dbias with
+  those of the first variant listed ("default" unless --bwd_variants says
+  otherwise) on the same inputs: bf16 rounding and atomic-add order only,
+  ~1e-3 of the largest gradient entry; a wrong variant shows as O(1).
+  """
+  kind = _MASKS.value[-1]
+  # cuDNN on the GPU; XLA elsewhere, so the part runs as a CPU smoke test.
+  impl = "cudnn" if jax.default_backend() == "gpu" else None
+  dense = _fwd_bwd(lambda q, kk, v, b, m: jax.nn.dot_product_attention(
+      q, kk, v, is_causal=True, implementation=impl))
+  for t in (int(x) for x in _LENGTHS.value):
+    args, _ = _inputs_with_mask(t, kind)
+    mask = args[-1]
+    base = {"part": "bwd_sweep", "T": t, "mask": kind,
+            "selected_fraction_of_causal": float(jnp.mean(mask)) * 2,
+            "dense_cudnn_fwd_bwd_s": timeit(dense, *args)}
+    fwd_s, want = None, None
+    for name in _BWD.value:
+      tuning = _bwd_tuning(name)
+      fwd = jax.jit(lambda q, kk, v, b, m, tuning=tuning: sparse_attention.
+                    sparse_attention(q, kk, v, b, m,
+                                     block_size=PAPER.block_size,
+                                     query_chunk=PAPER.query_chunk,
+                                     implementation="pallas", tuning=tuning))
+      sizes, fused_dq, transpose_bwd = _BWD_VARIANTS[name]
+      row = {**base, "variant": name, "fused_dq": fused_dq,
+             "transpose_bwd": transpose_bwd,
+             **dict(zip(("block_q", "block_q_dq", "block_q_dkv",
+                         "dkv_segment"), sizes, strict=True))}
+      try:
+        if fwd_s is None:
+          fwd_s = timeit(fwd, *args)
+        row["fwd_s"] = fwd_s
+        fwd_bwd = _fwd_bwd(fwd)
+        row["fwd_bwd_s"] = timeit(fwd_bwd, *args)
+        row["bwd_s"] = row["fwd_bwd_s"] - fwd_s
+        row["speedup_vs_dense"] = (row["dense_cudnn_fwd_bwd_s"] /
+                                   row["fwd_bwd_s"])
+        grads = fwd_bwd(*args)
+        if want is None:
+          want = grads
+        row["max_rel_diff_vs_first"] = _max_rel_diff(grads, want)
+      except Exception as e:  # a variant that does not compile is a result
+        row["error"] = f"{type(e).__name__}: {e}"[:300]
+      print(row, flush=True)
+      rows.append(row)
+      save()
+  print("| T | variant | cuDNN fwd+bwd ms | fwd ms | fwd+bwd ms | bwd ms "
+        "| speedup | max rel diff |")
+  print("|---|---|---|---|---|---|---|---|")
+  ms = lambda r, k: f"{1e3 * r[k]:.1f}" if k in r else "-"
+  for r in rows:
+    if r["part"] == "bwd_sweep" and "variant" in r:
+      print(f"| {r['T']} | {r['variant']} | {ms(r, 'dense_cudnn_fwd_bwd_s')} "
+            f"| {ms(r, 'fwd_s')} | {ms(r, 'fwd_bwd_s')} | {ms(r, 'bwd_s')} "
+            f"| {r.get('speedup_vs_dense', 0):.2f}x "
+            f"| {r.get('max_rel_diff_vs_first', float('nan')):.2g} |")
+
+
 def _decode_inputs(b, k=2, g=16, d=128, p=64, c=64):
   keys = jax.random.split(jax.random.key(b), 4)
   q = jax.random.normal(keys[0], (b, k * g, d), jnp.bfloat16)
@@ -287,7 +393,16 @@ def main(argv):
   info = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
   print(info, flush=True)
+
+  def save():
+    with open(os.path.join(_OUT.value, "results.json"), "w") as f:
+      json.dump({"info": info, "rows": rows}, f, indent=2)
+
+  unknown = set(_BWD.value) - set(_BWD_VARIANTS)
+  if unknown:
+    raise app.UsageError(f"--bwd_variants: unknown {sorted(unknown)}")
   parts = (("train", bench_train), ("train_sweep", bench_train_sweep),
+           ("bwd_sweep", lambda r: bench_bwd_sweep(r, save)),
            ("decode", bench_decode),
            ("decode_sweep", lambda r: bench_decode(r, sweep=True)),
            ("step", bench_step))
@@ -299,8 +414,7 @@ def main(argv):
         print(f"part {part} failed: {type(e).__name__}: {e}"[:2000],
               flush=True)
         rows.append({"part": part, "error": f"{type(e).__name__}: {e}"[:2000]})
-      with open(os.path.join(_OUT.value, "results.json"), "w") as f:
-        json.dump({"info": info, "rows": rows}, f, indent=2)
+      save()
   print("\n".join(json.dumps(r) for r in rows))
 
 

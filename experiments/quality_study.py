@@ -24,8 +24,10 @@ Per variant, OUT_DIR/variant_<name>.json holds the training curves (train
 and eval loss, locality) read back from TensorBoard, wall times and
 `nosa_jax.evaluation.evaluate` (held-out perplexity, passkey accuracy by
 length x depth, decode gamma per layer). After every variant, quality.json
-(one row per variant) and loss.png, passkey.png, gamma.png are rebuilt from
-all variant files in OUT_DIR, so a call cut short keeps what it finished.
+(one row per variant) and loss.png, passkey.png, gamma.png, tradeoff.png
+(gamma, NLL, passkey beyond the window and speed side by side) are rebuilt
+from all variant files in OUT_DIR, so a call cut short keeps what it
+finished.
 Without matplotlib (a bare GPU image) only the JSONs are written; the
 plotting lives here, not in the library, as matplotlib is a dev dependency.
 Checkpoints stay in --work_dir; a variant's old workdir there is removed
@@ -191,12 +193,12 @@ def summarize(results: list[dict]) -> list[dict]:
 
 
 def plot(results: list[dict], out_dir: str) -> list[str]:
-  """loss.png, passkey.png, gamma.png; returns their paths."""
+  """loss.png, passkey.png, gamma.png, tradeoff.png; returns their paths."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   paths = [os.path.join(out_dir, f) for f in
-           ("loss.png", "passkey.png", "gamma.png")]
+           ("loss.png", "passkey.png", "gamma.png", "tradeoff.png")]
 
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
   for r in results:
@@ -250,6 +252,30 @@ def plot(results: list[dict], out_dir: str) -> list[str]:
     ax.legend()
   fig.tight_layout()
   fig.savefig(paths[2], dpi=90)
+  plt.close(fig)
+
+  # The trade-off in one picture: what each variant (the locality penalty
+  # included) buys in locality and retrieval, and pays in loss and speed.
+  rows = summarize(results)
+  panels = (("gamma", "decode gamma"), ("heldout_nll", "held-out NLL"),
+            ("passkey_outside_window", "passkey beyond sink + window"),
+            ("tokens_per_s", "train k tokens/s"))
+  fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.2))
+  names = [r["name"] for r in rows]
+  for ax, (key, title) in zip(axes, panels, strict=True):
+    scale = 1e-3 if key == "tokens_per_s" else 1.0
+    vals = [np.nan if r[key] is None else r[key] * scale for r in rows]
+    ax.bar(range(len(rows)), vals, color=[f"C{i}" for i in range(len(rows))])
+    for i, v in enumerate(vals):
+      if np.isfinite(v):
+        ax.text(i, v, f"{v:.3g}" if v < 100 else f"{v:,.0f}", ha="center",
+                va="bottom", fontsize=7)
+    ax.set_xticks(range(len(rows)), names, rotation=30, ha="right",
+                  fontsize=8)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+  fig.tight_layout()
+  fig.savefig(paths[3], dpi=90)
   plt.close(fig)
   return paths
 

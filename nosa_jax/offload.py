@@ -55,6 +55,9 @@ One decode step, per layer (§4.3, decode.py's order):
      over the compacted misses, each a `dynamic_slice` of the store plus
      `device_put` (XLA rejects gathers on a pinned_host operand; 2.5 GB/s,
      and its dynamic trip count syncs the GPU with the host), used on CPU;
+     "fused" (the GPU default) = no separate copy: the attention kernel of
+     step 6 (`pallas_kernels.sparse_decode_fetch`) reads each missing
+     block from the store itself and stores it into its slot;
   5. the token's k, v are written into its own block's slot at pos % C.
      A block that completes stays in its slot (it is in the forced window
      for window_blocks * C steps); `flush`, called every C steps by the
@@ -71,11 +74,15 @@ Stats per step (`stats` dict, int32 [L, B, K]): `selected` (valid selected
 blocks) and `fetched` (blocks copied host -> device). Hit rate =
 1 - fetched / selected.
 
-Tested on CPU (tests/nosa_jax/offload_test.py: both fetch modes, the
+Tested on CPU (tests/nosa_jax/offload_test.py: all fetch modes, the
 larger cache) and on the H100 (the same tests with NOSA_TEST_GPU=1);
-throughput in experiments/decode_bench.py. Not done:
-  * overlap of the fetch with compute (decision 7, first half): the step
-    is serial, fetch then attention (WORKSPACE.md has what was tried);
+throughput in experiments/decode_bench.py. Overlap (decision 7, first
+half) is partial: the fused fetch overlaps a layer's PCIe reads with its
+own attention (HBM reads, math), which hides ~1.1 ms of an 8B step's 2.2
+ms of transfers; the projections and the MLP cannot overlap them, as they
+depend on the attention output and the misses are known only once the
+layer's query is (WORKSPACE.md has what was tried). Not done:
+  * prefetch of a predicted next-layer selection beside the GEMMs;
   * prefill runs `decode.prefill` and moves its K/V to the host afterwards,
     so the device transiently holds the prompt's K/V at full capacity;
   * one device only (no sharding of the store or the slots).
@@ -120,8 +127,9 @@ class OffloadOptions:
       (`pallas_kernels.sparse_decode_fetch`: each missing block is read
       from the pinned_host store by the program that attends to it, so the
       PCIe reads overlap the attention's HBM reads and math; no separate
-      copy launch; interpreted off the GPU), "auto" = "pallas" on GPU,
-      "loop" elsewhere.
+      copy launch; interpreted off the GPU; 12.51 vs 13.61 ms per 8B step
+      against "pallas", WORKSPACE.md), "auto" = "fused" on GPU, "loop"
+      elsewhere.
     gather_programs: persistent grid of the Pallas copy kernel.
     cache_blocks: device slots per (layer, sequence, KV head); None =
       topk_blocks. Above topk_blocks, slots keep blocks that are no longer
@@ -155,10 +163,11 @@ class OffloadOptions:
       raise ValueError("OffloadOptions.cache_blocks must be None or >= 1, "
                        f"got {self.cache_blocks}")
 
-  def use_pallas(self) -> bool:
+  def resolved_fetch(self) -> str:
+    """The fetch mode used: "auto" = "fused" on GPU, "loop" elsewhere."""
     if self.fetch == "auto":
-      return jax.default_backend() == "gpu"
-    return self.fetch == "pallas"
+      return "fused" if jax.default_backend() == "gpu" else "loop"
+    return self.fetch
 
 
 DEFAULT_OPTIONS = OffloadOptions()
@@ -534,7 +543,7 @@ def _fetch(k_host, v_host, k_slot, v_slot, load_BKP, fetch_BKP,
   src_row = (f // p) * n + jnp.maximum(load_BKP.reshape(-1), 0)
   count, src_row, dst_row = _compact(fetch_BKP.reshape(-1), src_row, f)
   copy = (functools.partial(_pallas_copy, options=options)
-          if options.use_pallas() else
+          if options.resolved_fetch() == "pallas" else
           functools.partial(_loop_copy, memory_kind=_DEVICE))
   return copy((k_host, v_host), (k_slot, v_slot), src_row_F=src_row,
               dst_row_F=dst_row, count=count)
@@ -670,7 +679,7 @@ def _attend(q_BHD, k_BKD, v_BKD, layer: OffloadLayer, pos_B,
               if p > idx_BKP.shape[-1] else None)
   new_map, load_BKP, fetch_BKP = diff_slots(layer.slot_map, idx_BKP, own_B,
                                             keep_BKP)
-  fused = options.fetch == "fused"
+  fused = options.resolved_fetch() == "fused"
   k_slot, v_slot = layer.k_slot, layer.v_slot
   if not fused:
     k_slot, v_slot = _fetch(layer.k_host, layer.v_host, k_slot, v_slot,

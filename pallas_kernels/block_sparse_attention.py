@@ -29,6 +29,22 @@ contiguous load. The kernels then work on whole selection blocks:
            the order of the adds, hence the last bits of dk, dv and
            dbias, varies from run to run.
 
+Backward options (keyword arguments of the wrapper; both off by default,
+timed against each other by `experiments/kernel_bench.py --parts=bwd_sweep`):
+
+  transpose_bwd  dq and dk/dv kernels compute the logits transposed, keys
+           as rows: [C, R] = K Q^T, as FlashAttention's dk/dv kernels do.
+           Every backward matmul then has the block's C keys (64) as its
+           M dimension whatever R is (R = 32 rows is below Hopper's
+           64-row wgmma tile), and P^T, dS^T come out in the layout that
+           dV += P^T dO, dK += dS^T Q take, with no transpose of a register
+           tile; dq is accumulated as dq^T = K^T dS^T.
+  fused_dq does the dq work in the dk/dv kernel: each (block, tile) pair
+           adds its dS K to an fp32 dq accumulator atomically (R * D adds
+           per pair; [D, T * G] with transpose_bwd), so the logits, exp2
+           and dP of every pair are computed once in the backward instead
+           of twice, and there is no dq kernel.
+
 Inside a block, the token mask is the tile's selection column expanded to
 rows (a broadcast-compare-reduce with a one-hot [R, block_q], avoiding an
 in-kernel reshape) and the causal mask. Triton wants every loaded tile to be
@@ -66,6 +82,8 @@ class _Static:
   block_q_dq: int
   block_q_dkv: int
   dkv_segment: int
+  fused_dq: bool
+  transpose_bwd: bool
   scale: float
   num_warps: int | None
   num_stages: int | None
@@ -100,24 +118,40 @@ def _one_hot(row_tok, block_q):
   return row_tok[:, None] == jnp.arange(block_q, dtype=jnp.int32)[None, :]
 
 
-def _block_mask(sel_ref, sel_idx, one_hot, row_pos, key_pos):
-  """[R, C] bool: the row's token selected the block, and key <= query."""
+def _row_selected(sel_ref, sel_idx, one_hot):
+  """[R] bool: the row's token selected the block."""
   sel = sel_ref[sel_idx].astype(jnp.int32)  # [block_q]
   if one_hot is None:
-    row_sel = sel > 0
-  else:
-    row_sel = jnp.max(jnp.where(one_hot, sel[None, :], 0), axis=1) > 0
+    return sel > 0
+  return jnp.max(jnp.where(one_hot, sel[None, :], 0), axis=1) > 0
+
+
+def _block_mask(sel_ref, sel_idx, one_hot, row_pos, key_pos, *,
+                key_rows=False):
+  """[R, C] bool ([C, R] if key_rows): block selected, and key <= query."""
+  row_sel = _row_selected(sel_ref, sel_idx, one_hot)
+  if key_rows:
+    return row_sel[None, :] & (key_pos[:, None] <= row_pos[None, :])
   return row_sel[:, None] & (key_pos[None, :] <= row_pos[:, None])
 
 
-def _logits(q, k, bias, mask, scale):
+def _per_query(x, key_rows):
+  """Broadcasts a per-query-row vector [R] over the logits' key axis."""
+  return x[None, :] if key_rows else x[:, None]
+
+
+def _logits(q, k, bias, mask, scale, *, key_rows=False):
   """[R, C] masked logits in base 2, log2(e) * (q.k * scale + bias).
 
   Base 2 so that the softmax uses exp2 (one MUFU op; exp is a libdevice
   call with extra range reduction), as in JAX's flash attention. The lse
   is kept in base 2 too; ds is still the gradient of the natural logits.
+  With `key_rows`, the transpose [C, R] = K Q^T (see `_dkv_kernel`).
   """
-  s = _dot(q, k, trans_b=True) * (scale * _LOG2E) + (bias * _LOG2E)[None, :]
+  if key_rows:
+    s = _dot(k, q, trans_b=True) * (scale * _LOG2E) + (bias * _LOG2E)[:, None]
+  else:
+    s = _dot(q, k, trans_b=True) * (scale * _LOG2E) + (bias * _LOG2E)[None, :]
   return jnp.where(mask, s, common.MASK_VALUE)
 
 
@@ -180,7 +214,7 @@ def _dq_kernel(
     idx_ref,  # [N] int32
     cnt_ref,  # [] int32
     dq_ref,  # [R, D]
-    *, block_size: int, groups: int, scale: float):
+    *, block_size: int, groups: int, scale: float, key_rows: bool):
   c = block_size
   rows, d = q_ref.shape
   block_q = sel_ref.shape[1]
@@ -188,21 +222,29 @@ def _dq_kernel(
   row_pos = pl.program_id(0) * block_q + row_tok
   one_hot = _one_hot(row_tok, block_q)
   q, do = q_ref[...], do_ref[...]
-  lse, delta = lse_ref[...], delta_ref[...]
+  lse = _per_query(lse_ref[...], key_rows)
+  delta = _per_query(delta_ref[...], key_rows)
 
   def body(i, dq):
     j = idx_ref[i]
     blk = pl.ds(j * c, c)
     key_pos = j * c + jnp.arange(c, dtype=jnp.int32)
-    mask = _block_mask(sel_ref, (j, slice(None)), one_hot, row_pos, key_pos)
-    k = k_ref[blk, :]
-    s = _logits(q, k, bias_ref[blk], mask, scale)
-    p = jnp.where(mask, jnp.exp2(s - lse[:, None]), 0.0)
-    dp = _dot(do, v_ref[blk, :], trans_b=True)  # [R, C]
-    ds = p * (dp - delta[:, None])
+    mask = _block_mask(sel_ref, (j, slice(None)), one_hot, row_pos, key_pos,
+                       key_rows=key_rows)
+    k, v = k_ref[blk, :], v_ref[blk, :]
+    s = _logits(q, k, bias_ref[blk], mask, scale, key_rows=key_rows)
+    p = jnp.where(mask, jnp.exp2(s - lse), 0.0)
+    if key_rows:
+      # [C, R] tiles: C rows in every matmul, and dq^T = K^T dS^T.
+      ds = p * (_dot(v, do, trans_b=True) - delta)
+      return dq + _dot(k, ds.astype(k.dtype), trans_a=True)  # [D, R]
+    ds = p * (_dot(do, v, trans_b=True) - delta)  # [R, C]
     return dq + _dot(ds.astype(k.dtype), k)
 
-  dq = lax.fori_loop(0, cnt_ref[()], body, jnp.zeros((rows, d), _F32))
+  shape = (d, rows) if key_rows else (rows, d)
+  dq = lax.fori_loop(0, cnt_ref[()], body, jnp.zeros(shape, _F32))
+  if key_rows:
+    dq = dq.T
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -219,12 +261,14 @@ def _dkv_kernel(
     blk_ref,  # [] int32, this item's block
     start_ref,  # [] int32, its first entry in the block's tile list
     cnt_ref,  # [] int32, how many entries (0: a padding item)
-    dk_in_ref, dv_in_ref, dbias_in_ref,  # aliased to the outputs; unused
-    dk_ref,  # [S, D] fp32, zero-initialized, accumulated atomically
-    dv_ref,  # [S, D] fp32
-    dbias_ref,  # [S] fp32
-    *, block_size: int, block_q: int, groups: int, scale: float):
-  del dk_in_ref, dv_in_ref, dbias_in_ref
+    *acc_refs,
+    # The fp32 accumulators, zero-initialized and added to atomically; each
+    # is passed twice, as an input aliased to the output (unused) and as the
+    # output: dk [S, D], dv [S, D], dbias [S], and with fused_dq dq [T * G, D]
+    # ([D, T * G] with key_rows).
+    block_size: int, block_q: int, groups: int, scale: float,
+    fused_dq: bool, key_rows: bool):
+  dk_ref, dv_ref, dbias_ref, *dq_refs = acc_refs[len(acc_refs) // 2:]
   c, d = block_size, k_ref.shape[1]
   num_tiles = sel_ref.shape[1] // block_q
   rows = block_q * groups
@@ -248,16 +292,39 @@ def _dkv_kernel(
       tile = pl.ds(qi * rows, rows)
       row_pos = qi * block_q + row_tok
       mask = _block_mask(sel_ref, (j, pl.ds(qi * block_q, block_q)),
-                         one_hot, row_pos, key_pos)
+                         one_hot, row_pos, key_pos, key_rows=key_rows)
       q, do = q_ref[tile, :], do_ref[tile, :]
-      s = _logits(q, k, bias, mask, scale)  # [R, C]
-      p = jnp.where(mask, jnp.exp2(s - lse_ref[tile][:, None]), 0.0)
-      dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
-      dp = _dot(do, v, trans_b=True)
+      s = _logits(q, k, bias, mask, scale, key_rows=key_rows)
+      p = jnp.where(mask, jnp.exp2(s - _per_query(lse_ref[tile], key_rows)),
+                    0.0)
+      delta = _per_query(delta_ref[tile], key_rows)
       # ds stays fp32 for the bias gradient; only the matmul operand is cast.
-      ds = p * (dp - delta_ref[tile][:, None])
-      dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
-      return dk, dv, dbias + jnp.sum(ds, axis=0)
+      if key_rows:
+        # [C, R] tiles: P^T and dS^T are the A operands of dV += P^T dO and
+        # dK += dS^T Q as computed, with no transpose, and every matmul has
+        # the C block keys as rows (>= 64 for wgmma), whatever R is.
+        dv = dv + _dot(p.astype(do.dtype), do)
+        ds = p * (_dot(v, do, trans_b=True) - delta)
+        ds_lo = ds.astype(q.dtype)
+        dk = dk + _dot(ds_lo, q)
+        dbias = dbias + jnp.sum(ds, axis=1)
+      else:
+        dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
+        ds = p * (_dot(do, v, trans_b=True) - delta)  # [R, C]
+        ds_lo = ds.astype(q.dtype)
+        dk = dk + _dot(ds_lo, q, trans_a=True)
+        dbias = dbias + jnp.sum(ds, axis=0)
+      if fused_dq:
+        # The tile's dq share from this block; other blocks' items add to
+        # the same rows. Saves the dq kernel's second pass over every
+        # (tile, block) pair (logits, exp2, dP again) for R * D atomics.
+        if key_rows:
+          dq = _dot(k, ds_lo, trans_a=True)  # [D, R] = K^T dS^T
+          plt.atomic_add(dq_refs[0], (slice(None), tile), dq * scale)
+        else:
+          dq = _dot(ds_lo, k)  # [R, D]
+          plt.atomic_add(dq_refs[0], (tile, slice(None)), dq * scale)
+      return dk, dv, dbias
 
     carry = (jnp.zeros((c, d), _F32), jnp.zeros((c, d), _F32),
              jnp.zeros((c,), _F32))
@@ -318,7 +385,8 @@ def _backward_dq(st: _Static, q_XRD, do_XRD, lse_XR, delta_XR, k_XSD, v_XSD,
   s, n = k_XSD.shape[1], sel_XNT.shape[1]
   rows, nq = st.block_q_dq * st.groups, idx_XQN.shape[1]
   kernel = functools.partial(_dq_kernel, block_size=st.block_size,
-                             groups=st.groups, scale=st.scale)
+                             groups=st.groups, scale=st.scale,
+                             key_rows=st.transpose_bwd)
   tile = pl.BlockSpec((None, rows, d), lambda i, b: (b, i, 0))
   tile_vec = pl.BlockSpec((None, rows), lambda i, b: (b, i))
   full = lambda *shape: pl.BlockSpec((None, *shape),
@@ -345,26 +413,31 @@ def _backward_dq(st: _Static, q_XRD, do_XRD, lse_XR, delta_XR, k_XSD, v_XSD,
 def _backward_dkv(st: _Static, q_XRD, do_XRD, lse_XR, delta_XR, k_XSD,
                   v_XSD, bias_XS, sel_XNT, tiles_XZ, blk_XW, start_XW,
                   cnt_XW):
+  """dk, dv, dbias, and with `st.fused_dq` dq too (else None)."""
   x, tg, d = q_XRD.shape
   s, n, t = k_XSD.shape[1], sel_XNT.shape[1], sel_XNT.shape[2]
   z, w = tiles_XZ.shape[1], blk_XW.shape[1]
   kernel = functools.partial(_dkv_kernel, block_size=st.block_size,
                              block_q=st.block_q_dkv, groups=st.groups,
-                             scale=st.scale)
+                             scale=st.scale, fused_dq=st.fused_dq,
+                             key_rows=st.transpose_bwd)
   full = lambda *shape: pl.BlockSpec((None, *shape),
                                      lambda b, i: (b,) + (0,) * len(shape))
   item = pl.BlockSpec((None, None), lambda b, i: (b, i))
   # fp32 accumulators, aliased to the outputs: zero, then every item adds;
-  # cast to k's dtype after the call.
-  acc_shapes = [jax.ShapeDtypeStruct((x, s, d), _F32),
-                jax.ShapeDtypeStruct((x, s, d), _F32),
-                jax.ShapeDtypeStruct((x, s), _F32)]
+  # cast to k's (q's) dtype after the call.
+  acc_dims = [(s, d), (s, d), (s,)]
+  if st.fused_dq:
+    # dq^T with key_rows: the kernel's dq tiles come out as [D, R].
+    acc_dims.append((d, tg) if st.transpose_bwd else (tg, d))
+  acc_shapes = [jax.ShapeDtypeStruct((x, *dims), _F32) for dims in acc_dims]
   zeros = [jnp.zeros(a.shape, a.dtype) for a in acc_shapes]
-  acc_specs = [full(s, d), full(s, d), full(s)]
+  acc_specs = [full(*dims) for dims in acc_dims]
+  num_in = 12  # operands before the accumulators
   # B*K is the fastest grid axis (CUDA launches in linear order). Items are
   # in block order, so the sink's many segments start first, and the
   # padding items, which exit at once, come last.
-  dk_XSD, dv_XSD, dbias_XS = pl.pallas_call(
+  dk_XSD, dv_XSD, dbias_XS, *dq = pl.pallas_call(
       kernel,
       grid=(x, w),
       in_specs=[
@@ -374,14 +447,19 @@ def _backward_dkv(st: _Static, q_XRD, do_XRD, lse_XR, delta_XR, k_XSD,
       ],
       out_specs=acc_specs,
       out_shape=acc_shapes,
-      input_output_aliases={12: 0, 13: 1, 14: 2},
+      input_output_aliases={num_in + i: i for i in range(len(acc_dims))},
       compiler_params=_compiler_params(st, d),
       interpret=st.interpret,
       debug=st.debug,
       name="block_sparse_attention_dkv",
   )(q_XRD, do_XRD, lse_XR, delta_XR, k_XSD, v_XSD, bias_XS, sel_XNT,
     tiles_XZ, blk_XW, start_XW, cnt_XW, *zeros)
-  return dk_XSD.astype(k_XSD.dtype), dv_XSD.astype(v_XSD.dtype), dbias_XS
+  dq_XRD = None
+  if st.fused_dq:
+    dq_XRD = dq[0].transpose(0, 2, 1) if st.transpose_bwd else dq[0]
+    dq_XRD = dq_XRD.astype(q_XRD.dtype)
+  return (dq_XRD, dk_XSD.astype(k_XSD.dtype), dv_XSD.astype(v_XSD.dtype),
+          dbias_XS)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -404,8 +482,10 @@ def _attention_bwd(st, res, do_XRD):
   delta_XR = jnp.sum(do_XRD.astype(_F32) * out_XRD.astype(_F32), axis=-1)
   common_args = (q_XRD, do_XRD, lse_XR, delta_XR, k_XSD, v_XSD, bias_XS,
                  sel_XNT)
-  dq_XRD = _backward_dq(st, *common_args, *lists["dq"])
-  dk_XSD, dv_XSD, dbias_XS = _backward_dkv(st, *common_args, *lists["dkv"])
+  dq_XRD, dk_XSD, dv_XSD, dbias_XS = _backward_dkv(st, *common_args,
+                                                   *lists["dkv"])
+  if not st.fused_dq:
+    dq_XRD = _backward_dq(st, *common_args, *lists["dq"])
   zero_lists = jax.tree.map(lambda _: None, lists)
   return dq_XRD, dk_XSD, dv_XSD, dbias_XS, None, zero_lists
 
@@ -507,6 +587,13 @@ def _check(q_BTHD, k_BTKD, v_BTKD, bias_BTK, mask_BKTN, block_size):
                      f"(N = ceil(T / block_size={block_size}))")
 
 
+def _tile_fields(st: _Static) -> tuple[str, ...]:
+  """The query-tile sizes in use (fused_dq runs no dq kernel)."""
+  if st.fused_dq:
+    return ("block_q", "block_q_dkv")
+  return ("block_q", "block_q_dq", "block_q_dkv")
+
+
 def _check_triton(st: _Static, d: int):
   """Triton lowering constraints (not needed in interpret mode)."""
   c = st.block_size
@@ -514,7 +601,7 @@ def _check_triton(st: _Static, d: int):
     raise ValueError(f"block_size={c} must be a power of 2 >= 16 on GPU")
   if d < _MIN_DOT_DIM:
     raise ValueError(f"head dim D={d} must be >= 16 on GPU")
-  for name in ("block_q", "block_q_dq", "block_q_dkv"):
+  for name in _tile_fields(st):
     tq = getattr(st, name)
     if not common.is_power_of_2(tq) or tq * st.groups < _MIN_DOT_DIM:
       raise ValueError(f"block_sizes.{name}={tq} must be a power of 2 with "
@@ -523,8 +610,9 @@ def _check_triton(st: _Static, d: int):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("block_size", "block_sizes", "num_warps", "num_stages",
-                     "interpret", "debug"))
+    static_argnames=("block_size", "block_sizes", "fused_dq",
+                     "transpose_bwd", "num_warps", "num_stages", "interpret",
+                     "debug"))
 def block_sparse_attention(
     q_BTHD: jax.Array,
     k_BTKD: jax.Array,
@@ -534,6 +622,8 @@ def block_sparse_attention(
     block_size: int,
     *,
     block_sizes: common.BlockSizes | None = None,
+    fused_dq: bool = False,
+    transpose_bwd: bool = False,
     num_warps: int | None = None,
     num_stages: int | None = None,
     interpret: bool = False,
@@ -554,6 +644,12 @@ def block_sparse_attention(
     block_size: C, tokens per selection block (the kernels' key tile).
     block_sizes: query tiles and dk/dv segments (`common.BlockSizes`);
       None for the defaults.
+    fused_dq: compute dq in the dk/dv kernel (fp32 atomic adds per
+      (block, tile) pair, tiles of `block_q_dkv` tokens) instead of in a
+      separate dq kernel; `block_q_dq` is then unused.
+    transpose_bwd: the backward kernels compute the logits transposed,
+      keys as rows ([C, R] = K Q^T, as FlashAttention's dk/dv kernels),
+      so every backward matmul has C rows and needs no register transpose.
     num_warps: Triton warps per program (None: 4).
     num_stages: Triton pipeline stages (None: 2).
     interpret: run the kernels in the Pallas interpreter (CPU).
@@ -575,13 +671,14 @@ def block_sparse_attention(
                        f"{getattr(bs, field.name)} must be positive")
   st = _Static(block_size=c, groups=gp, block_q=bs.block_q,
                block_q_dq=bs.block_q_dq, block_q_dkv=bs.block_q_dkv,
-               dkv_segment=bs.dkv_segment,
-               scale=1.0 / math.sqrt(d), num_warps=num_warps,
-               num_stages=num_stages, interpret=interpret, debug=debug)
+               dkv_segment=bs.dkv_segment, fused_dq=fused_dq,
+               transpose_bwd=transpose_bwd, scale=1.0 / math.sqrt(d),
+               num_warps=num_warps, num_stages=num_stages,
+               interpret=interpret, debug=debug)
   if not interpret:
     _check_triton(st, dp)
-  tp = common.cdiv(t, math.lcm(st.block_q, st.block_q_dq, st.block_q_dkv))
-  tp *= math.lcm(st.block_q, st.block_q_dq, st.block_q_dkv)
+  tile_lcm = math.lcm(*(getattr(st, f) for f in _tile_fields(st)))
+  tp = common.cdiv(t, tile_lcm) * tile_lcm
   s = n * c
 
   # Query rows [B*K, T*G, D]: row t * G + g is (token t, head g of the group).
@@ -610,9 +707,12 @@ def block_sparse_attention(
   tiles_XNQ, cnt_XN = _compact(union_dkv.transpose(0, 1, 3, 2))
   num_items = _dkv_num_items(t, n, c, st.block_q_dkv, st.dkv_segment)
   items = _dkv_work_items(cnt_XN, st.dkv_segment, num_items)
-  lists = dict(fwd=_compact(_tile_unions(mask_BKTN, st.block_q, c)),
-               dq=_compact(_tile_unions(mask_BKTN, st.block_q_dq, c)),
-               dkv=(tiles_XNQ.reshape(b * kh, -1), *items))
+  fwd_lists = _compact(_tile_unions(mask_BKTN, st.block_q, c))
+  lists = dict(fwd=fwd_lists, dkv=(tiles_XNQ.reshape(b * kh, -1), *items))
+  if not st.fused_dq:
+    # The forward's lists serve the dq kernel when the tiles agree.
+    lists["dq"] = (fwd_lists if st.block_q_dq == st.block_q else
+                   _compact(_tile_unions(mask_BKTN, st.block_q_dq, c)))
 
   out_XRD = _attention(st, q_XRD, k_XSD, v_XSD, bias_XS, sel_XNT, lists)
   out_BKTGD = out_XRD.reshape(b, kh, tp, gp, dp)[:, :, :t, :g, :d]

@@ -81,7 +81,8 @@ class QualityStudyTest(absltest.TestCase):
     self.assertEqual(run.returncode, 0, run.stderr[-3000:])
     names = sorted(os.listdir(out))
     self.assertEqual(names, ["gamma.png", "loss.png", "passkey.png",
-                             "quality.json", "variant_full.json",
+                             "quality.json", "tradeoff.png",
+                             "variant_full.json",
                              "variant_nosa_loc0.1.json"])
     for png in glob.glob(os.path.join(out, "*.png")):
       with open(png, "rb") as f:

@@ -106,6 +106,24 @@ _GRID = (
 )
 
 
+# The backward options (`fused_dq`, `transpose_bwd`) on their own shape
+# grid: name, fused_dq, transpose_bwd, then the `_GRID` columns. T is never
+# a multiple of C or of the tiles; GQA ratios 1/4/16; tiles of >= 16 rows
+# (GPU-valid) and dk/dv segments of 2-3 tiles, so every (block, tile) pair's
+# dq share in the fused kernel meets other items' atomic adds.
+_BWD_SHAPES = (
+    ("g1_bias_f32", 1, 45, 2, 1, 16, 16, 0.5, True, np.float32,
+     (16, 16, 16, 2)),
+    ("g4_nobias_bf16", 1, 77, 1, 4, 32, 16, 0.4, False, _BF16, (4, 4, 4, 2)),
+    ("g16_bias_bf16", 1, 40, 2, 16, 16, 16, 0.6, True, _BF16, (1, 1, 2, 3)),
+)
+_BWD_OPTIONS = (("fused", True, False), ("transposed", False, True),
+                ("fused_transposed", True, True))
+_BWD_GRID = tuple((f"{opt}_{shape[0]}", fused_dq, transpose_bwd, *shape[1:])
+                  for opt, fused_dq, transpose_bwd in _BWD_OPTIONS
+                  for shape in _BWD_SHAPES)
+
+
 class BlockSparseAttentionTest(parameterized.TestCase):
   INTERPRET = False
 
@@ -114,21 +132,23 @@ class BlockSparseAttentionTest(parameterized.TestCase):
     if not self.INTERPRET and jax.default_backend() != "gpu":
       self.skipTest("compiled Pallas Triton kernels need a GPU")
 
-  def _kernel(self, mask, c, block_sizes=None):
+  def _kernel(self, mask, c, block_sizes=None, **options):
     bs = (None if block_sizes is None
           else pallas_kernels.BlockSizes(*block_sizes))
     return lambda q, k, v, bias: pallas_kernels.block_sparse_attention(
-        q, k, v, bias, mask, c, block_sizes=bs, interpret=self.INTERPRET)
+        q, k, v, bias, mask, c, block_sizes=bs, interpret=self.INTERPRET,
+        **options)
 
   def _compare(self, q, k, v, bias, mask, c, cot, block_sizes=None,
-               lowp_reference=False):
+               lowp_reference=False, **options):
     """Kernel vs reference: output and grads w.r.t. q, k, v (and bias).
 
     Element-wise `tolerances.tol` by default; with `lowp_reference`, the
     large-case criterion `tolerances.assert_close_to_reference` against
-    the reference run in q's dtype as well as in fp32.
+    the reference run in q's dtype as well as in fp32. `options` are the
+    kernel's backward options (`fused_dq`, `transpose_bwd`).
     """
-    kernel_fn = self._kernel(mask, c, block_sizes)
+    kernel_fn = self._kernel(mask, c, block_sizes, **options)
     ref_fn = functools.partial(
         pallas_kernels.block_sparse_attention_reference, mask_BKTN=mask,
         block_size=c)
@@ -166,6 +186,41 @@ class BlockSparseAttentionTest(parameterized.TestCase):
                                  with_bias)
     mask = _mask(t + g, b, kh, t, c, density)
     self._compare(q, k, v, bias, mask, c, cot, block_sizes)
+
+  @parameterized.named_parameters(*_BWD_GRID)
+  def test_backward_options(self, fused_dq, transpose_bwd, b, t, kh, g, d, c,
+                            density, with_bias, dtype, block_sizes):
+    q, k, v, bias, cot = _inputs(t + g, b, t, kh * g, kh, d, dtype,
+                                 with_bias)
+    mask = _mask(t + g, b, kh, t, c, density)
+    self._compare(q, k, v, bias, mask, c, cot, block_sizes,
+                  fused_dq=fused_dq, transpose_bwd=transpose_bwd)
+
+  @parameterized.named_parameters(*_BWD_OPTIONS)
+  def test_backward_options_empty_rows_and_dense(self, fused_dq,
+                                                 transpose_bwd):
+    # Tokens with no selected block (zero output, zero dq rows) next to a
+    # fully selected group, with 2-tile segments: a second KV head whose
+    # every causal (tile, block) pair is in the lists.
+    b, t, kh, g, d, c = 1, 50, 2, 4, 16, 16
+    q, k, v, bias, cot = _inputs(11, b, t, kh * g, kh, d, np.float32, True)
+    mask = np.array(_mask(11, b, kh, t, c, 0.5))
+    mask[:, 0, np.arange(t) % 3 == 0] = False
+    mask[:, 1] = True
+    self._compare(q, k, v, bias, jnp.asarray(mask), c, cot, (4, 4, 4, 2),
+                  fused_dq=fused_dq, transpose_bwd=transpose_bwd)
+
+  @parameterized.named_parameters(*_BWD_OPTIONS)
+  @pytest.mark.slow  # inside: the generated cases copy the mark
+  def test_backward_options_nosa_like(self, fused_dq, transpose_bwd):
+    # A bigger NOSA-like case: sink + window + random blocks, G = 16,
+    # D = 64, bf16, 64-token blocks, sink lists over many segments.
+    b, t, kh, g, d, c = 1, 300, 2, 16, 64, 64
+    q, k, v, bias, cot = _inputs(13, b, t, kh * g, kh, d, _BF16, True)
+    mask = _nosa_like_mask(13, b, kh, t, c, sink=1, window=2, extra=1)
+    self._compare(q, k, v, bias, mask, c, cot, (4, 2, 2, 8),
+                  lowp_reference=True, fused_dq=fused_dq,
+                  transpose_bwd=transpose_bwd)
 
   def test_empty_rows_give_zero(self):
     # Tokens that select no block attend nothing: output 0, no NaN in the
@@ -256,14 +311,17 @@ class BlockSparseAttentionListsTest(parameterized.TestCase):
     used = int(np.sum(-(-np.asarray(cnt) // segment)))
     self.assertEqual(used, bsa._dkv_num_items(t, n, c, bq, segment))
 
-  def test_lowers_to_triton(self):
-    """Triton lowering of all three kernels for an abstract H100."""
+  @parameterized.named_parameters(
+      ("default", False, False), *_BWD_OPTIONS)
+  def test_lowers_to_triton(self, fused_dq, transpose_bwd):
+    """Triton lowering of all the kernels for an abstract H100."""
     b, t, kh, g, d, c = 1, 256, 2, 16, 128, 64
     q, k, v, bias, cot = _inputs(0, b, t, kh * g, kh, d, _BF16, True)
     mask = _nosa_like_mask(0, b, kh, t, c, sink=1, window=2, extra=1)
     fn = lambda q, k, v, bias: pallas_kernels.block_sparse_attention(
         q, k, v, bias, mask, c,
-        block_sizes=pallas_kernels.BlockSizes(dkv_segment=4))
+        block_sizes=pallas_kernels.BlockSizes(dkv_segment=4),
+        fused_dq=fused_dq, transpose_bwd=transpose_bwd)
     run = jax.jit(lambda *a: jax.vjp(fn, *a)[1](cot))
     dev = jax.sharding.AbstractDevice(
         device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
@@ -271,8 +329,10 @@ class BlockSparseAttentionListsTest(parameterized.TestCase):
     with jax.sharding.use_abstract_mesh(mesh):
       text = run.trace(q, k, v, bias).lower(
           lowering_platforms=("cuda",)).as_text()
-    for name in ("fwd", "dq", "dkv"):
+    for name in ("fwd", "dkv"):
       self.assertIn(f"block_sparse_attention_{name}", text)
+    # The fused dk/dv kernel computes dq: no dq kernel.
+    self.assertEqual("block_sparse_attention_dq" in text, not fused_dq)
 
 
 if __name__ == "__main__":
