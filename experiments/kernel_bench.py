@@ -63,15 +63,19 @@ _MASKS = flags.DEFINE_list(
 # Backward variants of the Pallas kernel for the bwd_sweep part: name ->
 # (block_q, block_q_dq, block_q_dkv, dkv_segment) in tokens (x G=16 rows),
 # fused_dq, transpose_bwd. All keep the default forward (64 rows), 4 warps
-# and 2 stages; "default" is the library default.
+# and 2 stages; "old_default" was the library default until the sweep of
+# 2026-11-23 18:47 UTC, "transposed_dkv64rows" is the default since.
 _BWD_VARIANTS = {
-    "default": ((4, 2, 2, 64), False, False),
+    "old_default": ((4, 2, 2, 64), False, False),
     "transposed": ((4, 2, 2, 64), False, True),
     "fused": ((4, 2, 2, 64), True, False),
     "fused_transposed": ((4, 2, 2, 64), True, True),
     "transposed_dkv64rows": ((4, 2, 4, 64), False, True),
     "fused_transposed_dkv64rows": ((4, 2, 4, 64), True, True),
     "transposed_dq64rows": ((4, 4, 2, 64), False, True),
+    "transposed_dkv128rows": ((4, 2, 8, 64), False, True),
+    "transposed_dq64rows_dkv64rows": ((4, 4, 4, 64), False, True),
+    "transposed_dkv64rows_seg128": ((4, 2, 4, 128), False, True),
 }
 _BWD = flags.DEFINE_list(
     "bwd_variants", list(_BWD_VARIANTS)[:6],
@@ -256,7 +260,7 @@ def bench_bwd_sweep(rows, save=lambda: None):
   The forward kernel is the same in every variant (the backward options
   change only the backward kernels), so its time is taken once per T.
   `max_rel_diff_vs_first` compares each variant's dq, dk, dv, dbias with
-  those of the first variant listed ("default" unless --bwd_variants says
+  those of the first variant listed ("old_default" unless --bwd_variants says
   otherwise) on the same inputs: bf16 rounding and atomic-add order only,
   ~1e-3 of the largest gradient entry; a wrong variant shows as O(1).
   """

@@ -29,7 +29,8 @@ contiguous load. The kernels then work on whole selection blocks:
            the order of the adds, hence the last bits of dk, dv and
            dbias, varies from run to run.
 
-Backward options (keyword arguments of the wrapper; both off by default,
+Backward options (keyword arguments of the wrapper; transpose_bwd on and
+fused_dq off by default, from the H100 sweep in WORKSPACE.md;
 timed against each other by `experiments/kernel_bench.py --parts=bwd_sweep`):
 
   transpose_bwd  dq and dk/dv kernels compute the logits transposed, keys
@@ -623,7 +624,7 @@ def block_sparse_attention(
     *,
     block_sizes: common.BlockSizes | None = None,
     fused_dq: bool = False,
-    transpose_bwd: bool = False,
+    transpose_bwd: bool = True,
     num_warps: int | None = None,
     num_stages: int | None = None,
     interpret: bool = False,

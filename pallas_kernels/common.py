@@ -32,9 +32,9 @@ class BlockSizes:
   iterate over the union of the tile's selected blocks, so a larger tile
   means a larger union (wasted work when neighbouring tokens select
   different blocks) but fewer, fuller matmuls. None picks R = 64 rows
-  forward and R = 32 rows for the two backward kernels: the fastest
-  fwd+bwd of the H100 sweep at T = 32k, G = 16 (WORKSPACE.md results;
-  128/64 rows were 37% slower).
+  forward, R = 32 rows for dq and R = 64 rows for dk/dv: with the
+  transposed backward (the kernel's default), the fastest fwd+bwd of the
+  H100 sweeps at T = 32k, G = 16 (WORKSPACE.md results).
 
   The dk/dv/dbias kernel runs one program per work item: a key block and a
   segment of at most `dkv_segment` consecutive entries of the list of query
@@ -65,5 +65,5 @@ class BlockSizes:
     return BlockSizes(
         block_q=self.block_q or default(64),
         block_q_dq=self.block_q_dq or default(32),
-        block_q_dkv=self.block_q_dkv or default(32),
+        block_q_dkv=self.block_q_dkv or default(64),
         dkv_segment=self.dkv_segment or 64)

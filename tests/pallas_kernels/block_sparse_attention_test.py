@@ -117,8 +117,9 @@ _BWD_SHAPES = (
     ("g4_nobias_bf16", 1, 77, 1, 4, 32, 16, 0.4, False, _BF16, (4, 4, 4, 2)),
     ("g16_bias_bf16", 1, 40, 2, 16, 16, 16, 0.6, True, _BF16, (1, 1, 2, 3)),
 )
-_BWD_OPTIONS = (("fused", True, False), ("transposed", False, True),
-                ("fused_transposed", True, True))
+# The default backward is transposed and unfused; the others stay options.
+_BWD_OPTIONS = (("untransposed", False, False), ("fused", True, False),
+                ("transposed", False, True), ("fused_transposed", True, True))
 _BWD_GRID = tuple((f"{opt}_{shape[0]}", fused_dq, transpose_bwd, *shape[1:])
                   for opt, fused_dq, transpose_bwd in _BWD_OPTIONS
                   for shape in _BWD_SHAPES)
@@ -311,8 +312,7 @@ class BlockSparseAttentionListsTest(parameterized.TestCase):
     used = int(np.sum(-(-np.asarray(cnt) // segment)))
     self.assertEqual(used, bsa._dkv_num_items(t, n, c, bq, segment))
 
-  @parameterized.named_parameters(
-      ("default", False, False), *_BWD_OPTIONS)
+  @parameterized.named_parameters(*_BWD_OPTIONS)
   def test_lowers_to_triton(self, fused_dq, transpose_bwd):
     """Triton lowering of all the kernels for an abstract H100."""
     b, t, kh, g, d, c = 1, 256, 2, 16, 128, 64
