@@ -64,7 +64,8 @@ _MASKS = flags.DEFINE_list(
 # (block_q, block_q_dq, block_q_dkv, dkv_segment) in tokens (x G=16 rows),
 # fused_dq, transpose_bwd. All keep the default forward (64 rows), 4 warps
 # and 2 stages; "old_default" was the library default until the sweep of
-# 2026-11-23 18:47 UTC, "transposed_dkv64rows" is the default since.
+# 2026-11-23 18:47 UTC, "transposed_dq64rows_dkv64rows" is the default since
+# the one of 18:56 UTC.
 _BWD_VARIANTS = {
     "old_default": ((4, 2, 2, 64), False, False),
     "transposed": ((4, 2, 2, 64), False, True),

@@ -31,10 +31,11 @@ class BlockSizes:
   tile is always one selection block of C tokens. The forward and dq kernels
   iterate over the union of the tile's selected blocks, so a larger tile
   means a larger union (wasted work when neighbouring tokens select
-  different blocks) but fewer, fuller matmuls. None picks R = 64 rows
-  forward, R = 32 rows for dq and R = 64 rows for dk/dv: with the
-  transposed backward (the kernel's default), the fastest fwd+bwd of the
-  H100 sweeps at T = 32k, G = 16 (WORKSPACE.md results).
+  different blocks) but fewer, fuller matmuls. None picks R = 64 rows for
+  all three kernels: with the transposed backward (the kernel's default),
+  the fastest fwd+bwd of the H100 sweeps at T = 32k, G = 16 (32.2 ms vs
+  35.0 with 32-row dq tiles; 128-row dk/dv tiles were 3x slower;
+  WORKSPACE.md results).
 
   The dk/dv/dbias kernel runs one program per work item: a key block and a
   segment of at most `dkv_segment` consecutive entries of the list of query
@@ -64,6 +65,6 @@ class BlockSizes:
     default = lambda rows: max(1, rows // groups)
     return BlockSizes(
         block_q=self.block_q or default(64),
-        block_q_dq=self.block_q_dq or default(32),
+        block_q_dq=self.block_q_dq or default(64),
         block_q_dkv=self.block_q_dkv or default(64),
         dkv_segment=self.dkv_segment or 64)
