@@ -225,12 +225,22 @@ def train_and_evaluate(cfg: config_lib.ExperimentConfig,
                  last["eval_loss"])
   window: list[dict] = []
   t_window, t_start, step = time.time(), time.time(), start
+  uncounted = 0  # steps in `window` whose time is not in tokens/s
   try:
     for step in range(start + 1, tc.num_steps + 1):
       batch = datasets.train.batch_at(position, tc.batch_size)
       state, m = step_fn(state, sharding_lib.global_batch(batch, mesh))
       position += tc.batch_size
       window.append(m)
+      if step == start + 1:
+        # The first step compiles: keep it out of tokens/s, MFU and ETA.
+        jax.block_until_ready(m)
+        first_s = time.time() - t_window
+        writer.scalars(step, {"train/first_step_seconds": first_s})
+        logging.info("step %d: first step (compile included) took %s; "
+                     "tokens/s counts the steps after it", step,
+                     metrics_lib.format_duration(first_s))
+        t_window, uncounted = time.time(), 1
 
       if step % tc.log_every == 0 or step == tc.num_steps:
         host = jax.device_get(window)
@@ -241,28 +251,34 @@ def train_and_evaluate(cfg: config_lib.ExperimentConfig,
               f"non-finite loss at step {bad}; stopping. Last good "
               f"checkpoint: step {ckpt.latest_step()} in {ckpt.directory}")
         dt = time.time() - t_window
-        tok_s = len(window) * tokens_per_step / dt
+        counted = len(window) - uncounted
         last = {"loss": float(losses.mean()),
                 "grad_norm": float(np.mean([w["grad_norm"] for w in host])),
                 "locality_penalty": float(np.mean(
                     [w["locality_penalty"] for w in host])),
-                "lr": float(schedule(step)), "tokens_per_s": tok_s}
-        if peak:
-          last["mfu"] = tok_s * flops / peak
+                "lr": float(schedule(step))}
+        if counted:  # else the window held only the compiling step
+          tok_s = counted * tokens_per_step / dt
+          last["tokens_per_s"] = tok_s
+          if peak:
+            last["mfu"] = tok_s * flops / peak
         writer.scalars(step, {f"train/{k}": v for k, v in last.items()})
         line = ""
         if cfg.model.sparse.variant != "full":
           tokens = jax.device_put(batch[:1, :-1], sharding_lib.replicated(mesh))
           stats = jax.device_get(stats_fn(state["params"], tokens))
           line = " | " + _log_locality(writer, step, stats)
-        eta = (tc.num_steps - step) * dt / len(window)
-        mfu = f" | MFU {100 * last['mfu']:.1f}%" if peak else ""
+        speed = "compiling"
+        if counted:
+          eta = metrics_lib.format_duration(
+              (tc.num_steps - step) * dt / counted)
+          mfu = f" | MFU {100 * last['mfu']:.1f}%" if peak else ""
+          speed = f"{last['tokens_per_s']:,.0f} tok/s{mfu} | ETA {eta}"
         logging.info(
-            "step %d/%d | loss %.4f | lr %.2e | gnorm %.3f | %s tok/s%s | "
-            "ETA %s%s", step, tc.num_steps, last["loss"], last["lr"],
-            last["grad_norm"], f"{tok_s:,.0f}", mfu,
-            metrics_lib.format_duration(eta), line)
-        window, t_window = [], time.time()
+            "step %d/%d | loss %.4f | lr %.2e | gnorm %.3f | %s%s", step,
+            tc.num_steps, last["loss"], last["lr"], last["grad_norm"], speed,
+            line)
+        window, t_window, uncounted = [], time.time(), 0
 
       if tc.eval_every and (step % tc.eval_every == 0
                             or step == tc.num_steps):
