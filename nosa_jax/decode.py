@@ -221,13 +221,55 @@ def prefill(params: Any, cfg: config_lib.ModelConfig, tokens_BT: jax.Array,
     (cache, logits_BV): logits_BV (fp32) predict the token after each
     prompt, i.e. they are the logits at position lengths_B - 1.
   """
-  sp = cfg.sparse
-  b, t = tokens_BT.shape
-  s = capacity(max_len, sp.block_size)
+  s = prefill_capacity(cfg, tokens_BT.shape[1], max_len)
+  lengths_B = lengths_B.astype(jnp.int32)
+  x_BTM = embed(params, cfg, tokens_BT)
+  caches = []
+  for i in range(cfg.num_layers):
+    x_BTM, layer = prefill_layer(params["blocks"][i], cfg, x_BTM, lengths_B,
+                                 s)
+    caches.append(layer)
+  return (DecodeCache(layers=tuple(caches), lengths_B=lengths_B),
+          prefill_logits(params, cfg, x_BTM, lengths_B))
+
+
+def prefill_capacity(cfg: config_lib.ModelConfig, t: int,
+                     max_len: int) -> int:
+  """`prefill`'s capacity S; ValueError if T prompt tokens exceed it."""
+  s = capacity(max_len, cfg.sparse.block_size)
   if t > s:
     raise ValueError(f"prompt length T={t} exceeds the cache capacity "
                      f"max_len={max_len} (rounded to {s})")
-  lengths_B = lengths_B.astype(jnp.int32)
+  return s
+
+
+def prefill_logits(params, cfg: config_lib.ModelConfig, x_BTM,
+                   lengths_B) -> jax.Array:
+  """fp32 logits at position lengths_B - 1 of each prompt."""
+  last_BM = x_BTM[jnp.arange(x_BTM.shape[0]), lengths_B - 1]
+  return logits(params, cfg, last_BM)
+
+
+def prefill_layer(p_block, cfg: config_lib.ModelConfig, x_BTM: jax.Array,
+                  lengths_B: jax.Array, s: int
+                  ) -> tuple[jax.Array, LayerCache]:
+  """One layer of `prefill`.
+
+  Public so that offload.py can stream each layer's K/V to the host as
+  soon as the layer is done, instead of holding every layer's at once.
+
+  Args:
+    p_block: the layer's parameters, params["blocks"][i].
+    cfg: the model config.
+    x_BTM: the residual stream entering the layer.
+    lengths_B: int32 prompt lengths.
+    s: cache capacity, from `prefill_capacity`.
+
+  Returns:
+    (x_BTM leaving the layer, the layer's cache at capacity S).
+  """
+  sp = cfg.sparse
+  b, t = x_BTM.shape[:2]
   positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
   valid_BT = positions_BT < lengths_B[:, None]
   n_win = selection.num_windows(s, sp.compress_kernel, sp.compress_stride)
@@ -253,41 +295,33 @@ def prefill(params: Any, cfg: config_lib.ModelConfig, tokens_BT: jax.Array,
     pad[axis] = (0, n_win - x_BW_.shape[axis])
     return jnp.pad(x_BW_, pad)
 
-  x_BTM = embed(params, cfg, tokens_BT)
-  caches = []
-  for i in range(cfg.num_layers):
-    p_block = params["blocks"][i]
-    h_BTM = layers.rms_norm(x_BTM, p_block["attn_norm"]["scale"][...],
-                            cfg.rms_eps)
-    q_BTHD, k_BTKD, v_BTKD, bias_BTK = qkv_bias(p_block["attn"], cfg, h_BTM,
-                                                 positions_BT)
-    kbar = ebar = None
-    if sp.variant == "full":
-      out_BTHD = attention.causal_attention(q_BTHD, k_BTKD, v_BTKD)
-    else:
-      # What sparse_attention.nosa_attention does, without its statistics.
-      mask_BKTN, _ = selection.select_block_masks(q_BTHD, k_BTKD, bias_BTK,
-                                                  sp)
-      out_BTHD = sparse_attention.sparse_attention(
-          q_BTHD, k_BTKD, v_BTKD, bias_BTK, mask_BKTN,
-          block_size=sp.block_size, query_chunk=sp.query_chunk,
-          implementation=sp.implementation)
-      if sp.variant in ("infllmv2", "nosa"):
-        kbar = windows(selection.compress_keys(
-            k_BTKD, sp.compress_kernel, sp.compress_stride), axis=1)
-    if bias_BTK is not None:
-      ebar = windows(jnp.moveaxis(selection.window_means(
-          bias_BTK, sp.compress_kernel, sp.compress_stride), 2, 1), axis=2)
-    caches.append(LayerCache(
-        k_BKSD=to_cache(k_BTKD), v_BKSD=to_cache(v_BTKD),
-        bias_BKS=None if bias_BTK is None else to_cache(bias_BTK),
-        kbar_BWKD=kbar, ebar_BKW=ebar))
-    x_BTM = x_BTM + jnp.einsum("BTHD,HDM->BTM", out_BTHD,
-                               cast_weight(p_block["attn"]["wo"], x_BTM.dtype))
-    x_BTM = mlp_residual(p_block, cfg, x_BTM)
-  last_BM = x_BTM[jnp.arange(b), lengths_B - 1]
-  return (DecodeCache(layers=tuple(caches), lengths_B=lengths_B),
-          logits(params, cfg, last_BM))
+  h_BTM = layers.rms_norm(x_BTM, p_block["attn_norm"]["scale"][...],
+                          cfg.rms_eps)
+  q_BTHD, k_BTKD, v_BTKD, bias_BTK = qkv_bias(p_block["attn"], cfg, h_BTM,
+                                               positions_BT)
+  kbar = ebar = None
+  if sp.variant == "full":
+    out_BTHD = attention.causal_attention(q_BTHD, k_BTKD, v_BTKD)
+  else:
+    # What sparse_attention.nosa_attention does, without its statistics.
+    mask_BKTN, _ = selection.select_block_masks(q_BTHD, k_BTKD, bias_BTK, sp)
+    out_BTHD = sparse_attention.sparse_attention(
+        q_BTHD, k_BTKD, v_BTKD, bias_BTK, mask_BKTN,
+        block_size=sp.block_size, query_chunk=sp.query_chunk,
+        implementation=sp.implementation)
+    if sp.variant in ("infllmv2", "nosa"):
+      kbar = windows(selection.compress_keys(
+          k_BTKD, sp.compress_kernel, sp.compress_stride), axis=1)
+  if bias_BTK is not None:
+    ebar = windows(jnp.moveaxis(selection.window_means(
+        bias_BTK, sp.compress_kernel, sp.compress_stride), 2, 1), axis=2)
+  layer = LayerCache(
+      k_BKSD=to_cache(k_BTKD), v_BKSD=to_cache(v_BTKD),
+      bias_BKS=None if bias_BTK is None else to_cache(bias_BTK),
+      kbar_BWKD=kbar, ebar_BKW=ebar)
+  x_BTM = x_BTM + jnp.einsum("BTHD,HDM->BTM", out_BTHD,
+                             cast_weight(p_block["attn"]["wo"], x_BTM.dtype))
+  return mlp_residual(p_block, cfg, x_BTM), layer
 
 
 # ------------------------------------------------------------------------------

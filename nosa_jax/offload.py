@@ -4,7 +4,8 @@ The offloaded mode of `decode.py` (NOSA_SPEC.md §4.1-§4.5 with project
 decisions 6 and 7), for the block-sparse variants `infllmv2`, `dma` and
 `nosa` (`full` has no selection to offload and is refused):
 
-  prefill(params, cfg, tokens_BT, lengths_B, max_len) -> (state, logits_BV)
+  prefill(params, cfg, tokens_BT, lengths_B, max_len, *, prefill_batch)
+                                                      -> (state, logits_BV)
   decode_step(params, cfg, state, tokens_B)           -> (state, logits_BV,
                                                           stats)
   generate(params, cfg, prompts, max_new_tokens, ...) -> token lists
@@ -39,6 +40,20 @@ block: the current token is written into it directly and it is never
 fetched. A block that completes stays in its slot (it is in the window, so
 the next step hits it) and a new own block takes a free slot at the next
 step: NOSI's tail-full gap (§4.8.2) does not arise.
+
+Prefill (§4.2) runs decode.prefill's layers (`decode.prefill_layer`: the
+same computation; on CPU the logits, the store and the selection state
+equal decode.prefill's bit for bit, grouped or not) and streams K/V
+to the host layer by layer inside the jit: each layer's K/V, at capacity in
+the block-major layout, leave with `device_put(..., Host)` (an async
+device -> host copy) as soon as the layer is done; an optimization barrier
+makes layer i's copy finish before layer i + 2 starts, so the device holds
+at most two layers' K/V (overlapping a copy with the next layer), not all
+of them. The selection state (bias, kbar, ebar, key_buf) and the slots
+(the tail block in slot 0) stay on the device. `prefill_batch` prefills
+groups of that many sequences one after another, each written into its
+rows of the same store (the store is donated, so in place), so that the
+activations, which scale with the group, fit for long prompts.
 
 One decode step, per layer (§4.3, decode.py's order):
   1. q, k, v, b of the token at pos; per-token bias, key buffer, and the
@@ -75,7 +90,8 @@ blocks) and `fetched` (blocks copied host -> device). Hit rate =
 1 - fetched / selected.
 
 Tested on CPU (tests/nosa_jax/offload_test.py: all fetch modes, the
-larger cache) and on the H100 (the same tests with NOSA_TEST_GPU=1);
+larger cache, grouped and whole prefill) and on the H100 (the same tests
+with NOSA_TEST_GPU=1; not yet for the streamed prefill);
 throughput in experiments/decode_bench.py. Overlap (decision 7, first
 half) is partial: the fused fetch overlaps a layer's PCIe reads with its
 own attention (HBM reads, math), which hides ~1.1 ms of an 8B step's 2.2
@@ -83,8 +99,15 @@ ms of transfers; the projections and the MLP cannot overlap them, as they
 depend on the attention output and the misses are known only once the
 layer's query is (WORKSPACE.md has what was tried). Not done:
   * prefetch of a predicted next-layer selection beside the GEMMs;
-  * prefill runs `decode.prefill` and moves its K/V to the host afterwards,
-    so the device transiently holds the prompt's K/V at full capacity;
+  * query-chunked prefill of one long sequence: a group of one still
+    needs its whole prompt's activations of one layer on the device (q,
+    k, v, the MLP's hidden states, the selection scores), and each
+    layer's K/V at capacity before the copy (not only the prompt's);
+  * the device peak of the streamed prefill measured on the GPU (CPU's
+    memory_analysis counts pinned_host outputs as ordinary ones);
+  * groups are padded to the batch's longest prompt (no sorting by
+    length), and a grouped prefill first fills the store with zeros (each
+    row is then written once more);
   * one device only (no sharding of the store or the slots).
 """
 
@@ -260,21 +283,18 @@ def _check_variant(cfg: config_lib.ModelConfig):
 
 
 # ------------------------------------------------------------------------------
-# Prefill (§4.2).
+# Prefill (§4.2): the layers of decode.prefill, each layer's K/V streamed to
+# the host store as soon as the layer is done.
 # ------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_len", "options"))
-def _prefill(params, cfg, tokens_BT, lengths_B, max_len,
-             options=DEFAULT_OPTIONS):
-  sp = cfg.sparse
-  cache, logits_BV = decode.prefill(params, cfg, tokens_BT, lengths_B,
-                                    max_len)
-  lengths_B = cache.lengths_B
-  b, kv, s, d = cache.layers[0].k_BKSD.shape
+def _layer_state(lc: decode.LayerCache, lengths_B, sp: config_lib.SparseConfig,
+                 p: int) -> OffloadLayer:
+  """A layer's offloaded state from its prefill cache, K/V still on the
+  device (k_host, v_host in the block-major layout [B, K, N, C, D])."""
+  b, kv, s, d = lc.k_BKSD.shape
   c = sp.block_size
   n = s // c
-  p = num_slots(cfg, max_len, options)
   # The tail: the partial block of each prompt goes to slot 0 (§4.2).
   tail_B = lengths_B // c
   has_tail_B = lengths_B % c != 0
@@ -282,56 +302,214 @@ def _prefill(params, cfg, tokens_BT, lengths_B, max_len,
   map_BKP = jnp.full((b, kv, p), -1, jnp.int32)
   map_BKP = map_BKP.at[:, :, 0].set(
       jnp.where(has_tail_B, tail_B, -1)[:, None])
-  kern = sp.compress_kernel
+  k_BKNCD = lc.k_BKSD.reshape(b, kv, n, c, d)
+  v_BKNCD = lc.v_BKSD.reshape(b, kv, n, c, d)
+
+  def slots(x_BKNCD):
+    x_BKPCD = jnp.zeros((b, kv, p, c, d), x_BKNCD.dtype)
+    tail_BKCD = x_BKNCD[b_, :, jnp.minimum(tail_B, n - 1)]
+    return x_BKPCD.at[:, :, 0].set(tail_BKCD)  # zeros past the length
+
+  key_buf = None
+  if lc.kbar_BWKD is not None:  # keys at lengths - kern .. lengths - 1
+    kern = sp.compress_kernel
+    padded = jnp.pad(lc.k_BKSD, ((0, 0), (0, 0), (kern, 0), (0, 0)))
+    key_buf = jax.vmap(lambda x, i: jax.lax.dynamic_slice_in_dim(
+        x, i, kern, axis=1))(padded, lengths_B)
+  return OffloadLayer(
+      k_host=k_BKNCD, v_host=v_BKNCD, k_slot=slots(k_BKNCD),
+      v_slot=slots(v_BKNCD), slot_map=map_BKP,
+      slot_last=jnp.where(map_BKP >= 0, lengths_B[:, None, None] - 1,
+                          -1).astype(jnp.int32),
+      key_buf=key_buf, bias_BKS=lc.bias_BKS, kbar_BWKD=lc.kbar_BWKD,
+      ebar_BKW=lc.ebar_BKW)
+
+
+_HOST_FIELDS = ("k_host", "v_host")
+
+
+def _place(layer: OffloadLayer, into: Optional[OffloadLayer],
+           row0) -> OffloadLayer:
+  """Sends k_host / v_host to pinned_host memory (inside the jit: an async
+  device -> host copy); with `into`, writes every field into rows
+  row0 : row0 + B of `into` instead (donated, so the store is written in
+  place)."""
+  out = {}
+  for f in dataclasses.fields(OffloadLayer):
+    x = getattr(layer, f.name)
+    if x is not None and f.name in _HOST_FIELDS:
+      x = jax.device_put(x, _HOST)
+    if x is not None and into is not None:
+      x = jax.lax.dynamic_update_slice_in_dim(getattr(into, f.name), x, row0,
+                                              axis=0)
+    out[f.name] = x
+  return OffloadLayer(**out)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_len", "options"),
+                   donate_argnames=("into",))
+def _prefill(params, cfg, tokens_BT, lengths_B, max_len,
+             options=DEFAULT_OPTIONS, into=None, row0=0):
+  """`prefill` of one group of sequences (rows row0: of `into`, if given)."""
+  s = decode.prefill_capacity(cfg, tokens_BT.shape[1], max_len)
+  p = num_slots(cfg, max_len, options)
+  lengths_B = lengths_B.astype(jnp.int32)
+  x_BTM = decode.embed(params, cfg, tokens_BT)
   out = []
-  for lc in cache.layers:
-    k_BKNCD = lc.k_BKSD.reshape(b, kv, n, c, d)
-    v_BKNCD = lc.v_BKSD.reshape(b, kv, n, c, d)
-
-    def slots(x_BKNCD):
-      x_BKPCD = jnp.zeros((b, kv, p, c, d), x_BKNCD.dtype)
-      tail_BKCD = x_BKNCD[b_, :, jnp.minimum(tail_B, n - 1)]
-      return x_BKPCD.at[:, :, 0].set(tail_BKCD)  # zeros past the length
-
-    key_buf = None
-    if lc.kbar_BWKD is not None:  # keys at lengths - kern .. lengths - 1
-      padded = jnp.pad(lc.k_BKSD, ((0, 0), (0, 0), (kern, 0), (0, 0)))
-      key_buf = jax.vmap(lambda x, i: jax.lax.dynamic_slice_in_dim(
-          x, i, kern, axis=1))(padded, lengths_B)
-    out.append(OffloadLayer(
-        k_host=jax.device_put(k_BKNCD, _HOST),
-        v_host=jax.device_put(v_BKNCD, _HOST),
-        k_slot=slots(k_BKNCD), v_slot=slots(v_BKNCD), slot_map=map_BKP,
-        slot_last=jnp.where(map_BKP >= 0, lengths_B[:, None, None] - 1,
-                            -1).astype(jnp.int32),
-        key_buf=key_buf, bias_BKS=lc.bias_BKS, kbar_BWKD=lc.kbar_BWKD,
-        ebar_BKW=lc.ebar_BKW))
+  for i in range(cfg.num_layers):
+    x_BTM, lc = decode.prefill_layer(params["blocks"][i], cfg, x_BTM,
+                                     lengths_B, s)
+    out.append(_place(_layer_state(lc, lengths_B, cfg.sparse, p),
+                      None if into is None else into.layers[i], row0))
+    if i:
+      # Layer i-1's copy to the host may overlap layer i but must be done
+      # before layer i+1 starts: at most two layers' K/V are on the device
+      # at once, whatever order XLA's scheduler picks.
+      prev = out[i - 1]
+      x_BTM, k_host, v_host = jax.lax.optimization_barrier(
+          (x_BTM, prev.k_host, prev.v_host))
+      out[i - 1] = dataclasses.replace(prev, k_host=k_host, v_host=v_host)
+  logits_BV = decode.prefill_logits(params, cfg, x_BTM, lengths_B)
+  if into is not None:
+    lengths_B = jax.lax.dynamic_update_slice_in_dim(into.lengths_B,
+                                                    lengths_B, row0, axis=0)
   return OffloadState(layers=tuple(out), lengths_B=lengths_B), logits_BV
+
+
+def _empty_state(params, cfg: config_lib.ModelConfig, batch: int, t: int,
+                 max_len: int, options: OffloadOptions) -> OffloadState:
+  """`_prefill`'s state for `batch` prompts of width `t`, zeros, every slot
+  empty; the host store is allocated one layer at a time (the device never
+  holds the whole store)."""
+  shapes, _ = jax.eval_shape(
+      lambda p_, t_, l_: _prefill(p_, cfg, t_, l_, max_len, options), params,
+      jax.ShapeDtypeStruct((batch, t), jnp.int32),
+      jax.ShapeDtypeStruct((batch,), jnp.int32))
+  lay = shapes.layers[0]
+  # device_put inside the jit: the result's type carries the host memory
+  # space (out_shardings alone give a pinned_host array typed as device
+  # memory, which the step then rejects).
+  zeros_host = jax.jit(lambda: jax.device_put(
+      jnp.zeros(lay.k_host.shape, lay.k_host.dtype), _HOST))
+
+  @jax.jit
+  def device_fields():
+    out = {}
+    for f in dataclasses.fields(OffloadLayer):
+      x = getattr(lay, f.name)
+      if f.name not in _HOST_FIELDS and x is not None:
+        fill = -1 if f.name in ("slot_map", "slot_last") else 0
+        out[f.name] = jnp.full(x.shape, fill, x.dtype)
+    return out
+
+  # Committed to the device like prefill's output (decode.synthetic_cache).
+  layers_ = tuple(
+      OffloadLayer(k_host=zeros_host(), v_host=zeros_host(),
+                   **jax.device_put(device_fields(), jax.devices()[0]))
+      for _ in shapes.layers)
+  return OffloadState(layers=layers_, lengths_B=jax.device_put(
+      np.zeros((batch,), np.int32), jax.devices()[0]))
+
+
+def _check_prefill_batch(prefill_batch: Optional[int]):
+  if prefill_batch is not None and (not isinstance(prefill_batch, int)
+                                    or prefill_batch < 1):
+    raise ValueError("prefill_batch must be None or an int >= 1, got "
+                     f"{prefill_batch!r}")
+
+
+def _groups(batch: int, prefill_batch: Optional[int]) -> list[tuple[int, int]]:
+  step = min(prefill_batch or batch, batch)
+  return [(b0, min(b0 + step, batch)) for b0 in range(0, batch, step)]
+
+
+def _prefill_runner(params, cfg: config_lib.ModelConfig, tokens_BT,
+                    lengths_B, max_len: int, options: OffloadOptions,
+                    prefill_batch: Optional[int], *, aot: bool = False):
+  """A function of no arguments that runs the prefill, group by group.
+
+  With aot, its executables (one per group size) are compiled here, and
+  the store of a grouped prefill is allocated here, so the function's
+  run time is the prefill's alone (`generate`'s prefill_s); it can then
+  run only once (the store is donated).
+  """
+  groups = _groups(tokens_BT.shape[0], prefill_batch)
+  if len(groups) == 1:
+    if not aot:
+      return lambda: _prefill(params, cfg, tokens_BT, lengths_B, max_len,
+                              options)
+    run = _prefill.lower(params, cfg, tokens_BT, lengths_B, max_len,
+                         options).compile()
+    return lambda: run(params, tokens_BT, lengths_B)
+  state0 = _empty_state(params, cfg, tokens_BT.shape[0], tokens_BT.shape[1],
+                        max_len, options) if aot else None
+  compiled = {}
+
+  def call(b0, b1, state):
+    tok, lens, row0 = tokens_BT[b0:b1], lengths_B[b0:b1], jnp.int32(b0)
+    if aot:
+      return compiled[b1 - b0](params, tok, lens, into=state, row0=row0)
+    return _prefill(params, cfg, tok, lens, max_len, options, into=state,
+                    row0=row0)
+
+  if aot:
+    for b0, b1 in groups[:1] + groups[-1:]:
+      if b1 - b0 not in compiled:
+        compiled[b1 - b0] = _prefill.lower(
+            params, cfg, tokens_BT[b0:b1], lengths_B[b0:b1], max_len,
+            options, into=state0, row0=jnp.int32(b0)).compile()
+
+  def run():
+    state = state0 if aot else _empty_state(
+        params, cfg, tokens_BT.shape[0], tokens_BT.shape[1], max_len,
+        options)
+    logits = []
+    for b0, b1 in groups:
+      state, logits_bV = call(b0, b1, state)
+      logits.append(logits_bV)
+    return state, jnp.concatenate(logits)
+
+  return run
 
 
 def prefill(params: Any, cfg: config_lib.ModelConfig, tokens_BT: jax.Array,
             lengths_B: jax.Array, max_len: int, *,
             host_memory_limit: Optional[int] = None,
-            options: OffloadOptions = DEFAULT_OPTIONS
+            options: OffloadOptions = DEFAULT_OPTIONS,
+            prefill_batch: Optional[int] = None
             ) -> tuple[OffloadState, jax.Array]:
-  """Runs the prompts (decode.prefill) and builds the offloaded state.
+  """Runs the prompts and builds the offloaded state.
 
-  K/V of every layer go to the pinned_host store; the partial tail block of
-  each prompt is put in slot 0 of every (layer, KV head); the other slots
-  start empty, so the first step fetches every selected non-tail block
-  (cold start, §4.2).
+  decode.prefill's layers (`decode.prefill_layer`, so the same numbers),
+  in one jit per group of sequences. Each layer's K/V go to the
+  pinned_host store as soon as the layer is done (an async copy that may
+  overlap the next layer and must finish before the one after), so the
+  device holds at most two layers' K/V of a group, plus that group's
+  activations and the selection state kept on the device (bias, kbar,
+  ebar, key buffer, slots). The partial tail block of each prompt is put in
+  slot 0 of every (layer, KV head); the other slots start empty, so the
+  first step fetches every selected non-tail block (cold start, §4.2).
 
-  Args as `decode.prefill`, plus host_memory_limit (bytes) for the
-  capacity check (default: free physical memory) and the engine options
-  (the cache size; pass the same options to `decode_step`).
+  Args as `decode.prefill`, plus:
+    host_memory_limit: bytes for the capacity check (default: free
+      physical memory).
+    options: the engine options (the cache size; pass the same options to
+      `decode_step`).
+    prefill_batch: sequences per prefill pass (None: all). Groups of this
+      many rows are prefilled one after another into rows b0:b1 of one
+      host store (a second compile for a smaller last group), so that the
+      activations of long prompts fit: they scale with the group, not the
+      batch. The result does not depend on it.
 
   Raises:
-    ValueError: `full` variant, or the host store does not fit.
+    ValueError: `full` variant, a bad prefill_batch, or the host store
+      does not fit.
   """
   _check_variant(cfg)
+  _check_prefill_batch(prefill_batch)
   check_host_capacity(cfg, tokens_BT.shape[0], max_len, host_memory_limit)
-  return _prefill(params, cfg, tokens_BT, jnp.asarray(lengths_B), max_len,
-                  options)
+  return _prefill_runner(params, cfg, tokens_BT, jnp.asarray(lengths_B),
+                         max_len, options, prefill_batch)()
 
 
 def synthetic_state(params: Any, cfg: config_lib.ModelConfig, batch: int,
@@ -353,39 +531,9 @@ def synthetic_state(params: Any, cfg: config_lib.ModelConfig, batch: int,
         f"context_len={context_len} is too short for synthetic_gamma: "
         f"synthetic_selection needs >= {synthetic_min_length(cfg.sparse)} "
         "tokens")
-  shapes = decode.cache_shapes(params, cfg, batch, context_len, max_len)
-  zeros = lambda x: None if x is None else jnp.zeros(x.shape, x.dtype)
-  c, d = cfg.sparse.block_size, cfg.head_dim
-  s = decode.capacity(max_len, c)
-  p = num_slots(cfg, max_len, options)
-  shape = (batch, cfg.num_kv_heads, s // c, c, d)
-  # device_put inside the jit: the result's type carries the host memory
-  # space (out_shardings alone give a pinned_host array typed as device
-  # memory, which the step then rejects).
-  zeros_host = jax.jit(
-      lambda: jax.device_put(jnp.zeros(shape, cfg.dtype), _HOST))
-  kern = cfg.sparse.compress_kernel
-  out = []
-
-  @jax.jit  # committed below, as prefill's (see decode.synthetic_cache)
-  def device_fields(lc):
-    return dict(
-        k_slot=jnp.zeros((batch, cfg.num_kv_heads, p, c, d), cfg.dtype),
-        v_slot=jnp.zeros((batch, cfg.num_kv_heads, p, c, d), cfg.dtype),
-        slot_map=jnp.full((batch, cfg.num_kv_heads, p), -1, jnp.int32),
-        slot_last=jnp.full((batch, cfg.num_kv_heads, p), -1, jnp.int32),
-        key_buf=(None if lc.kbar_BWKD is None else jnp.zeros(
-            (batch, cfg.num_kv_heads, kern, d), cfg.dtype)),
-        bias_BKS=zeros(lc.bias_BKS), kbar_BWKD=zeros(lc.kbar_BWKD),
-        ebar_BKW=zeros(lc.ebar_BKW))
-
-  for lc in shapes.layers:
-    out.append(OffloadLayer(
-        k_host=zeros_host(), v_host=zeros_host(),
-        **jax.device_put(device_fields(lc), jax.devices()[0])))
-  lengths_B = jax.device_put(np.full((batch,), context_len, np.int32),
-                             jax.devices()[0])
-  return OffloadState(layers=tuple(out), lengths_B=lengths_B)
+  state = _empty_state(params, cfg, batch, context_len, max_len, options)
+  return dataclasses.replace(state, lengths_B=jax.device_put(
+      np.full((batch,), context_len, np.int32), jax.devices()[0]))
 
 
 # ------------------------------------------------------------------------------
@@ -805,15 +953,19 @@ def generate(params: Any, cfg: config_lib.ModelConfig,
              seed: int = 0, max_len: Optional[int] = None,
              return_stats: bool = False,
              host_memory_limit: Optional[int] = None,
-             options: OffloadOptions = DEFAULT_OPTIONS):
+             options: OffloadOptions = DEFAULT_OPTIONS,
+             prefill_batch: Optional[int] = None):
   """`decode.generate` with K/V offloaded; same arguments and tokens.
 
-  With return_stats, stats has prefill_s, decode_s, decode_steps,
+  host_memory_limit, options and prefill_batch are `prefill`'s. With
+  return_stats, stats has prefill_s (compilation and, with prefill_batch,
+  the allocation of the store excluded), decode_s, decode_steps,
   decode_tokens_per_s, and per layer selected_blocks, fetched_blocks and
   hit_rate = 1 - fetched / selected over all steps (cold start included)
   and unfinished sequences, summed over KV heads.
   """
   _check_variant(cfg)
+  _check_prefill_batch(prefill_batch)
   params = decode.serving_params(params, cfg)  # cast once, not every step
   tokens, lengths, s, pad_id, eos = decode.prepare_prompts(
       prompts, max_new_tokens, cfg.sparse.block_size, max_len=max_len,
@@ -821,11 +973,10 @@ def generate(params: Any, cfg: config_lib.ModelConfig,
   check_host_capacity(cfg, len(prompts), s, host_memory_limit)
   temp, top_p = jnp.float32(temperature), jnp.float32(top_p)
 
-  run_prefill = _prefill.lower(params, cfg, tokens, lengths, s,
-                               options).compile()
+  run_prefill = _prefill_runner(params, cfg, tokens, lengths, s, options,
+                               prefill_batch, aot=True)
   t0 = time.perf_counter()
-  state, logits_BV = jax.block_until_ready(
-      run_prefill(params, tokens, lengths))
+  state, logits_BV = jax.block_until_ready(run_prefill())
   prefill_s = time.perf_counter() - t0
   gen = {"key": jax.random.key(seed),
          "done_B": jnp.zeros(len(prompts), bool),

@@ -256,6 +256,100 @@ class OffloadTest(parameterized.TestCase):
         np.testing.assert_allclose(host[bi, :, :done],
                                    k_BKNCD[bi, :, :done], **tol)
 
+  def test_streamed_prefill_matches_decode_prefill(self):
+    # Variable lengths: two below the 128-token budget (7 is a partial
+    # block, 16 a whole one), one past it; B = 5 in groups of 2 covers a
+    # full group and a smaller last one.
+    cfg, _, params = _model("nosa")
+    c, kern = cfg.sparse.block_size, cfg.sparse.compress_kernel
+    lengths = np.array([200, 7, 45, 130, 16])
+    b, steps = len(lengths), 20
+    max_len = 240  # N = 15 blocks
+    tokens = testing.random_tokens(jax.random.key(2), b, max_len)
+    prompt = tokens[:, :208]  # whole blocks, as generate pads them
+    cache, want_BV = decode.prefill(params, cfg, prompt, jnp.asarray(lengths),
+                                    max_len)
+    whole, got_BV = offload.prefill(params, cfg, prompt, lengths, max_len)
+    np.testing.assert_array_equal(got_BV, want_BV)
+    compiled = offload._prefill._cache_size()
+    grouped, got_BV = offload.prefill(params, cfg, prompt, lengths, max_len,
+                                      prefill_batch=2)
+    self.assertEqual(offload._prefill._cache_size(), compiled + 2)  # 2, 1
+    # Rows never interact: a group's numbers are the whole batch's.
+    np.testing.assert_array_equal(got_BV, want_BV)
+    kind = lambda x: (str(jax.typeof(x)), x.sharding.memory_kind)
+    self.assertEqual(jax.tree.map(kind, grouped), jax.tree.map(kind, whole))
+    jax.tree.map(np.testing.assert_array_equal, grouped, whole)
+    np.testing.assert_array_equal(grouped.lengths_B, lengths)
+    # The host store is decode's K/V cache in the block-major layout, and
+    # the device keeps decode's selection state plus the last kern keys.
+    tail = np.where(lengths % c != 0, lengths // c, -1)
+    for lc, lo in zip(cache.layers, grouped.layers, strict=True):
+      self.assertEqual(lo.k_host.sharding.memory_kind, "pinned_host")
+      shape = lo.k_host.shape
+      self.assertEqual(shape, (b, cfg.num_kv_heads, 15, c, cfg.head_dim))
+      np.testing.assert_array_equal(lo.k_host, np.reshape(lc.k_BKSD, shape))
+      np.testing.assert_array_equal(lo.v_host, np.reshape(lc.v_BKSD, shape))
+      for f in ("bias_BKS", "kbar_BWKD", "ebar_BKW"):
+        np.testing.assert_array_equal(getattr(lo, f), getattr(lc, f))
+      k_BKSD = np.pad(np.asarray(lc.k_BKSD), ((0, 0), (0, 0), (kern, 0),
+                                              (0, 0)))
+      for bi, n in enumerate(lengths):
+        np.testing.assert_array_equal(lo.key_buf[bi], k_BKSD[bi, :, n:n + kern])
+      np.testing.assert_array_equal(
+          lo.slot_map[:, :, 0],
+          np.broadcast_to(tail[:, None], (b, cfg.num_kv_heads)))
+      np.testing.assert_array_equal(lo.slot_map[:, :, 1:], -1)
+    # Decoding from the grouped state is decode.decode_step's.
+    rows, state = np.arange(b), grouped
+    tol = tolerances.tol(np.float32)
+    for i in range(steps):
+      tok = tokens[rows, lengths + i]
+      cache, want_BV = decode.decode_step(params, cfg, cache, tok)
+      state, got_BV, _ = offload.decode_step(params, cfg, state, tok)
+      if (i + 1) % c == 0:
+        state = offload.flush(cfg, state)
+      np.testing.assert_allclose(got_BV, want_BV, **tol, err_msg=f"step {i}")
+    with self.assertRaisesRegex(ValueError, "prefill_batch must be"):
+      offload.prefill(params, cfg, prompt, lengths, max_len, prefill_batch=0)
+
+  def test_prefill_device_memory(self):
+    # 8 layers, 64-token prompts in a 4096-token store: the K/V of all
+    # layers at capacity (33.5 MB) dwarf one layer's activations. On CPU
+    # memory_analysis counts pinned_host outputs as ordinary outputs (the
+    # host_* fields stay 0), so only the temporaries say what the device
+    # holds besides the state it keeps.
+    cfg = testing.tiny_model_config("nosa", num_layers=8)
+    _, params = model.init(cfg, 0)
+    b, t, max_len = 4, 64, 4096
+    tokens = jnp.zeros((b, t), jnp.int32)
+    lengths = jnp.full((b,), t, jnp.int32)
+    kv_all = offload.host_store_bytes(cfg, b, max_len)
+
+    def temp_bytes(g, **kwargs):
+      stats = offload._prefill.lower(params, cfg, tokens[:g], lengths[:g],
+                                     max_len, **kwargs).compile()
+      stats = stats.memory_analysis()
+      if stats is None:
+        self.skipTest("this backend's memory_analysis() returns None")
+      return stats.temp_size_in_bytes
+
+    whole = temp_bytes(b)
+    # The design bound: at most two layers' K/V in flight, plus activations.
+    self.assertLess(whole, 2 * kv_all // cfg.num_layers)
+    # A group of one holds a quarter of the batch's activations.
+    state = offload._empty_state(params, cfg, b, t, max_len,
+                                 offload.DEFAULT_OPTIONS)
+    one = temp_bytes(1, into=state, row0=jnp.int32(0))
+    self.assertLess(one, whole // 2)
+    # What enforces the bound on the GPU, where the scheduler could
+    # otherwise delay the copies: layer i's copy must finish before layer
+    # i + 2 starts (one barrier per layer but the last).
+    jaxpr = jax.make_jaxpr(lambda p: offload._prefill(
+        p, cfg, tokens, lengths, max_len))(params)
+    self.assertEqual(str(jaxpr).count("optimization_barrier"),
+                     cfg.num_layers - 1)
+
   def test_generate_matches_decode(self):
     cfg, _, params = _model("nosa")
     prompts = [[1, 2, 3], list(range(40, 140))]  # the second passes 128
@@ -263,6 +357,9 @@ class OffloadTest(parameterized.TestCase):
     got, stats = offload.generate(params, cfg, prompts, 40,
                                   return_stats=True)
     self.assertEqual(got, want)
+    # One prompt per prefill pass: the same tokens.
+    self.assertEqual(offload.generate(params, cfg, prompts, 40,
+                                      prefill_batch=1), want)
     self.assertEqual(stats["decode_steps"], 39)
     hit = np.array(stats["hit_rate"])
     self.assertTrue(np.all((hit > 0) & (hit <= 1)), hit)
