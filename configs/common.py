@@ -80,7 +80,9 @@ def nosa_config(arg: str | None, *, num_layers: int, model_dim: int,
   """The paper-scale configs: GQA 32/2 x 128, vocab 73448, paper sparsity.
 
   Long-context continual pretraining at 16k tokens (NOSA_SPEC.md §7), bf16
-  compute with fp32 parameters and per-block remat.
+  compute with fp32 parameters and per-block remat. The layers run as one
+  `lax.scan` (`scan_layers`): unrolled, 28 blocks with the Pallas kernels
+  took over 5 minutes to compile on the GPU.
   """
   arg = parse_arg(arg, variant="nosa", runlocal=False)
   config = base_config()
@@ -93,6 +95,7 @@ def nosa_config(arg: str | None, *, num_layers: int, model_dim: int,
   m.tie_embeddings = tie_embeddings
   m.rope_theta, m.rms_eps = 10000.0, 1e-6
   m.dtype, m.param_dtype, m.remat = "bfloat16", "float32", "full"
+  m.scan_layers = True
   m.sparse.update(PAPER_SPARSE)
   m.sparse.query_chunk = 1024
   apply_variant(config, arg.variant)

@@ -359,7 +359,8 @@ def bench_step(rows):
     model = config_lib.ModelConfig(
         vocab_size=73448, num_layers=_STEP_LAYERS.value, model_dim=1536,
         num_heads=32, num_kv_heads=2, head_dim=128, mlp_dim=4096,
-        tie_embeddings=True, dtype="bfloat16", remat="full", sparse=sparse)
+        tie_embeddings=True, dtype="bfloat16", remat="full", sparse=sparse,
+        scan_layers=True)
     cfg = config_lib.ExperimentConfig(
         model=model, train=config_lib.TrainConfig(
             seq_len=t_len, batch_size=1, num_steps=10, warmup_steps=1))

@@ -149,6 +149,12 @@ class ModelConfig:
     dtype: compute dtype; parameters are kept in `param_dtype`.
     param_dtype: parameter storage dtype.
     remat: `none`, `full` (recompute each block) or `dots` (save matmuls).
+    scan_layers: run the blocks as one `jax.lax.scan` over their parameters
+      stacked inside the forward, so the layer stack is compiled once
+      instead of unrolled (minutes saved for deep models with Pallas
+      kernels), at the cost of one transient copy of the block parameters.
+      The parameter layout (one dict per block) is unchanged.
+      `collect_stats` forwards always use the Python loop.
     sparse: attention variant and selection constants.
   """
 
@@ -166,6 +172,7 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
+  scan_layers: bool = False
   sparse: SparseConfig = dataclasses.field(default_factory=SparseConfig)
 
   def __post_init__(self):
@@ -186,6 +193,8 @@ class ModelConfig:
                f"must be one of {', '.join(DTYPES)}", getattr(self, name))
     _require(self.remat in REMAT_POLICIES, f"{p}.remat",
              f"must be one of {', '.join(REMAT_POLICIES)}", self.remat)
+    _require(isinstance(self.scan_layers, bool), f"{p}.scan_layers",
+             "must be a bool", self.scan_layers)
 
   @property
   def group_size(self) -> int:

@@ -137,16 +137,19 @@ class Transformer(nnx.Module):
     x_BTM = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt)
     penalty = jnp.zeros((), jnp.float32)
     layer_stats = []
-    for block in self.blocks:
-      if cfg.remat != "none" and not collect_stats:
-        run = nnx.remat(lambda blk, x, p: blk(x, p),
-                        policy=_REMAT_POLICY[cfg.remat])
-        x_BTM, aux = run(block, x_BTM, positions_BT)
-      else:
-        x_BTM, aux = block(x_BTM, positions_BT, collect_stats)
-      penalty = penalty + jnp.asarray(aux.pop("locality_penalty", 0.0),
-                                      jnp.float32)
-      layer_stats.append(aux)
+    if cfg.scan_layers and not collect_stats:
+      x_BTM, penalty = self._scan_blocks(x_BTM, positions_BT)
+    else:
+      for block in self.blocks:
+        if cfg.remat != "none" and not collect_stats:
+          run = nnx.remat(lambda blk, x, p: blk(x, p),
+                          policy=_REMAT_POLICY[cfg.remat])
+          x_BTM, aux = run(block, x_BTM, positions_BT)
+        else:
+          x_BTM, aux = block(x_BTM, positions_BT, collect_stats)
+        penalty = penalty + jnp.asarray(aux.pop("locality_penalty", 0.0),
+                                        jnp.float32)
+        layer_stats.append(aux)
     x_BTM = self.final_norm(x_BTM)
     head_MV = (self.embed[...].T if cfg.tie_embeddings
                else self.lm_head[...])
@@ -157,6 +160,47 @@ class Transformer(nnx.Module):
     if collect_stats:
       out["layers"] = layer_stats
     return logits_BTV, out
+
+  def _scan_blocks(self, x_BTM: jax.Array, positions_BT: jax.Array
+                   ) -> tuple[jax.Array, jax.Array]:
+    """All blocks as one `lax.scan` step, compiled once (`scan_layers`).
+
+    The parameters stay one dict per layer (decode, checkpoints, HF export
+    and the sharding rules index `params["blocks"][i]`); they are stacked
+    along a new leading layer axis here, inside the forward, and the
+    gradient of the stack flows back to every layer's own arrays. The
+    penalty is accumulated in the carry in layer order, the same sum as
+    the Python loop. Cost: the stack is a copy of the block parameters
+    (param dtype) that lives until the backward pass has read it, and the
+    gradient is first built stacked, then split per layer.
+
+    Returns:
+      (x_BTM after the last block, locality penalty summed over layers).
+    """
+    splits = [nnx.split(block) for block in self.blocks]
+    graphdef = splits[0][0]
+    if any(g != graphdef for g, _ in splits):
+      raise ValueError("model.scan_layers=True needs structurally identical "
+                       "blocks; got blocks with different graphdefs")
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs),
+                           *(state for _, state in splits))
+
+    def step(carry, state):
+      x_BTM, penalty = carry
+      x_BTM, aux = nnx.merge(graphdef, state)(x_BTM, positions_BT)
+      penalty = penalty + jnp.asarray(aux.get("locality_penalty", 0.0),
+                                      jnp.float32)
+      return (x_BTM, penalty), None
+
+    if self.cfg.remat != "none":
+      # Same policy as the loop's per-block nnx.remat. prevent_cse=False is
+      # safe inside scan (the loop boundary already blocks CSE) and is
+      # what the JAX docs recommend there.
+      step = jax.checkpoint(step, policy=_REMAT_POLICY[self.cfg.remat],
+                            prevent_cse=False)
+    carry = (x_BTM, jnp.zeros((), jnp.float32))
+    (x_BTM, penalty), _ = jax.lax.scan(step, carry, stacked)
+    return x_BTM, penalty
 
 
 # ----------------------------------------------------------------------------

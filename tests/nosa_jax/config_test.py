@@ -38,6 +38,7 @@ class ConfigTest(parameterized.TestCase):
       ("bad_dtype", {"model": {"dtype": "fp8"}}, "model.dtype"),
       ("unknown_field", {"train": {"lenght": 3}}, "train.lenght"),
       ("bool_as_int", {"train": {"batch_size": True}}, "train.batch_size"),
+      ("int_as_bool", {"model": {"scan_layers": 1}}, "model.scan_layers"),
       ("bad_holdout", {"data": {"holdout_fraction": 0.0}},
        "data.holdout_fraction"),
       ("warmup_too_long", {"train": {"warmup_steps": 100, "num_steps": 50}},
