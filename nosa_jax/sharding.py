@@ -200,7 +200,10 @@ def memory_plan(cfg: config_lib.ExperimentConfig,
   estimate of the peak: with remat, the block inputs of every layer (model
   dtype) plus one layer's live intermediates during its recomputation; the
   attention working set of one query chunk; and the fp32 logits with their
-  gradient. Without remat every layer's intermediates are kept.
+  gradient. Without remat every layer's intermediates are kept. With
+  `scan_layers` the forward stacks the layer parameters (a copy) and the
+  backward builds their gradient stacked before splitting it per layer:
+  two more copies of the layer parameters, counted with the activations.
   """
   from nosa_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   m, t = cfg.model, cfg.train
@@ -238,9 +241,14 @@ def memory_plan(cfg: config_lib.ExperimentConfig,
            else m.num_layers * layer)
   vocab_local = m.vocab_size // tp if m.vocab_size % tp == 0 else m.vocab_size
   logits = 2 * tokens * vocab_local * 4
+  stacked = 0
+  if m.scan_layers:
+    block_elems = sum(jax.tree.leaves(jax.tree.map(
+        shard_elems, abstract["blocks"], specs["blocks"])))
+    stacked = 2 * block_elems * _bytes(m.param_dtype)
   return MemoryPlan(mesh_shape=tuple(mesh_shape), params=p_bytes,
                     grads=p_bytes, optimizer=2 * elems * 4,
-                    activations=saved + 2 * layer + attn + logits)
+                    activations=saved + 2 * layer + attn + logits + stacked)
 
 
 def format_plan(plan: MemoryPlan, device_bytes: int) -> str:

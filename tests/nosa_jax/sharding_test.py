@@ -1,5 +1,6 @@
 """SPMD on 8 virtual CPU devices: meshes follow the 1-device trajectory."""
 
+import dataclasses
 import glob
 import os
 import socket
@@ -48,6 +49,23 @@ class SpecTest(absltest.TestCase):
     with self.assertRaisesRegex(config_lib.ConfigError, "train.mesh_shape"):
       sharding.resolve_mesh_shape((2, 2, 1), 8)
     self.assertEqual(sharding.resolve_mesh_shape((2, -1, 2), 8), (2, 2, 2))
+
+
+class MemoryPlanTest(absltest.TestCase):
+
+  def test_scan_layers_adds_two_copies_of_the_layer_params(self):
+    cfg = testing.tiny_config("nosa")
+    loop = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, scan_layers=False))
+    scan = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, scan_layers=True))
+    _, abstract = model.abstract_params(cfg.model)
+    block_bytes = model.count_params(abstract["blocks"]) * np.dtype(
+        cfg.model.param_dtype).itemsize
+    a, b = (sharding.memory_plan(c, (1, 1, 1)) for c in (scan, loop))
+    self.assertEqual(a.activations - b.activations, 2 * block_bytes)
+    self.assertEqual((a.params, a.grads, a.optimizer),
+                     (b.params, b.grads, b.optimizer))
 
 
 class MeshTrajectoryTest(absltest.TestCase):
