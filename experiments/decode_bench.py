@@ -99,6 +99,11 @@ _OUT = flags.DEFINE_string("out_dir", "/tmp/decode_bench", "Output dir.")
 _LAYERS = flags.DEFINE_integer(
     "num_layers", None, "Override the layer count (profiling only: the "
     "records then describe a shallower model; the JSON says so).")
+_KV_HEADS = flags.DEFINE_integer(
+    "kv_heads", None, "Override the KV head count (e.g. 8 for a Llama-3-8B-"
+    "like KV cache, 4x the 8B config's): larger KV per token makes decode "
+    "PCIe-bound, where offload's gamma matters (the cost model predicts "
+    "NOSA / InfLLMv2 offloaded ~1.5x there vs ~1.25x at 2 KV heads).")
 _PROFILE = flags.DEFINE_bool(
     "profile", False, "Trace the timed steps of each system with "
     "jax.profiler into out_dir/profile/<system>_L<ctx>_B<batch>.")
@@ -119,6 +124,11 @@ def _model_config(name: str, variant: str) -> config_lib.ModelConfig:
       cfg.sparse, implementation=impl))
   if _LAYERS.value:
     cfg = dataclasses.replace(cfg, num_layers=_LAYERS.value)
+  if _KV_HEADS.value:
+    if _KV_HEADS.value < 1 or cfg.num_heads % _KV_HEADS.value:
+      raise app.UsageError(f"--kv_heads={_KV_HEADS.value} must divide the "
+                           f"{cfg.num_heads} query heads")
+    cfg = dataclasses.replace(cfg, num_kv_heads=_KV_HEADS.value)
   return cfg
 
 
@@ -453,6 +463,7 @@ def main(argv):
     if system not in SYSTEMS:
       raise app.UsageError(f"--systems: unknown {system!r}; allowed: "
                            f"{', '.join(SYSTEMS)}")
+  _model_config(name, "full")  # checks --kv_heads / --num_layers up front
   contexts = [int(c) for c in _CONTEXTS.value]
   if runlocal:
     contexts = [400]
@@ -465,7 +476,8 @@ def main(argv):
           timespec="minutes"),
       "host": platform.node(), "jax": jax.__version__, "model": name,
       "steps": _STEPS.value, "warmup": _WARMUP.value,
-      "num_layers_override": _LAYERS.value},
+      "num_layers_override": _LAYERS.value,
+      "kv_heads_override": _KV_HEADS.value},
              "records": []}
   t_start = time.perf_counter()
   hw = cost_model.H100

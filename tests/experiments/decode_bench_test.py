@@ -54,6 +54,15 @@ class VerdictTest(absltest.TestCase):
 
 class SmokeTest(absltest.TestCase):
 
+  def test_bad_kv_heads_is_one_line_error(self):
+    run = subprocess.run(
+        [sys.executable, "-m", "experiments.decode_bench", "--kv_heads=5",
+         f"--out_dir={self.create_tempdir().full_path}"], cwd=REPO,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+        text=True, timeout=120)
+    self.assertNotEqual(run.returncode, 0)
+    self.assertIn("--kv_heads=5 must divide the 32 query heads", run.stderr)
+
   def test_runlocal(self):  # ~15-30 s on 2 cores
     out = self.create_tempdir().full_path
     env = dict(os.environ, JAX_PLATFORMS="cpu")
