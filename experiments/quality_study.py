@@ -188,7 +188,11 @@ def summarize(results: list[dict]) -> list[dict]:
                                if r["passkey"] else None),
         "passkey_answer_nll_outside_window": _outside(r["passkey"],
                                                       "answer_nll"),
-        "gamma": r["gamma"]["mean"] if r["gamma"] else None})
+        "gamma": r["gamma"]["mean"] if r["gamma"] else None,
+        # Share of decode misses a one-layer-ahead guess would prefetch
+        # (evaluation.next_layer_prediction; absent in older results).
+        "next_layer_coverage": ((r["gamma"] or {}).get(
+            "next_layer_prediction") or {}).get("coverage")})
   return rows
 
 
@@ -305,7 +309,8 @@ def rebuild(out_dir: str) -> None:
     print(f"{r['name']:>14} | {r['steps']} steps, {r['tokens'] / 1e6:.1f}M "
           f"tokens | held-out NLL {r['heldout_nll']:.4f} | passkey "
           f"{_fmt(r['passkey'])} (answer NLL "
-          f"{_fmt(r['passkey_answer_nll'])}) | gamma {_fmt(r['gamma'])} | "
+          f"{_fmt(r['passkey_answer_nll'])}) | gamma {_fmt(r['gamma'])} "
+          f"(next-layer guess covers {_fmt(r['next_layer_coverage'])}) | "
           f"tokens/s {_fmt(r['tokens_per_s'], 0)}")
 
 

@@ -445,15 +445,43 @@ def _attend(q_BHD, layer: LayerCache, pos_B, sp: config_lib.SparseConfig):
   return out_BHD, idx_BKP
 
 
+def _predict_selection(params, cfg: config_lib.ModelConfig,
+                       layer: LayerCache, i: int, x_B1M, pos_B):
+  """Layer i's selection guessed from an earlier residual x_B1M.
+
+  The query of layer i is computed from x_B1M (the input of layer i - 1)
+  instead of its own input, and the selection runs on layer i's cache as
+  it was before this step's token (its key is not known yet). What a
+  prefetch issued one layer ahead could fetch (InfiniGen-style); decode's
+  output never depends on it.
+  """
+  p_block = params["blocks"][i]
+  h_B1M = layers.rms_norm(x_B1M, p_block["attn_norm"]["scale"][...],
+                          cfg.rms_eps)
+  q_B1HD = qkv_bias(p_block["attn"], cfg, h_B1M, pos_B[:, None])[0]
+  return select_decode_blocks(q_B1HD[:, 0], layer, pos_B, cfg.sparse)
+
+
 def _decode_step(params, cfg: config_lib.ModelConfig, cache: DecodeCache,
-                 tokens_B):
-  """Unjitted decode_step; also returns the selections idx_LBKP."""
+                 tokens_B, predict: bool = False):
+  """Unjitted decode_step; also returns the selections idx_LBKP (and with
+  `predict` the one-layer-ahead guesses pred_LBKP; layer 0's are -1)."""
   sp = cfg.sparse
   pos_B = cache.lengths_B
   x_B1M = embed(params, cfg, tokens_B[:, None])
-  new_layers, sel = [], []
+  new_layers, sel, pred = [], [], []
+  x_prev_B1M = None  # the input of the previous layer
   for i in range(cfg.num_layers):
     p_block = params["blocks"][i]
+    if predict:
+      pred.append(
+          jnp.full((pos_B.shape[0], cfg.num_kv_heads,
+                    min(sp.topk_blocks,
+                        cache.layers[i].k_BKSD.shape[2] // sp.block_size)),
+                   -1, jnp.int32) if x_prev_B1M is None else
+          _predict_selection(params, cfg, cache.layers[i], i, x_prev_B1M,
+                             pos_B))
+    x_prev_B1M = x_B1M
     h_B1M = layers.rms_norm(x_B1M, p_block["attn_norm"]["scale"][...],
                             cfg.rms_eps)
     q_B1HD, k_B1KD, v_B1KD, bias_B1K = qkv_bias(
@@ -467,13 +495,16 @@ def _decode_step(params, cfg: config_lib.ModelConfig, cache: DecodeCache,
         p_block["attn"]["wo"], x_B1M.dtype))[:, None]
     x_B1M = mlp_residual(p_block, cfg, x_B1M)
   new_cache = DecodeCache(layers=tuple(new_layers), lengths_B=pos_B + 1)
-  return new_cache, logits(params, cfg, x_B1M[:, 0]), jnp.stack(sel)
+  out = (new_cache, logits(params, cfg, x_B1M[:, 0]), jnp.stack(sel))
+  return out + (jnp.stack(pred),) if predict else out
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "return_selection"),
+@functools.partial(jax.jit, static_argnames=("cfg", "return_selection",
+                                             "return_prediction"),
                    donate_argnames=("cache",))
 def decode_step(params: Any, cfg: config_lib.ModelConfig, cache: DecodeCache,
-                tokens_B: jax.Array, *, return_selection: bool = False):
+                tokens_B: jax.Array, *, return_selection: bool = False,
+                return_prediction: bool = False):
   """Appends one token per sequence and returns the next-token logits.
 
   Args:
@@ -482,6 +513,9 @@ def decode_step(params: Any, cfg: config_lib.ModelConfig, cache: DecodeCache,
     cache: from `prefill` or a previous step (donated: do not reuse it).
     tokens_B: the token at position cache.lengths_B of each sequence.
     return_selection: also return the selected blocks (static).
+    return_prediction: with return_selection, also return pred_LBKP, each
+      layer's selection guessed from the previous layer's input
+      (`_predict_selection`; rows of layer 0 are -1). Sparse variants only.
 
   Returns:
     (cache, logits_BV) with logits in fp32, or with return_selection
@@ -489,6 +523,12 @@ def decode_step(params: Any, cfg: config_lib.ModelConfig, cache: DecodeCache,
     -1 for unused slots (P = min(topk_blocks, N); for `full` every block,
     P = N). `selection_gamma` turns consecutive ones into hit rates.
   """
+  if return_prediction:
+    if not return_selection or cfg.sparse.variant == "full":
+      raise ValueError("return_prediction needs return_selection=True and a "
+                       f"sparse variant, got return_selection="
+                       f"{return_selection}, variant={cfg.sparse.variant}")
+    return _decode_step(params, cfg, cache, tokens_B, predict=True)
   cache, logits_BV, idx_LBKP = _decode_step(params, cfg, cache, tokens_B)
   if return_selection:
     return cache, logits_BV, idx_LBKP
@@ -522,6 +562,39 @@ def selection_gamma(prev_idx: jax.Array, cur_idx: jax.Array,
     hit = hit | (cur_ok & (cur_idx > newest[..., None]))
   n = jnp.sum(cur_ok, axis=-1)
   return (jnp.sum(hit, axis=-1) / jnp.maximum(n, 1)).astype(_F32)
+
+
+def prefetch_coverage(prev_idx: jax.Array, cur_idx: jax.Array,
+                      pred_idx: jax.Array) -> tuple[jax.Array, ...]:
+  """How well a guessed selection covers a step's misses.
+
+  A miss is a block of sel(t) that sel(t-1) did not hold and that is not
+  the newly opened tail block (what `selection_gamma` counts as not hit):
+  what an offloading engine must fetch. Per (layer, sequence, KV head):
+
+    misses   the misses of sel(t);
+    covered  the misses that pred(t) also selects (a prefetch of pred(t)
+             would have fetched them ahead);
+    extra    blocks of pred(t) in neither sel(t-1) nor sel(t) (fetched
+             for nothing).
+
+  Args:
+    prev_idx, cur_idx, pred_idx: [..., P] selections (-1 = unused).
+
+  Returns:
+    (misses, covered, extra), int32 [...].
+  """
+  def member(a, b):  # a's entries that b holds
+    return jnp.any((a[..., :, None] == b[..., None, :])
+                   & (b >= 0)[..., None, :], axis=-1) & (a >= 0)
+  newest = jnp.max(jnp.where(prev_idx >= 0, prev_idx, -1), axis=-1)
+  miss = ((cur_idx >= 0) & ~member(cur_idx, prev_idx)
+          & (cur_idx <= newest[..., None]))
+  covered = miss & member(cur_idx, pred_idx)
+  extra = ((pred_idx >= 0) & ~member(pred_idx, prev_idx)
+           & ~member(pred_idx, cur_idx))
+  count = lambda x: jnp.sum(x, axis=-1).astype(jnp.int32)
+  return count(miss), count(covered), count(extra)
 
 
 # ------------------------------------------------------------------------------

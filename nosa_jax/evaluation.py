@@ -414,13 +414,62 @@ def decode_gamma(params: Any, cfg: config_lib.ModelConfig,
     logging.warning("gamma: contexts of %d tokens fit the %d-token budget; "
                     "gamma is 1 by construction", prompt_len + max_new_tokens,
                     budget)
-  _, stats = decode.generate(params, cfg, prompts, max_new_tokens,
-                             return_stats=True)
+  generated, stats = decode.generate(params, cfg, prompts, max_new_tokens,
+                                     return_stats=True)
   per_layer = [float(g) for g in stats["gamma_per_layer"]]
   return {"per_layer": per_layer, "mean": float(np.mean(per_layer)),
           "prompts": len(prompts), "prompt_len": prompt_len,
           "new_tokens": max_new_tokens,
-          "decode_tokens_per_s": float(stats["decode_tokens_per_s"])}
+          "decode_tokens_per_s": float(stats["decode_tokens_per_s"]),
+          "next_layer_prediction": next_layer_prediction(
+              params, cfg, prompts, generated)}
+
+
+def next_layer_prediction(params: Any, cfg: config_lib.ModelConfig,
+                          prompts: Sequence[Sequence[int]],
+                          generated: Sequence[Sequence[int]]) -> dict:
+  """Could a prefetch one layer ahead have fetched the misses? Per layer.
+
+  Replays the greedy continuation (teacher-forced) with
+  `decode.decode_step(..., return_prediction=True)`: layer l's selection
+  guessed from layer l-1's input, as an offload engine would have to guess
+  it to fetch beside layer l-1's matmuls. `coverage` = the fraction of
+  the step's misses (blocks not selected at the previous step) that the
+  guess selects; `extra_per_step` = blocks per (sequence, KV head, step)
+  the guess selects that neither step needs. Layer 0 has no guess (0).
+  The steps decoded are those where every sequence has a continuation.
+  """
+  steps = min(len(g) for g in generated) - 1
+  n_l = cfg.num_layers
+  misses, covered, extra = (np.zeros(n_l, np.int64) for _ in range(3))
+  if steps >= 2:
+    lengths = np.array([len(p) for p in prompts])
+    width = int(lengths.max())
+    tokens_BT = np.zeros((len(prompts), width), np.int32)
+    for b, p in enumerate(prompts):
+      tokens_BT[b, :len(p)] = p
+    cache, _ = decode.prefill(params, cfg, jnp.asarray(tokens_BT),
+                              jnp.asarray(lengths), width + steps + 1)
+    prev = None
+    for t in range(steps):
+      tok_B = jnp.asarray([g[t] for g in generated], jnp.int32)
+      cache, _, idx, pred = decode.decode_step(
+          params, cfg, cache, tok_B, return_selection=True,
+          return_prediction=True)
+      if prev is not None:
+        m, c, e = (np.asarray(x).reshape(n_l, -1).sum(-1)
+                   for x in decode.prefetch_coverage(prev, idx, pred))
+        misses, covered, extra = misses + m, covered + c, extra + e
+      prev = idx
+  lanes = max(steps - 1, 1) * len(prompts) * cfg.num_kv_heads
+  coverage = [float(c / m) if m else None for c, m in zip(covered, misses,
+                                                            strict=True)]
+  return {"coverage_per_layer": coverage,
+          "coverage": (float(covered[1:].sum() / misses[1:].sum())
+                       if misses[1:].sum() else None),
+          "misses_per_layer": misses.tolist(),
+          "extra_per_step_per_layer": (extra / lanes).tolist(),
+          "steps": max(steps - 1, 0)}
 
 
 # ----------------------------------------------------------------------------
@@ -495,6 +544,11 @@ def evaluate(params: Any, cfg: config_lib.ExperimentConfig,
     logging.info("decode gamma per layer %s (mean %.3f)",
                  np.round(results["gamma"]["per_layer"], 3).tolist(),
                  results["gamma"]["mean"])
+    pred = results["gamma"]["next_layer_prediction"]
+    logging.info("next-layer selection guess covers %s of the misses "
+                 "(layers 1+; per layer %s)", pred["coverage"],
+                 [None if c is None else round(c, 3)
+                  for c in pred["coverage_per_layer"]])
   return results
 
 

@@ -105,6 +105,74 @@ class DecodeEquivalenceTest(parameterized.TestCase):
     np.testing.assert_allclose(decode.selection_gamma(prev, cur), [1.0, 0.75])
 
 
+class PredictionTest(parameterized.TestCase):
+  """decode_step's one-layer-ahead selection guess (prefetch study)."""
+
+  def _run(self, params, cfg, steps=24):
+    lengths = np.array([150, 170])  # past the 128-token budget
+    rows = np.arange(2)
+    tokens = testing.random_tokens(jax.random.key(3), 2,
+                                   lengths.max() + steps)
+    cache, _ = decode.prefill(params, cfg, tokens[:, :lengths.max()],
+                              jnp.asarray(lengths), lengths.max() + steps)
+    plain, _ = decode.prefill(params, cfg, tokens[:, :lengths.max()],
+                              jnp.asarray(lengths), lengths.max() + steps)
+    out = []
+    for i in range(steps):
+      tok = tokens[rows, lengths + i]
+      cache, logits_BV, idx, pred = decode.decode_step(
+          params, cfg, cache, tok, return_selection=True,
+          return_prediction=True)
+      plain, want_BV, want_idx = decode.decode_step(
+          params, cfg, plain, tok, return_selection=True)
+      # The guess never changes decode.
+      np.testing.assert_array_equal(logits_BV, want_BV)
+      np.testing.assert_array_equal(idx, want_idx)
+      out.append((np.asarray(idx), np.asarray(pred)))
+    return out
+
+  @parameterized.parameters("nosa", "infllmv2")
+  def test_exact_when_the_previous_layer_is_the_identity(self, variant):
+    cfg, _, params = _model(variant)
+    # Layer 0 adds nothing to the residual stream: layer 1's input is layer
+    # 0's, so its guessed query is its real one and the guess must equal
+    # the selection (the current token's own key only touches forced
+    # blocks). With the real layer 0 the guess is allowed to differ.
+    for var in (params["blocks"][0]["attn"]["wo"],
+                params["blocks"][0]["mlp"]["w_down"]):
+      var.set_value(jnp.zeros_like(var.get_value()))
+    runs = self._run(params, cfg)
+    for idx, pred in runs:
+      np.testing.assert_array_equal(pred[0], -1)  # no guess for layer 0
+      np.testing.assert_array_equal(pred[1], idx[1])
+    misses = covered = 0
+    for (prev, _), (idx, pred) in zip(runs, runs[1:]):
+      m, c, e = (np.asarray(x) for x in decode.prefetch_coverage(
+          prev[1], idx[1], pred[1]))
+      misses, covered = misses + m.sum(), covered + c.sum()
+      np.testing.assert_array_equal(e, 0)
+    self.assertGreater(misses, 0)  # the case is not vacuous
+    self.assertEqual(covered, misses)
+
+  def test_coverage_counts(self):
+    prev = jnp.array([[0, 2, 4, 5]])
+    cur = jnp.array([[0, 1, 3, 5]])    # misses: 1, 3
+    pred = jnp.array([[0, 1, 6, -1]])  # covers 1; 6 is extra
+    self.assertEqual(tuple(int(x[0]) for x in decode.prefetch_coverage(
+        prev, cur, pred)), (2, 1, 1))
+    # A newly opened tail block (beyond everything at t-1) is no miss.
+    cur = jnp.array([[0, 2, 5, 6]])
+    self.assertEqual(int(decode.prefetch_coverage(prev, cur, cur)[0][0]), 0)
+
+  def test_prediction_needs_selection(self):
+    cfg, _, params = _model("nosa")
+    cache, _ = decode.prefill(params, cfg, jnp.ones((1, 4), jnp.int32),
+                              jnp.array([4]), 16)
+    with self.assertRaisesRegex(ValueError, "return_prediction needs"):
+      decode.decode_step(params, cfg, cache, jnp.ones((1,), jnp.int32),
+                         return_prediction=True)
+
+
 class SamplingTest(absltest.TestCase):
 
   def test_greedy_and_top_p_support(self):

@@ -203,6 +203,13 @@ class EvaluateTest(absltest.TestCase):
     self.assertLen(res["gamma"]["per_layer"], 2)
     self.assertTrue(all(0.0 <= g <= 1.0 for g in res["gamma"]["per_layer"]))
     self.assertEqual(res["gamma"]["prompt_len"], 156)
+    pred = res["gamma"]["next_layer_prediction"]
+    self.assertEqual(pred["steps"], 2)  # 4 new tokens: 3 steps, 2 diffs
+    self.assertLen(pred["misses_per_layer"], 2)
+    self.assertLen(pred["extra_per_step_per_layer"], 2)
+    for c in pred["coverage_per_layer"]:
+      self.assertTrue(c is None or 0.0 <= c <= 1.0)
+    json.dumps(res)  # JSON-ready
     with self.assertRaisesRegex(config_lib.ConfigError,
                                 "differ from the checkpoint's"):
       evaluation.load_model(workdir=self.workdir,
