@@ -517,8 +517,18 @@ def evaluate(params: Any, cfg: config_lib.ExperimentConfig,
                results["perplexity"]["tokens"])
 
   results["passkey"] = None
-  if ecfg.passkey_trials:
-    lengths = ecfg.passkey_lengths or (seq_len // 2, seq_len)
+  lengths = ecfg.passkey_lengths
+  if ecfg.passkey_trials and not lengths:
+    # Defaults: half and all of seq_len, those that hold the passkey text
+    # (a short-context model, e.g. the CPU quickstart's, may hold neither).
+    need = passkey.PasskeyBuilder(datasets.tokenizer).fixed_length(
+        "9" * ecfg.passkey_digits)
+    lengths = tuple(n for n in (seq_len // 2, seq_len) if n >= need)
+    if not lengths:
+      logging.warning("passkey skipped: seq_len %d is shorter than the "
+                      "passkey text (%d tokens); pass --passkey_lengths",
+                      seq_len, need)
+  if ecfg.passkey_trials and lengths:
     longer = [n for n in lengths if n > tc.seq_len]
     if longer:
       logging.warning("passkey lengths %s exceed the training seq_len %d: "

@@ -168,6 +168,11 @@ class EvaluateTest(absltest.TestCase):
                                **tolerances.tol(np.float32))
     self.assertEqual(dense["passkey"]["accuracy"], [[0.0]])  # untrained
     self.assertIsNone(dense["gamma"])  # `full` selects nothing
+    # Default passkey lengths (seq_len / 2, seq_len) shorter than the
+    # passkey text are dropped (here both: skipped), not an error.
+    short = evaluation.evaluate(params, cfg, evaluation.EvalConfig(
+        seq_len=128, passkey_trials=1, gamma_prompts=0))
+    self.assertIsNone(short["passkey"])
 
     # Teacher forcing == greedy decoding, with the real decode engine: an
     # answer that is the model's own greedy continuation scores correct;
