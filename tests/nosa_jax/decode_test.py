@@ -146,7 +146,7 @@ class PredictionTest(parameterized.TestCase):
       np.testing.assert_array_equal(pred[0], -1)  # no guess for layer 0
       np.testing.assert_array_equal(pred[1], idx[1])
     misses = covered = 0
-    for (prev, _), (idx, pred) in zip(runs, runs[1:]):
+    for (prev, _), (idx, pred) in zip(runs[:-1], runs[1:], strict=True):
       m, c, e = (np.asarray(x) for x in decode.prefetch_coverage(
           prev[1], idx[1], pred[1]))
       misses, covered = misses + m.sum(), covered + c.sum()
