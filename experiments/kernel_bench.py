@@ -20,7 +20,18 @@ compare like with like. Parts:
           variant's largest gradient difference from the first one's.
   step:   the training step of a 1B-like model at 16k tokens, `pallas`
           vs `full` (cuDNN): tokens/s and MFU.
+  scores: the query-aware block scores of the selection (issue #4) at each
+          --score_lengths T, 1B-like heads: XLA `selection.query_aware_scores`
+          vs the `block_scores` kernel (`selection.query_aware_scores_pallas`)
+          at each dot precision, both over query chunks of 1024 as the
+          selection runs them, the kernel also on the whole T in one call;
+          the full selection (scores + eviction + top-k) for scale, and each
+          kernel's largest difference from the XLA scores.
 Prints a table and writes results.json under --out.
+
+Timing the scoring kernel (issue #4):
+
+  python -m experiments.kernel_bench --out=/tmp/kb_scores --parts=scores
 
 Timing the backward variants (issue #4), about 3 minutes on one H100:
 
@@ -78,6 +89,10 @@ _BWD_VARIANTS = {
     "transposed_dq64rows_dkv64rows": ((4, 4, 4, 64), False, True),
     "transposed_dkv64rows_seg128": ((4, 2, 4, 128), False, True),
 }
+_SCORE_LENGTHS = flags.DEFINE_list(
+    "score_lengths", ["16384", "32768"], "Sequence lengths for the scores "
+    "part.")
+_SCORE_PRECISIONS = ("highest", "tf32", "bf16")
 _BWD = flags.DEFINE_list(
     "bwd_variants", list(_BWD_VARIANTS)[:6],
     f"Variants timed by the bwd_sweep part, of {list(_BWD_VARIANTS)}.")
@@ -319,6 +334,74 @@ def bench_bwd_sweep(rows, save=lambda: None):
             f"| {r.get('max_rel_diff_vs_first', float('nan')):.2g} |")
 
 
+def _scores_row(t):
+  """One row of the scores part at sequence length t."""
+  h, k, d = 32, 2, 128
+  q, kk, _, bias = _qkvb(jax.random.key(t), 1, t, h, k, d)
+  n = selection.num_blocks(t, PAPER.block_size)
+  kbar = jax.jit(lambda kk: selection.compress_keys(
+      kk, PAPER.compress_kernel, PAPER.compress_stride))(kk)
+
+  def chunked(score_fn):
+    # As `select_blocks` runs them: lax.map over query chunks.
+    return jax.jit(lambda q, kbar: selection._map_query_chunks(
+        lambda qc, pos: score_fn(qc, kbar, pos, PAPER, n), q,
+        PAPER.query_chunk))
+
+  def pallas(tuning):
+    return lambda qc, kb, pos, cfg, nb: selection.query_aware_scores_pallas(
+        qc, kb, pos, cfg, nb, tuning=tuning)
+
+  select = jax.jit(lambda q, kk, b: selection.select_blocks(q, kk, b, PAPER))
+  xla = chunked(selection.query_aware_scores)
+  want = xla(q, kbar)
+  finite = jnp.isfinite(want)
+  row = {"part": "scores", "T": t, "H": h, "K": k, "D": d,
+         "query_chunk": PAPER.query_chunk,
+         "selection_s": timeit(select, q, kk, bias),
+         "xla_s": timeit(xla, q, kbar)}
+  pos_T = jnp.arange(t)
+  for prec in _SCORE_PRECISIONS:
+    tuning = {"precision": prec}
+    full = pallas(tuning)
+    runs = {f"pallas_{prec}": chunked(pallas(tuning)),
+            f"pallas_full_T_{prec}": jax.jit(
+                lambda q, kbar, full=full: full(q, kbar, pos_T, PAPER, n))}
+    for name, fn in runs.items():
+      try:
+        got = fn(q, kbar)
+        row[f"{name}_max_abs_diff_vs_xla"] = float(jnp.max(jnp.where(
+            finite, jnp.abs(got - want), 0.0)))
+        row[f"{name}_s"] = timeit(fn, q, kbar)
+      except Exception as e:  # a variant that does not compile is a result
+        row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
+  return row
+
+
+def bench_scores(rows):
+  """XLA query-aware scores vs the `block_scores` kernel (issue #4)."""
+  for t in (int(x) for x in _SCORE_LENGTHS.value):
+    row = _scores_row(t)
+    print(row, flush=True)
+    rows.append(row)
+  print("| T | variant | ms | vs XLA | max abs diff vs XLA |")
+  print("|---|---|---|---|---|")
+  for r in rows:
+    if r["part"] != "scores" or "xla_s" not in r:
+      continue
+    print(f"| {r['T']} | full selection | {1e3 * r['selection_s']:.2f} | - "
+          "| - |")
+    print(f"| {r['T']} | xla scores | {1e3 * r['xla_s']:.2f} | 1.00x | 0 |")
+    for prec in _SCORE_PRECISIONS:
+      for name in (f"pallas_{prec}", f"pallas_full_T_{prec}"):
+        if f"{name}_s" in r:
+          print(f"| {r['T']} | {name} | {1e3 * r[name + '_s']:.2f} "
+                f"| {r['xla_s'] / r[name + '_s']:.2f}x "
+                f"| {r[name + '_max_abs_diff_vs_xla']:.2g} |")
+        else:
+          print(f"| {r['T']} | {name} | error | - | - |")
+
+
 def _decode_inputs(b, k=2, g=16, d=128, p=64, c=64):
   keys = jax.random.split(jax.random.key(b), 4)
   q = jax.random.normal(keys[0], (b, k * g, d), jnp.bfloat16)
@@ -411,7 +494,8 @@ def main(argv):
            ("bwd_sweep", lambda r: bench_bwd_sweep(r, save)),
            ("decode", bench_decode),
            ("decode_sweep", lambda r: bench_decode(r, sweep=True)),
-           ("step", bench_step))
+           ("step", bench_step),
+           ("scores", bench_scores))
   for part, fn in parts:
     if part in _PARTS.value:
       try:

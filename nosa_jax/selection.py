@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nosa_jax import config as config_lib
+import pallas_kernels
 
 _F32 = jnp.float32
 _INF = float("inf")
@@ -216,6 +217,35 @@ def query_aware_scores(q_BTHD: jax.Array, kbar_BWKD: jax.Array,
   s_BKTW = jnp.sum(p_BKGTW, axis=2)  # GQA: sum of probabilities (step 3)
   return block_pool(s_BKTW, num_blocks=n_blocks, block_size=cfg.block_size,
                     kernel=cfg.compress_kernel, stride=cfg.compress_stride)
+
+
+def query_aware_scores_pallas(q_BTHD: jax.Array, kbar_BWKD: jax.Array,
+                              positions_T: jax.Array,
+                              cfg: config_lib.SparseConfig, n_blocks: int,
+                              *, tuning: Optional[dict] = None) -> jax.Array:
+  """`query_aware_scores` by the Pallas kernel `pallas_kernels.block_scores`.
+
+  Not yet the default: untimed. Nothing in the library calls it (the
+  selection entry points always use `query_aware_scores`, whatever
+  `cfg.implementation` says); `experiments.kernel_bench --parts=scores`
+  times it against the XLA path. Same arguments and result (up to fp32
+  rounding with the default "highest" dot precision); no gradient (the
+  kernel has no VJP, so `locality_penalty` cannot use it).
+
+  Args:
+    q_BTHD, kbar_BWKD, positions_T, cfg, n_blocks: as `query_aware_scores`.
+    tuning: optional keyword arguments of `pallas_kernels.block_scores`
+      (block_sizes, precision, num_warps, num_stages); off the GPU the
+      kernel runs in Pallas interpret mode (slow).
+
+  Returns:
+    sq_BKTN in fp32 (no forced or causal masking applied).
+  """
+  return pallas_kernels.block_scores(
+      jax.lax.stop_gradient(q_BTHD), jax.lax.stop_gradient(kbar_BWKD),
+      positions_T, n_blocks, cfg.block_size, cfg.compress_kernel,
+      cfg.compress_stride, interpret=jax.default_backend() != "gpu",
+      **(tuning or {}))
 
 
 def query_agnostic_scores(bias_BTK: jax.Array, cfg: config_lib.SparseConfig,

@@ -8,6 +8,9 @@ from pallas_kernels.block_sparse_attention import (
     block_sparse_attention_reference)
 from pallas_kernels.block_gather import gather_blocks
 from pallas_kernels.block_gather import gather_blocks_reference
+from pallas_kernels.block_scores import ScoreBlockSizes
+from pallas_kernels.block_scores import block_scores
+from pallas_kernels.block_scores import block_scores_reference
 from pallas_kernels.common import BlockSizes
 from pallas_kernels.sparse_decode import DecodeBlockSizes
 from pallas_kernels.sparse_decode import decode_bytes_read
@@ -30,4 +33,7 @@ __all__ = [
     "block_sparse_attention_reference",
     "gather_blocks",
     "gather_blocks_reference",
+    "ScoreBlockSizes",
+    "block_scores",
+    "block_scores_reference",
 ]
