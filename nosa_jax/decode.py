@@ -473,14 +473,9 @@ def _decode_step(params, cfg: config_lib.ModelConfig, cache: DecodeCache,
   x_prev_B1M = None  # the input of the previous layer
   for i in range(cfg.num_layers):
     p_block = params["blocks"][i]
-    if predict:
-      pred.append(
-          jnp.full((pos_B.shape[0], cfg.num_kv_heads,
-                    min(sp.topk_blocks,
-                        cache.layers[i].k_BKSD.shape[2] // sp.block_size)),
-                   -1, jnp.int32) if x_prev_B1M is None else
-          _predict_selection(params, cfg, cache.layers[i], i, x_prev_B1M,
-                             pos_B))
+    if predict and x_prev_B1M is not None:
+      pred.append(_predict_selection(params, cfg, cache.layers[i], i,
+                                     x_prev_B1M, pos_B))
     x_prev_B1M = x_B1M
     h_B1M = layers.rms_norm(x_B1M, p_block["attn_norm"]["scale"][...],
                             cfg.rms_eps)
@@ -496,7 +491,10 @@ def _decode_step(params, cfg: config_lib.ModelConfig, cache: DecodeCache,
     x_B1M = mlp_residual(p_block, cfg, x_B1M)
   new_cache = DecodeCache(layers=tuple(new_layers), lengths_B=pos_B + 1)
   out = (new_cache, logits(params, cfg, x_B1M[:, 0]), jnp.stack(sel))
-  return out + (jnp.stack(pred),) if predict else out
+  if not predict:
+    return out
+  # Layer 0 has no earlier input to guess from.
+  return out + (jnp.stack([jnp.full_like(sel[0], -1)] + pred),)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "return_selection",

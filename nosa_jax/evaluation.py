@@ -443,13 +443,9 @@ def next_layer_prediction(params: Any, cfg: config_lib.ModelConfig,
   n_l = cfg.num_layers
   misses, covered, extra = (np.zeros(n_l, np.int64) for _ in range(3))
   if steps >= 2:
-    lengths = np.array([len(p) for p in prompts])
-    width = int(lengths.max())
-    tokens_BT = np.zeros((len(prompts), width), np.int32)
-    for b, p in enumerate(prompts):
-      tokens_BT[b, :len(p)] = p
-    cache, _ = decode.prefill(params, cfg, jnp.asarray(tokens_BT),
-                              jnp.asarray(lengths), width + steps + 1)
+    tokens_BT, lengths_B, s, _, _ = decode.prepare_prompts(
+        prompts, steps + 1, cfg.sparse.block_size)
+    cache, _ = decode.prefill(params, cfg, tokens_BT, lengths_B, s)
     prev = None
     for t in range(steps):
       tok_B = jnp.asarray([g[t] for g in generated], jnp.int32)

@@ -433,6 +433,7 @@ def _prefill_runner(params, cfg: config_lib.ModelConfig, tokens_BT,
   run time is the prefill's alone (`generate`'s prefill_s); it can then
   run only once (the store is donated).
   """
+  _check_prefill_batch(prefill_batch)
   groups = _groups(tokens_BT.shape[0], prefill_batch)
   if len(groups) == 1:
     if not aot:
@@ -506,7 +507,6 @@ def prefill(params: Any, cfg: config_lib.ModelConfig, tokens_BT: jax.Array,
       does not fit.
   """
   _check_variant(cfg)
-  _check_prefill_batch(prefill_batch)
   check_host_capacity(cfg, tokens_BT.shape[0], max_len, host_memory_limit)
   return _prefill_runner(params, cfg, tokens_BT, jnp.asarray(lengths_B),
                          max_len, options, prefill_batch)()
@@ -965,7 +965,6 @@ def generate(params: Any, cfg: config_lib.ModelConfig,
   and unfinished sequences, summed over KV heads.
   """
   _check_variant(cfg)
-  _check_prefill_batch(prefill_batch)
   params = decode.serving_params(params, cfg)  # cast once, not every step
   tokens, lengths, s, pad_id, eos = decode.prepare_prompts(
       prompts, max_new_tokens, cfg.sparse.block_size, max_len=max_len,
