@@ -111,18 +111,18 @@ def init_state(cfg: config_lib.ExperimentConfig, mesh=None
   init with `out_shardings`), so an 8B model never sits on one device.
   """
   tx = make_optimizer(cfg.train)
-  graphdef, _ = model_lib.abstract_params(cfg.model)
+  shardings_for = (None if mesh is None else
+                   lambda tree: sharding_lib.tree_shardings(tree, mesh))
+  graphdef, params = model_lib.init(cfg.model, cfg.train.seed, shardings_for)
 
-  def fresh():
-    params = model_lib.init(cfg.model, cfg.train.seed)[1]
-    return {"params": params, "opt_state": tx.init(params),
-            "step": jnp.zeros((), jnp.int32),
+  def rest(params):
+    return {"opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1))}
 
-  if mesh is None:  # jitted too, so every path rounds the init the same way
-    return graphdef, jax.jit(fresh)(), tx
-  shardings = sharding_lib.tree_shardings(jax.eval_shape(fresh), mesh)
-  return graphdef, jax.jit(fresh, out_shardings=shardings)(), tx
+  out = (None if mesh is None
+         else shardings_for(jax.eval_shape(rest, params)))
+  return graphdef, {"params": params, **jax.jit(rest, out_shardings=out)(
+      params)}, tx
 
 
 def _log_locality(writer, step: int, layer_stats: list[dict]) -> str:
