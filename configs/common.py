@@ -67,6 +67,7 @@ def runlocal(config: ml_collections.ConfigDict) -> None:
   m.num_heads, m.num_kv_heads, m.head_dim = 4, 2, 16
   m.vocab_size, m.dtype, m.remat = 259, "float32", "none"
   m.sparse.update(SMALL_SPARSE)
+  m.sparse.implementation = "xla"  # Pallas interpret mode is slow on a CPU
   config.data.source, config.data.tokenizer = "stdlib", "bytes"
   t = config.train
   t.seq_len, t.batch_size, t.num_steps = 256, 4, 20
@@ -98,6 +99,7 @@ def nosa_config(arg: str | None, *, num_layers: int, model_dim: int,
   m.scan_layers = True
   m.sparse.update(PAPER_SPARSE)
   m.sparse.query_chunk = 1024
+  m.sparse.implementation = "pallas"  # the Triton kernels (GPU)
   apply_variant(config, arg.variant)
 
   t = config.train

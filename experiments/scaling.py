@@ -218,7 +218,8 @@ def main(argv):
                f"train.log_every={_LOG_EVERY.value}",
                # The schedule must fit the short run (warmup < num_steps).
                f"train.warmup_steps={max(1, _STEPS.value // 10)}",
-               "train.eval_every=0", "train.checkpoint_every=0"]
+               "train.eval_every=0", "train.checkpoint_every=0",
+               "train.log_locality=False"]
   if _RUNLOCAL.value:
     overrides += ["train.seq_len=128", "train.batch_size=4",
                   "train.num_steps=6", "train.log_every=2",

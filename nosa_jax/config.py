@@ -263,6 +263,9 @@ class TrainConfig:
     grad_clip: global-norm clip (0 disables).
     seed: parameter init, data order and dropout-free RNG stream.
     log_every: steps between terminal / TensorBoard lines.
+    log_locality: at each log line of a sparse variant, also compute the
+      per-layer selection statistics (one forward pass of one sequence,
+      compiled on its first call; timing runs turn it off).
     eval_every: steps between held-out evaluations (0 disables).
     eval_batches: batches per evaluation.
     checkpoint_every: steps between checkpoints (0: only at the end).
@@ -287,6 +290,7 @@ class TrainConfig:
   grad_clip: float = 1.0
   seed: int = 0
   log_every: int = 10
+  log_locality: bool = True
   eval_every: int = 50
   eval_batches: int = 4
   checkpoint_every: int = 50

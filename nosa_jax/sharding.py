@@ -260,3 +260,42 @@ def format_plan(plan: MemoryPlan, device_bytes: int) -> str:
            f"  activations  {gib(plan.activations)}  (estimate)",
            f"  total        {gib(plan.total)}  of {gib(device_bytes)}"]
   return "\n".join(lines)
+
+
+def batch_parallel(fn, *args: jax.Array | None) -> jax.Array:
+  """`fn(*args)` run per batch shard when traced under a mesh (`set_mesh`).
+
+  For custom calls that XLA's SPMD partitioner cannot split (the Pallas
+  kernels): without this, it gathers their inputs and every device computes
+  the whole batch. Every array argument and the output are batch-first;
+  None arguments pass through. Outside a mesh context, with batch axes of
+  size 1, or a batch they do not divide, it is plain `fn(*args)`.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = tuple(a for a in RULES["batch"]
+               if not mesh.empty and a in mesh.axis_names
+               and mesh.shape[a] > 1)
+  batch = next(a for a in args if a is not None).shape[0]
+  if not axes or batch % math.prod(mesh.shape[a] for a in axes):
+    return fn(*args)
+  present = [i for i, a in enumerate(args) if a is not None]
+
+  def local(*arrays):
+    full = list(args)
+    for i, a in zip(present, arrays, strict=True):
+      full[i] = a
+    return fn(*full)
+
+  spec = PartitionSpec(axes)
+  return jax.shard_map(local, in_specs=tuple(spec for _ in present),
+                       out_specs=spec, check_vma=False)(
+                           *[args[i] for i in present])
+
+
+def under_mesh(fn, mesh: Mesh):
+  """`fn` called (and so traced) under `jax.set_mesh(mesh)`, which
+  `batch_parallel` reads."""
+  def run(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return fn(*args, **kwargs)
+  return run

@@ -15,6 +15,7 @@ strength (§2.7, project decision 1), softmax in fp32.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal, Optional
 
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 
 from nosa_jax import config as config_lib
 from nosa_jax import selection
+from nosa_jax import sharding
 import pallas_kernels
 
 # Tile-size dataclasses of the kernels, for callers that tune them.
@@ -161,9 +163,12 @@ def sparse_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
   if implementation == "pallas":
     # The Triton kernel; off the GPU it runs in Pallas interpret mode (slow,
     # exact), so the same config runs everywhere.
-    return pallas_kernels.block_sparse_attention(
-        q_BTHD, k_BTKD, v_BTKD, bias_BTK, mask_BKTN, block_size,
+    # Under a mesh the kernel runs per batch shard (XLA cannot split it).
+    kernel = functools.partial(
+        pallas_kernels.block_sparse_attention, block_size=block_size,
         interpret=jax.default_backend() != "gpu", **(tuning or {}))
+    return sharding.batch_parallel(kernel, q_BTHD, k_BTKD, v_BTKD, bias_BTK,
+                                   mask_BKTN)
   if implementation != "xla":
     raise ValueError(f"implementation={implementation!r}: use 'xla' or "
                      "'pallas'")

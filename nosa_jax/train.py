@@ -194,6 +194,9 @@ def train_and_evaluate(cfg: config_lib.ExperimentConfig,
       params, graphdef, cfg.model, batch)[1]["loss"])
   stats_fn = jax.jit(lambda params, tokens: model_lib.apply(
       graphdef, params, tokens, collect_stats=True)[1]["layers"])
+  # Traced under the mesh, so the Pallas kernels run per batch shard.
+  step_fn, eval_fn, stats_fn = (sharding_lib.under_mesh(f, mesh)
+                                for f in (step_fn, eval_fn, stats_fn))
   schedule = learning_rate_schedule(tc)
   writer = (metrics_lib.MetricWriter(os.path.join(workdir, "tensorboard"))
             if is_main else metrics_lib.NullWriter())
@@ -264,7 +267,7 @@ def train_and_evaluate(cfg: config_lib.ExperimentConfig,
             last["mfu"] = tok_s * flops / peak
         writer.scalars(step, {f"train/{k}": v for k, v in last.items()})
         line = ""
-        if cfg.model.sparse.variant != "full":
+        if cfg.model.sparse.variant != "full" and tc.log_locality:
           tokens = jax.device_put(batch[:1, :-1], sharding_lib.replicated(mesh))
           stats = jax.device_get(stats_fn(state["params"], tokens))
           line = " | " + _log_locality(writer, step, stats)

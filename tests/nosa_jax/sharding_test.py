@@ -2,6 +2,7 @@
 
 import dataclasses
 import glob
+import json
 import os
 import socket
 import subprocess
@@ -66,6 +67,24 @@ class MemoryPlanTest(absltest.TestCase):
     self.assertEqual(a.activations - b.activations, 2 * block_bytes)
     self.assertEqual((a.params, a.grads, a.optimizer),
                      (b.params, b.grads, b.optimizer))
+
+
+class BatchParallelTest(absltest.TestCase):
+  """The Pallas kernels run per batch shard under a mesh (4 CPU devices)."""
+
+  def test_kernel_sees_its_shard_and_matches_the_unsharded_call(self):
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.nosa_jax.batch_parallel_worker"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu",
+                 XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    self.assertEqual(got["sharded"], [2])  # batch 8 over data 2 x fsdp 2
+    self.assertEqual(got["no_mesh"], [8])
+    self.assertEqual(got["indivisible"], [6])  # 6 % 4: left whole
+    self.assertEqual(got["tensor_only"], [8])  # no batch axis > 1
+    self.assertLess(got["attention_max_abs_diff"], 1e-4)
 
 
 class MeshTrajectoryTest(absltest.TestCase):

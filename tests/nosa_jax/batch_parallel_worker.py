@@ -1,0 +1,76 @@
+"""Subprocess body of sharding_test's batch_parallel tests (4 CPU devices).
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 \
+      python -m tests.nosa_jax.batch_parallel_worker
+
+Prints one JSON line: the batch each call of the wrapped function saw while
+tracing, per case, and the largest |difference| of the Pallas (interpret)
+sparse attention, forward and gradients, run under a (2, 2, 1) mesh against
+the same call without a mesh.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nosa_jax import sharding
+from nosa_jax import sparse_attention
+
+
+def seen_batches(mesh, batch: int) -> list[int]:
+  seen = []
+
+  def fn(x, none, y):
+    assert none is None
+    seen.append(x.shape[0])
+    return x * y
+
+  x = jnp.ones((batch, 3))
+  f = jax.jit(lambda x: sharding.batch_parallel(fn, x, None, 2 * x))
+  out = (sharding.under_mesh(f, mesh) if mesh else f)(x)
+  np.testing.assert_allclose(out, 2 * x)
+  return seen
+
+
+def attention_diff(mesh) -> float:
+  b, t, h, k, d, c = 4, 48, 4, 2, 16, 16
+  keys = jax.random.split(jax.random.key(0), 6)
+  q = jax.random.normal(keys[0], (b, t, h, d))
+  kk = jax.random.normal(keys[1], (b, t, k, d))
+  v = jax.random.normal(keys[2], (b, t, k, d))
+  bias = jax.random.normal(keys[3], (b, t, k))
+  n = t // c
+  causal = jnp.arange(n)[None, :] <= (jnp.arange(t) // c)[:, None]
+  mask = causal & jax.random.bernoulli(keys[4], 0.6, (b, k, t, n))
+  mask = mask | (jnp.arange(n)[None, :] == (jnp.arange(t) // c)[:, None])
+  cot = jax.random.normal(keys[5], (b, t, h, d))
+
+  def loss(q, kk, v, bias):
+    out = sparse_attention.sparse_attention(
+        q, kk, v, bias, mask, block_size=c, query_chunk=16,
+        implementation="pallas")
+    return jnp.sum(out * cot), out
+
+  run = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+  ref = run(q, kk, v, bias)
+  got = sharding.under_mesh(run, mesh)(q, kk, v, bias)
+  return max(float(jnp.max(jnp.abs(a - r)))
+             for a, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref),
+                             strict=True))
+
+
+def main():
+  mesh = sharding.make_mesh((2, 2, 1))
+  print(json.dumps({
+      "sharded": seen_batches(mesh, 8),
+      "no_mesh": seen_batches(None, 8),
+      "indivisible": seen_batches(mesh, 6),
+      "tensor_only": seen_batches(sharding.make_mesh((1, 1, 4)), 8),
+      "attention_max_abs_diff": attention_diff(mesh),
+  }))
+
+
+if __name__ == "__main__":
+  main()
