@@ -16,8 +16,9 @@ first step (the trainer does that).
 Per mesh: devices, steps logged, median tokens/s over the logged windows,
 tokens/s per device, MFU, scaling efficiency = (tok/s per device) /
 (tok/s of the one-device run), and the largest |loss - loss of the first
-mesh| over the common logged steps. Output: scaling.json, table.md and
-scaling.png (loss curves and tok/s per device) in --out_dir.
+mesh| over the common logged steps, and the last step through which they
+stay within 1% of it. Output: scaling.json, table.md and scaling.png (loss
+curves and tok/s per device) in --out_dir.
 """
 
 from __future__ import annotations
@@ -125,6 +126,13 @@ def summarize(meshes, scalars_per_run, seconds_per_run, cut_per_run):
       diffs = [abs(loss[s] - base_loss[s]) for s in common]
       row["loss_steps_compared"] = common
       row["max_abs_loss_diff"] = max(diffs)
+      # bf16 runs drift apart chaotically once the order of a reduction
+      # differs: report how long they stay within 1% of the baseline.
+      agree = [d <= 0.01 * abs(base_loss[s]) for d, s in zip(diffs, common,
+                                                            strict=True)]
+      row["agree_1pct_through_step"] = (
+          common[agree.index(False) - 1] if not all(agree)
+          else common[-1]) if agree[0] else 0
       row["loss_first"] = loss[common[0]]
       row["loss_last_common"] = loss[common[-1]]
     row["losses"] = {str(k): v for k, v in sorted(loss.items())}
@@ -138,8 +146,9 @@ def summarize(meshes, scalars_per_run, seconds_per_run, cut_per_run):
 
 def format_table(rows) -> str:
   lines = ["| mesh (data,fsdp,tensor) | GPUs | steps | first step s | "
-           "tok/s | tok/s per GPU | MFU | efficiency | max abs loss diff |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "tok/s | tok/s per GPU | MFU | efficiency | max abs loss diff | "
+           "loss within 1% through step |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
   for r in rows:
     lines.append(
@@ -150,7 +159,8 @@ def format_table(rows) -> str:
         f"{fmt(r.get('tokens_per_s_per_device'), ',.0f')} | "
         f"{'-' if 'mfu' not in r else format(100 * r['mfu'], '.1f') + '%'} | "
         f"{fmt(r.get('scaling_efficiency'), '.3f')} | "
-        f"{fmt(r.get('max_abs_loss_diff'), '.4f')} |")
+        f"{fmt(r.get('max_abs_loss_diff'), '.4f')} | "
+        f"{r.get('agree_1pct_through_step', '-')} |")
   return "\n".join(lines)
 
 

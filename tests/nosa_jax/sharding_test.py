@@ -133,6 +133,7 @@ class MeshTrajectoryTest(absltest.TestCase):
   def test_meshes_follow_one_device(self):
     self._check_meshes(("8,1,1", "2,4,1", "2,2,2"))
 
+  @pytest.mark.slow  # 45 s; the two-process test also restores on a new mesh
   def test_checkpoint_restores_on_another_mesh(self):
     base = self._baseline()
     workdir = self._run(8, "2,4,1", stop=3)
