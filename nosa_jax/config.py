@@ -58,6 +58,10 @@ class SparseConfig:
     variant: `full` (dense causal), `infllmv2` (query-aware top-k),
       `dma` (eviction score only, with bias) or `nosa` (two-phase, §2.5).
     implementation: `xla` (pure JAX) or `pallas` (GPU kernels).
+    score_implementation: how training / prefill selection computes the
+      query-aware block scores: `xla` (einsum + softmax + block max) or
+      `pallas` (`pallas_kernels.block_scores`, no [T, W] matrix in HBM).
+      Opt-in until it is timed on a GPU (WORKSPACE.md).
     block_size: tokens per KV block (C); paper 64.
     compress_kernel: tokens per compressed-key window; paper 32.
     compress_stride: stride between compressed windows; paper 16.
@@ -74,6 +78,7 @@ class SparseConfig:
 
   variant: Literal["full", "infllmv2", "dma", "nosa"] = "nosa"
   implementation: Literal["xla", "pallas"] = "xla"
+  score_implementation: Literal["xla", "pallas"] = "xla"
   block_size: int = 64
   compress_kernel: int = 32
   compress_stride: int = 16
@@ -91,6 +96,10 @@ class SparseConfig:
     _require(self.implementation in IMPLEMENTATIONS, f"{p}.implementation",
              f"must be one of {', '.join(IMPLEMENTATIONS)}",
              self.implementation)
+    _require(self.score_implementation in IMPLEMENTATIONS,
+             f"{p}.score_implementation",
+             f"must be one of {', '.join(IMPLEMENTATIONS)}",
+             self.score_implementation)
     _positive_int(self, p, "block_size", "compress_kernel", "compress_stride",
                   "topk_blocks", "query_topk_blocks", "query_chunk")
     for name in ("sink_blocks", "window_blocks"):

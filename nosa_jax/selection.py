@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nosa_jax import config as config_lib
+from nosa_jax import sharding
 import pallas_kernels
 
 _F32 = jnp.float32
@@ -225,12 +226,12 @@ def query_aware_scores_pallas(q_BTHD: jax.Array, kbar_BWKD: jax.Array,
                               *, tuning: Optional[dict] = None) -> jax.Array:
   """`query_aware_scores` by the Pallas kernel `pallas_kernels.block_scores`.
 
-  Not yet the default: untimed. Nothing in the library calls it (the
-  selection entry points always use `query_aware_scores`, whatever
-  `cfg.implementation` says); `experiments.kernel_bench --parts=scores`
+  Opt-in (`cfg.score_implementation="pallas"`) until it is timed on a
+  GPU: then training / prefill selection (`select_blocks`) uses it, run
+  per batch shard under a mesh; `experiments.kernel_bench --parts=scores`
   times it against the XLA path. Same arguments and result (up to fp32
   rounding with the default "highest" dot precision); no gradient (the
-  kernel has no VJP, so `locality_penalty` cannot use it).
+  kernel has no VJP, so `locality_penalty` keeps the XLA path).
 
   Args:
     q_BTHD, kbar_BWKD, positions_T, cfg, n_blocks: as `query_aware_scores`.
@@ -402,7 +403,14 @@ def _selection_chunk_fn(q_BTHD, k_BTKD, bias_BTK, cfg, n_blocks):
 
   def fn(q_chunk_BTHD, positions_T):
     sq_BKTN = None
-    if kbar_BWKD is not None:
+    if kbar_BWKD is not None and cfg.score_implementation == "pallas":
+      # Batch-first arguments for `batch_parallel` (positions per row).
+      pos_BT = jnp.broadcast_to(positions_T, q_chunk_BTHD.shape[:2])
+      sq_BKTN = sharding.batch_parallel(
+          lambda q, kbar, pos: query_aware_scores_pallas(
+              q, kbar, pos[0], cfg, n_blocks),
+          sg(q_chunk_BTHD), kbar_BWKD, pos_BT)
+    elif kbar_BWKD is not None:
       sq_BKTN = query_aware_scores(sg(q_chunk_BTHD), kbar_BWKD, positions_T,
                                    cfg, n_blocks)
     return select_from_scores(sq_BKTN, se_BKN, positions_T, cfg)

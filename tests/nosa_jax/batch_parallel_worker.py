@@ -6,7 +6,8 @@
 Prints one JSON line: the batch each call of the wrapped function saw while
 tracing, per case, and the largest |difference| of the Pallas (interpret)
 sparse attention, forward and gradients, run under a (2, 2, 1) mesh against
-the same call without a mesh.
+the same call without a mesh, and whether selection with the block_scores
+kernel picks the same blocks there.
 """
 
 import json
@@ -15,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nosa_jax import config
+from nosa_jax import selection
 from nosa_jax import sharding
 from nosa_jax import sparse_attention
 
@@ -61,6 +64,21 @@ def attention_diff(mesh) -> float:
                              strict=True))
 
 
+def scores_mask_equal(mesh) -> bool:
+  """Selection with the block_scores kernel: the same blocks on the mesh."""
+  cfg = config.SparseConfig(
+      variant="nosa", score_implementation="pallas", block_size=16,
+      compress_kernel=8, compress_stride=4, topk_blocks=4,
+      query_topk_blocks=3, window_blocks=1, query_chunk=32)
+  keys = jax.random.split(jax.random.key(1), 3)
+  q = jax.random.normal(keys[0], (4, 64, 4, 16))
+  k = jax.random.normal(keys[1], (4, 64, 2, 16))
+  bias = jax.random.normal(keys[2], (4, 64, 2))
+  run = jax.jit(lambda q, k, b: selection.block_mask(q, k, b, cfg))
+  return bool(jnp.array_equal(run(q, k, bias),
+                              sharding.under_mesh(run, mesh)(q, k, bias)))
+
+
 def main():
   mesh = sharding.make_mesh((2, 2, 1))
   print(json.dumps({
@@ -69,6 +87,7 @@ def main():
       "indivisible": seen_batches(mesh, 6),
       "tensor_only": seen_batches(sharding.make_mesh((1, 1, 4)), 8),
       "attention_max_abs_diff": attention_diff(mesh),
+      "scores_mask_equal": scores_mask_equal(mesh),
   }))
 
 

@@ -250,6 +250,17 @@ class SelectionTest(parameterized.TestCase):
     forced &= j[None] <= jt[:, None]
     self.assertTrue(np.all(mask | ~forced[None, None]))
 
+  @parameterized.parameters("nosa", "infllmv2")
+  def test_pallas_scores_select_the_same_blocks(self, variant):
+    # score_implementation="pallas" (block_scores, interpret mode here),
+    # with two query chunks, picks exactly the numpy selection.
+    cfg = _cfg(variant=variant, query_chunk=64, score_implementation="pallas")
+    q, k, bias = _inputs(3, 2, 100, 4, 2, 8)
+    want = np_select(*np_scores(q, k, bias, cfg), cfg)
+    mask = jax.jit(lambda q, k, b: selection.block_mask(q, k, b, cfg))(
+        q, k, bias)
+    np.testing.assert_array_equal(mask, want)
+
   @parameterized.parameters("nosa", "dma", "infllmv2")
   def test_short_sequence_without_windows(self, variant):
     # T < compress_kernel: no compressed window exists (W = 0).

@@ -85,6 +85,7 @@ class BatchParallelTest(absltest.TestCase):
     self.assertEqual(got["indivisible"], [6])  # 6 % 4: left whole
     self.assertEqual(got["tensor_only"], [8])  # no batch axis > 1
     self.assertLess(got["attention_max_abs_diff"], 1e-4)
+    self.assertTrue(got["scores_mask_equal"])
 
 
 class MeshTrajectoryTest(absltest.TestCase):
