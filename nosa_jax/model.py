@@ -21,6 +21,9 @@ from nosa_jax import layers
 
 Aux = dict[str, Any]
 
+# Block parameters used only as `w.astype(cfg.dtype)` in a matmul.
+MATMUL_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
 
 class Attention(nnx.Module):
   """GQA attention with RoPE and, for dma/nosa, the eviction head (§2.2)."""
@@ -173,8 +176,9 @@ class Transformer(nnx.Module):
     gradient of the stack flows back to every layer's own arrays. The
     penalty is accumulated in the carry in layer order, the same sum as
     the Python loop. Cost: the stack is a copy of the block parameters
-    (param dtype) that lives until the backward pass has read it, and the
-    gradient is first built stacked, then split per layer.
+    (the matmul weights in the compute dtype, the rest in param dtype) that
+    lives until the backward pass has read it, and the gradient is first
+    built stacked, then split per layer.
 
     Returns:
       (x_BTM after the last block, locality penalty summed over layers).
@@ -184,8 +188,17 @@ class Transformer(nnx.Module):
     if any(g != graphdef for g, _ in splits):
       raise ValueError("model.scan_layers=True needs structurally identical "
                        "blocks; got blocks with different graphdefs")
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs),
-                           *(state for _, state in splits))
+    dt = jnp.dtype(self.cfg.dtype)
+
+    def stack(path, *xs):
+      # The matmul weights are cast to the compute dtype where they are
+      # used; casting before the stack gives the same numbers and halves
+      # the stacked copy (and its gradient) for bf16 compute.
+      name = jax.tree_util.keystr(path[-2:-1], simple=True)
+      cast = name in MATMUL_WEIGHTS
+      return jnp.stack([x.astype(dt) if cast else x for x in xs])
+
+    stacked = jax.tree.map_with_path(stack, *(state for _, state in splits))
 
     def step(carry, state):
       x_BTM, penalty = carry

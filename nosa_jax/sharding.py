@@ -201,9 +201,10 @@ def memory_plan(cfg: config_lib.ExperimentConfig,
   dtype) plus one layer's live intermediates during its recomputation; the
   attention working set of one query chunk; and the fp32 logits with their
   gradient. Without remat every layer's intermediates are kept. With
-  `scan_layers` the forward stacks the layer parameters (a copy) and the
-  backward builds their gradient stacked before splitting it per layer:
-  two more copies of the layer parameters, counted with the activations.
+  `scan_layers` the forward stacks the layer parameters (a copy; the
+  matmul weights in the compute dtype) and the backward builds their
+  gradient stacked before splitting it per layer: two more copies, counted
+  with the activations.
   """
   from nosa_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   m, t = cfg.model, cfg.train
@@ -243,9 +244,13 @@ def memory_plan(cfg: config_lib.ExperimentConfig,
   logits = 2 * tokens * vocab_local * 4
   stacked = 0
   if m.scan_layers:
-    block_elems = sum(jax.tree.leaves(jax.tree.map(
-        shard_elems, abstract["blocks"], specs["blocks"])))
-    stacked = 2 * block_elems * _bytes(m.param_dtype)
+    # The matmul weights are stacked in the compute dtype, the rest in the
+    # parameter dtype (model.Transformer._scan_blocks).
+    stacked = 2 * sum(jax.tree.leaves(jax.tree.map_with_path(
+        lambda path, x, spec: shard_elems(x, spec) * _bytes(
+            m.dtype if _leaf_name(path) in model_lib.MATMUL_WEIGHTS
+            else m.param_dtype),
+        abstract["blocks"], specs["blocks"])))
   return MemoryPlan(mesh_shape=tuple(mesh_shape), params=p_bytes,
                     grads=p_bytes, optimizer=2 * elems * 4,
                     activations=saved + 2 * layer + attn + logits + stacked)

@@ -6,6 +6,7 @@ block once (one while loop) instead of once per layer.
 """
 
 import dataclasses
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -98,6 +99,27 @@ class ScanLayersEquivalenceTest(parameterized.TestCase):
         norm = sum(float(np.abs(x).sum())
                    for x in jax.tree.leaves(got[2]["blocks"][i]))
         self.assertGreater(norm, 0.0, msg=f"layer {i}, remat={remat}")
+
+  def test_bf16_stack_holds_bf16_weights_and_changes_nothing(self):
+    """With bf16 compute the stacked matmul weights are bf16 (half the
+    copy), and logits and fp32 gradients equal those of an fp32 stack bit
+    for bit (the weights are cast where they are used either way)."""
+    cfg = testing.tiny_model_config("full", dtype="bfloat16",
+                                    scan_layers=True)
+    graphdef, params = model.init(cfg, 0)
+    batch_BT1 = testing.random_tokens(jax.random.key(3), 1, 33)
+    got = _run(graphdef, params, cfg, batch_BT1, True)
+    with mock.patch.object(model, "MATMUL_WEIGHTS", ()):
+      want = _run(graphdef, params, cfg, batch_BT1, True)
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+      np.testing.assert_array_equal(g, w)
+    jaxpr = jax.make_jaxpr(lambda p: model.apply(
+        graphdef, p, batch_BT1[:, :-1])[0])(params)
+    (eqn,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    stacked = [v.aval for v in eqn.invars if v.aval.ndim in (3, 4)
+               and v.aval.shape[0] == cfg.num_layers]  # not the carry
+    self.assertLen(stacked, 7)  # [L, ...] wq wk wv wo w_gate w_up w_down
+    self.assertTrue(all(a.dtype == np.dtype("bfloat16") for a in stacked))
 
   def test_collect_stats_keeps_the_loop(self):
     """collect_stats returns one dict per layer even with scan_layers."""

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from absl.testing import absltest
+import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 import numpy as np
@@ -67,6 +68,17 @@ class MemoryPlanTest(absltest.TestCase):
     self.assertEqual(a.activations - b.activations, 2 * block_bytes)
     self.assertEqual((a.params, a.grads, a.optimizer),
                      (b.params, b.grads, b.optimizer))
+    # bf16 compute: the matmul weights are stacked in bf16, the rest fp32.
+    bf16 = lambda c: dataclasses.replace(c, model=dataclasses.replace(
+        c.model, dtype="bfloat16"))
+    a, b = (sharding.memory_plan(bf16(c), (1, 1, 1)) for c in (scan, loop))
+    matmul = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(
+        abstract["blocks"]) if any(getattr(k, "key", None) in
+                                   model.MATMUL_WEIGHTS for k in path))
+    other = model.count_params(abstract["blocks"]) - matmul
+    self.assertGreater(matmul, 0)
+    self.assertEqual(a.activations - b.activations,
+                     2 * (2 * matmul + 4 * other))
 
 
 class BatchParallelTest(absltest.TestCase):
