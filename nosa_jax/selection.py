@@ -409,7 +409,8 @@ def _selection_chunk_fn(q_BTHD, k_BTKD, bias_BTK, cfg, n_blocks):
       sq_BKTN = sharding.batch_parallel(
           lambda q, kbar, pos: query_aware_scores_pallas(
               q, kbar, pos[0], cfg, n_blocks),
-          sg(q_chunk_BTHD), kbar_BWKD, pos_BT)
+          sg(q_chunk_BTHD), kbar_BWKD, pos_BT, head_dims=(2, 2, None),
+          out_head_dim=1)
     elif kbar_BWKD is not None:
       sq_BKTN = query_aware_scores(sg(q_chunk_BTHD), kbar_BWKD, positions_T,
                                    cfg, n_blocks)

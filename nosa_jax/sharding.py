@@ -267,21 +267,39 @@ def format_plan(plan: MemoryPlan, device_bytes: int) -> str:
   return "\n".join(lines)
 
 
-def batch_parallel(fn, *args: jax.Array | None) -> jax.Array:
-  """`fn(*args)` run per batch shard when traced under a mesh (`set_mesh`).
+def batch_parallel(fn, *args: jax.Array | None,
+                   head_dims: tuple[int | None, ...] | None = None,
+                   out_head_dim: int | None = None) -> jax.Array:
+  """`fn(*args)` run per shard when traced under a mesh (`set_mesh`).
 
   For custom calls that XLA's SPMD partitioner cannot split (the Pallas
   kernels): without this, it gathers their inputs and every device computes
-  the whole batch. Every array argument and the output are batch-first;
-  None arguments pass through. Outside a mesh context, with batch axes of
-  size 1, or a batch they do not divide, it is plain `fn(*args)`.
+  the whole batch. Every array argument and the output are batch-first and
+  split over the batch axes (data, fsdp); None arguments pass through.
+
+  With `head_dims` (per argument: the index of its query-head or KV-head
+  dimension, or None) and `out_head_dim`, those dimensions are also split
+  over the `tensor` axis, in contiguous chunks as the `heads` rule splits
+  the projections, when it divides every one of them. Splitting H and K
+  alike keeps each query head with its KV head (GQA), since K % tensor == 0.
+
+  Axes of size 1, or that do not divide the sizes, are left whole; outside
+  a mesh context this is plain `fn(*args)`.
   """
   mesh = jax.sharding.get_abstract_mesh()
-  axes = tuple(a for a in RULES["batch"]
-               if not mesh.empty and a in mesh.axis_names
-               and mesh.shape[a] > 1)
+  if mesh.empty:
+    return fn(*args)
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
   batch = next(a for a in args if a is not None).shape[0]
-  if not axes or batch % math.prod(mesh.shape[a] for a in axes):
+  axes = tuple(a for a in RULES["batch"] if sizes.get(a, 1) > 1)
+  if batch % math.prod(sizes[a] for a in axes):
+    axes = ()
+  heads = RULES["heads"]
+  split_heads = (head_dims is not None and sizes.get(heads, 1) > 1
+                 and all(dim is None or a is None
+                         or a.shape[dim] % sizes[heads] == 0
+                         for a, dim in zip(args, head_dims, strict=True)))
+  if not axes and not split_heads:
     return fn(*args)
   present = [i for i, a in enumerate(args) if a is not None]
 
@@ -291,10 +309,18 @@ def batch_parallel(fn, *args: jax.Array | None) -> jax.Array:
       full[i] = a
     return fn(*full)
 
-  spec = PartitionSpec(axes)
-  return jax.shard_map(local, in_specs=tuple(spec for _ in present),
-                       out_specs=spec, check_vma=False)(
-                           *[args[i] for i in present])
+  def spec(ndim: int, head_dim: int | None) -> PartitionSpec:
+    entries = [axes or None] + [None] * (ndim - 1)
+    if split_heads and head_dim is not None:
+      entries[head_dim] = heads
+    return PartitionSpec(*entries)
+
+  dims = head_dims or (None,) * len(args)
+  out = jax.eval_shape(fn, *args)
+  return jax.shard_map(
+      local, in_specs=tuple(spec(args[i].ndim, dims[i]) for i in present),
+      out_specs=spec(out.ndim, out_head_dim), check_vma=False)(
+          *[args[i] for i in present])
 
 
 def under_mesh(fn, mesh: Mesh):

@@ -163,12 +163,14 @@ def sparse_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
   if implementation == "pallas":
     # The Triton kernel; off the GPU it runs in Pallas interpret mode (slow,
     # exact), so the same config runs everywhere.
-    # Under a mesh the kernel runs per batch shard (XLA cannot split it).
+    # Under a mesh the kernel runs per batch (and head) shard: XLA cannot
+    # split it.
     kernel = functools.partial(
         pallas_kernels.block_sparse_attention, block_size=block_size,
         interpret=jax.default_backend() != "gpu", **(tuning or {}))
     return sharding.batch_parallel(kernel, q_BTHD, k_BTKD, v_BTKD, bias_BTK,
-                                   mask_BKTN)
+                                   mask_BKTN, head_dims=(2, 2, 2, 2, 1),
+                                   out_head_dim=2)
   if implementation != "xla":
     raise ValueError(f"implementation={implementation!r}: use 'xla' or "
                      "'pallas'")

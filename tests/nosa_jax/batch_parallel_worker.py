@@ -7,7 +7,8 @@ Prints one JSON line: the batch each call of the wrapped function saw while
 tracing, per case, and the largest |difference| of the Pallas (interpret)
 sparse attention, forward and gradients, run under a (2, 2, 1) mesh against
 the same call without a mesh, and whether selection with the block_scores
-kernel picks the same blocks there.
+kernel picks the same blocks there; the same on a (1, 2, 2) mesh, whose
+tensor axis also splits the heads.
 """
 
 import json
@@ -34,7 +35,22 @@ def seen_batches(mesh, batch: int) -> list[int]:
   f = jax.jit(lambda x: sharding.batch_parallel(fn, x, None, 2 * x))
   out = (sharding.under_mesh(f, mesh) if mesh else f)(x)
   np.testing.assert_allclose(out, 2 * x)
-  return seen
+  return seen[-1]  # the last trace is the one that runs
+
+
+def seen_heads(mesh, heads: int, kv_heads: int) -> list[list[int]]:
+  """[B, H, K] as the wrapped function saw them (heads split over tensor)."""
+  seen = []
+
+  def fn(q, none, k):
+    seen.append([q.shape[0], q.shape[2], k.shape[2]])
+    return q
+
+  q, k = jnp.ones((8, 5, heads, 3)), jnp.ones((8, 5, kv_heads, 3))
+  f = jax.jit(lambda q, k: sharding.batch_parallel(
+      fn, q, None, k, head_dims=(2, 2, 2), out_head_dim=2))
+  np.testing.assert_array_equal(sharding.under_mesh(f, mesh)(q, k), q)
+  return seen[-1]
 
 
 def attention_diff(mesh) -> float:
@@ -81,7 +97,12 @@ def scores_mask_equal(mesh) -> bool:
 
 def main():
   mesh = sharding.make_mesh((2, 2, 1))
+  tp_mesh = sharding.make_mesh((1, 2, 2))
   print(json.dumps({
+      "heads_tp": seen_heads(tp_mesh, 4, 2),
+      "heads_tp_indivisible": seen_heads(tp_mesh, 3, 1),
+      "attention_max_abs_diff_tp": attention_diff(tp_mesh),
+      "scores_mask_equal_tp": scores_mask_equal(tp_mesh),
       "sharded": seen_batches(mesh, 8),
       "no_mesh": seen_batches(None, 8),
       "indivisible": seen_batches(mesh, 6),

@@ -82,7 +82,8 @@ class MemoryPlanTest(absltest.TestCase):
 
 
 class BatchParallelTest(absltest.TestCase):
-  """The Pallas kernels run per batch shard under a mesh (4 CPU devices)."""
+  """The Pallas kernels run per batch / head shard under a mesh (4 CPU
+  devices)."""
 
   def test_kernel_sees_its_shard_and_matches_the_unsharded_call(self):
     proc = subprocess.run(
@@ -92,12 +93,18 @@ class BatchParallelTest(absltest.TestCase):
                  XLA_FLAGS="--xla_force_host_platform_device_count=4"))
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    self.assertEqual(got["sharded"], [2])  # batch 8 over data 2 x fsdp 2
-    self.assertEqual(got["no_mesh"], [8])
-    self.assertEqual(got["indivisible"], [6])  # 6 % 4: left whole
-    self.assertEqual(got["tensor_only"], [8])  # no batch axis > 1
+    self.assertEqual(got["sharded"], 2)  # batch 8 over data 2 x fsdp 2
+    self.assertEqual(got["no_mesh"], 8)
+    self.assertEqual(got["indivisible"], 6)  # 6 % 4: left whole
+    self.assertEqual(got["tensor_only"], 8)  # no batch axis > 1
     self.assertLess(got["attention_max_abs_diff"], 1e-4)
     self.assertTrue(got["scores_mask_equal"])
+    # (1, 2, 2): batch over fsdp, H and K over tensor (GQA groups intact);
+    # heads left whole when tensor does not divide K.
+    self.assertEqual(got["heads_tp"], [4, 2, 1])
+    self.assertEqual(got["heads_tp_indivisible"], [4, 3, 1])
+    self.assertLess(got["attention_max_abs_diff_tp"], 1e-4)
+    self.assertTrue(got["scores_mask_equal_tp"])
 
 
 class MeshTrajectoryTest(absltest.TestCase):
