@@ -222,7 +222,10 @@ def main(argv):
   del argv
   if not _OUT_DIR.value:
     raise app.UsageError("--out_dir is required")
-  meshes = parse_meshes("1,1,1;1,2,1" if _RUNLOCAL.value else _MESHES.value)
+  try:
+    meshes = parse_meshes("1,1,1;1,2,1" if _RUNLOCAL.value else _MESHES.value)
+  except ValueError as e:
+    sys.exit(str(e))
   config = "configs/tiny.py" if _RUNLOCAL.value else _CONFIG.value
   overrides = [f"train.num_steps={_STEPS.value}",
                f"train.log_every={_LOG_EVERY.value}",
