@@ -9,6 +9,7 @@ Flax NNX modules used functionally: build once, `nnx.split` into
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -228,45 +229,50 @@ def init(cfg: config_lib.ModelConfig, seed: int,
          ) -> tuple[nnx.GraphDef, Any]:
   """(graphdef, params as a pure pytree) of a fresh model.
 
-  Built piece by piece: the embedding / final norm / head by one jitted
-  program, every block by one other program, compiled once and run per
-  layer with key fold_in(key(seed), layer + 1) (the top uses layer 0). One
-  program for the whole model took over 4 minutes to compile on the GPU at
-  28 layers (XLA compiles each layer's RNG anew); this costs one block's.
-  The values depend only on `cfg` and `seed`, never on the mesh.
+  Built piece by piece: the embedding / final norm / head, then every block
+  with key fold_in(key(seed), layer + 1) (the top uses layer 0). With
+  `shardings_for` each piece is one jitted program (the blocks' compiled
+  once and run per layer): one program for the whole model took over 4
+  minutes to compile on the GPU at 28 layers (XLA compiles each layer's
+  RNG anew). Without it the pieces run eagerly (no compile; the same
+  numbers up to the rounding of fused ops). The jitted values depend only
+  on `cfg` and `seed`, never on the mesh.
 
   Args:
     cfg: the model config.
     seed: the parameter seed.
-    shardings_for: maps a tree of arrays (or shape structs) to its
-      shardings (e.g. `sharding.tree_shardings(tree, mesh)`); each piece is
-      then created directly in its shards, so a large model never sits on
-      one device. None: default placement.
+    shardings_for: maps a tree of shape structs to its shardings (e.g.
+      `sharding.tree_shardings(tree, mesh)`, or `lambda tree: None` for the
+      default placement); each piece is then created by a jitted program
+      directly in its shards, so a large model never sits on one device.
+      None: eager, default placement.
   """
   key = jax.random.key(seed)
-
-  def top(k):
-    model = Transformer(cfg, rngs=nnx.Rngs(params=k), make_blocks=False)
-    return nnx.split(model, nnx.Param)
-
-  def block(k):
-    return nnx.split(Block(cfg, rngs=nnx.Rngs(params=k)), nnx.Param)[1]
-
-  def program(fn):
-    out = (None if shardings_for is None
-           else shardings_for(jax.eval_shape(fn, key)))
-    return jax.jit(fn, out_shardings=out)
-
+  if shardings_for is None:  # eager: no compile (tests build many configs)
+    top, block = _top_params, _block_params
+  else:
+    def sharded(fn):
+      out = shardings_for(jax.eval_shape(functools.partial(fn, cfg), key))
+      return jax.jit(fn, static_argnums=0, out_shardings=out)
+    top, block = sharded(_top_params), sharded(_block_params)
   graphdef, _ = abstract_params(cfg)
-  top_params = program(lambda k: top(k)[1])(jax.random.fold_in(key, 0))
-  make_block = program(block)
-  flat = dict(nnx.to_flat_state(top_params))
+  flat = dict(nnx.to_flat_state(top(cfg, jax.random.fold_in(key, 0))))
   for i in range(cfg.num_layers):
     for path, value in nnx.to_flat_state(
-        make_block(jax.random.fold_in(key, i + 1))):
+        block(cfg, jax.random.fold_in(key, i + 1))):
       flat[("blocks", i) + tuple(path)] = value
-  params = nnx.from_flat_state(flat)
-  return graphdef, params
+  return graphdef, nnx.from_flat_state(flat)
+
+
+def _top_params(cfg: config_lib.ModelConfig, key: jax.Array) -> Any:
+  """Embedding, final norm and head of a fresh model (no blocks)."""
+  model = Transformer(cfg, rngs=nnx.Rngs(params=key), make_blocks=False)
+  return nnx.split(model, nnx.Param)[1]
+
+
+def _block_params(cfg: config_lib.ModelConfig, key: jax.Array) -> Any:
+  return nnx.split(Block(cfg, rngs=nnx.Rngs(params=key)), nnx.Param)[1]
+
 
 
 def abstract_params(cfg: config_lib.ModelConfig) -> tuple[nnx.GraphDef, Any]:

@@ -111,7 +111,8 @@ def init_state(cfg: config_lib.ExperimentConfig, mesh=None
   init with `out_shardings`), so an 8B model never sits on one device.
   """
   tx = make_optimizer(cfg.train)
-  shardings_for = (None if mesh is None else
+  # Jitted with or without a mesh, so every path rounds the init the same.
+  shardings_for = ((lambda tree: None) if mesh is None else
                    lambda tree: sharding_lib.tree_shardings(tree, mesh))
   graphdef, params = model_lib.init(cfg.model, cfg.train.seed, shardings_for)
 
@@ -119,8 +120,7 @@ def init_state(cfg: config_lib.ExperimentConfig, mesh=None
     return {"opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1))}
 
-  out = (None if mesh is None
-         else shardings_for(jax.eval_shape(rest, params)))
+  out = shardings_for(jax.eval_shape(rest, params))
   return graphdef, {"params": params, **jax.jit(rest, out_shardings=out)(
       params)}, tx
 
