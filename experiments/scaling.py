@@ -16,9 +16,10 @@ first step (the trainer does that).
 Per mesh: devices, steps logged, median tokens/s over the logged windows,
 tokens/s per device, MFU, scaling efficiency = (tok/s per device) /
 (tok/s of the one-device run), and the largest |loss - loss of the first
-mesh| over the common logged steps, and the last step through which they
-stay within 1% of it. Output: scaling.json, table.md and scaling.png (loss
-curves and tok/s per device) in --out_dir.
+mesh| over the common logged steps, the last step through which they stay
+within 1% of it, and the peak device memory (GPU only). Output:
+scaling.json, table.md and scaling.png (loss curves and tok/s per device)
+in --out_dir.
 """
 
 from __future__ import annotations
@@ -121,6 +122,9 @@ def summarize(meshes, scalars_per_run, seconds_per_run, cut_per_run):
         base_per_device = row["tokens_per_s_per_device"]
     if mfu:
       row["mfu"] = float(np.median(list(mfu.values())))
+    memory = scalars.get("train/peak_memory_gib", {})
+    if memory:
+      row["peak_memory_gib_per_device"] = max(memory.values())
     common = sorted(set(loss) & set(base_loss))
     if common:
       diffs = [abs(loss[s] - base_loss[s]) for s in common]
@@ -147,8 +151,8 @@ def summarize(meshes, scalars_per_run, seconds_per_run, cut_per_run):
 def format_table(rows) -> str:
   lines = ["| mesh (data,fsdp,tensor) | GPUs | steps | first step s | "
            "tok/s | tok/s per GPU | MFU | efficiency | max abs loss diff | "
-           "loss within 1% through step |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "loss within 1% through step | peak GiB per GPU |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
   for r in rows:
     lines.append(
@@ -160,7 +164,8 @@ def format_table(rows) -> str:
         f"{'-' if 'mfu' not in r else format(100 * r['mfu'], '.1f') + '%'} | "
         f"{fmt(r.get('scaling_efficiency'), '.3f')} | "
         f"{fmt(r.get('max_abs_loss_diff'), '.4f')} | "
-        f"{r.get('agree_1pct_through_step', '-')} |")
+        f"{r.get('agree_1pct_through_step', '-')} | "
+        f"{fmt(r.get('peak_memory_gib_per_device'), '.1f')} |")
   return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Mapping
 
+import jax
 import numpy as np
 from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.proto import summary_pb2
@@ -122,3 +123,14 @@ def format_duration(seconds: float) -> str:
   h, rem = divmod(seconds, 3600)
   m, s = divmod(rem, 60)
   return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def peak_memory_gib() -> float | None:
+  """Largest peak bytes in use over this process's devices, in GiB.
+
+  None where the backend keeps no allocator statistics (the CPU).
+  """
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use")
+           for d in jax.local_devices()]
+  peaks = [p for p in peaks if p is not None]
+  return max(peaks) / 2**30 if peaks else None

@@ -265,6 +265,9 @@ def train_and_evaluate(cfg: config_lib.ExperimentConfig,
           last["tokens_per_s"] = tok_s
           if peak:
             last["mfu"] = tok_s * flops / peak
+        mem = metrics_lib.peak_memory_gib()
+        if mem is not None:  # backends without memory_stats (CPU) skip it
+          last["peak_memory_gib"] = mem
         writer.scalars(step, {f"train/{k}": v for k, v in last.items()})
         line = ""
         if cfg.model.sparse.variant != "full" and tc.log_locality:
@@ -277,6 +280,8 @@ def train_and_evaluate(cfg: config_lib.ExperimentConfig,
               (tc.num_steps - step) * dt / counted)
           mfu = f" | MFU {100 * last['mfu']:.1f}%" if peak else ""
           speed = f"{last['tokens_per_s']:,.0f} tok/s{mfu} | ETA {eta}"
+          if "peak_memory_gib" in last:
+            speed += f" | peak {last['peak_memory_gib']:.1f} GiB"
         logging.info(
             "step %d/%d | loss %.4f | lr %.2e | gnorm %.3f | %s%s", step,
             tc.num_steps, last["loss"], last["lr"], last["grad_norm"], speed,
