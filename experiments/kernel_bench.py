@@ -10,7 +10,10 @@ compare like with like. Parts:
           sparse path; the NOSA selection (scores + top-k) timed on its own.
   decode: the split-K decode kernel at B = 16..64, budget 4096 tokens:
           achieved bandwidth on the bytes it must read, over the HBM
-          bandwidth measured in the same run (a large device copy).
+          bandwidth measured in the same run (a large device copy), for
+          the Pallas kernel and the jax-triton one (default loads, .cg,
+          evict_first), each with its largest difference from the xla
+          path; a kernel that fails (no jax-triton) is a row with an error.
   train_sweep / decode_sweep: the same over kernel tilings.
           Decode times chain 20 calls in one jit (dispatch excluded).
   bwd_sweep: the backward variants of the Pallas kernel (`_BWD_VARIANTS`:
@@ -414,7 +417,10 @@ def _decode_inputs(b, k=2, g=16, d=128, p=64, c=64):
 def bench_decode(rows, sweep=False):
   bw = hbm_bandwidth()
   c = 64
-  configs = [{}]
+  # The Pallas kernel, then the jax-triton one with each load option.
+  configs = [{}, {"jax_triton": True},
+             {"jax_triton": True, "cache_modifier": ".cg"},
+             {"jax_triton": True, "eviction_policy": "evict_first"}]
   if sweep:
     configs = [{"block_sizes": sparse_attention.DecodeBlockSizes(
         num_splits=ns), "num_warps": w, "num_stages": st}
@@ -425,12 +431,23 @@ def bench_decode(rows, sweep=False):
     for tuning in configs:
       run = (lambda *a, tuning=tuning: sparse_attention.decode_attention(
           *a, c, implementation="pallas", tuning=tuning))
-      secs = timeit_device(run, *args)
       row = {"part": "decode_sweep" if sweep else "decode", "B": b,
-             "seconds": secs, "bytes": nbytes,
-             "achieved_GBps": nbytes / secs / 1e9, "hbm_GBps": bw / 1e9,
-             "fraction_of_hbm": nbytes / secs / bw,
-             **{k: str(v) for k, v in tuning.items()}}
+             "kernel": "jax_triton" if tuning.get("jax_triton") else "pallas",
+             **{k: str(v) for k, v in tuning.items() if k != "jax_triton"}}
+      try:
+        secs = timeit_device(run, *args)
+        want = sparse_attention.decode_attention(*args, c)  # the xla path
+        err = float(jnp.max(jnp.abs(run(*args).astype(jnp.float32)
+                                    - want.astype(jnp.float32))))
+      except Exception as e:  # e.g. jax-triton missing: record, go on
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(row, flush=True)
+        rows.append(row)
+        continue
+      row.update({"seconds": secs, "bytes": nbytes,
+                  "achieved_GBps": nbytes / secs / 1e9, "hbm_GBps": bw / 1e9,
+                  "fraction_of_hbm": nbytes / secs / bw,
+                  "max_abs_diff_vs_xla": err})
       print(row, flush=True)
       rows.append(row)
 

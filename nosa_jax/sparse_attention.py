@@ -275,7 +275,9 @@ def decode_attention(q_BHD: jax.Array, k_BKSD: jax.Array, v_BKSD: jax.Array,
     implementation: `xla` (dense masked jnp) or `pallas` (split-K kernel;
       interpret mode off the GPU).
     tuning: keyword arguments for the pallas kernel (`block_sizes` as a
-      `DecodeBlockSizes`, `num_warps`, `num_stages`).
+      `DecodeBlockSizes`, `num_warps`, `num_stages`); `jax_triton=True`
+      runs `pallas_kernels.sparse_decode_triton` instead (GPU only; it
+      also takes `cache_modifier` / `eviction_policy`).
     block_idx_BKP: optional block table: slot p is block block_idx_BKP[...,
       p] of k/v/bias, which then hold the whole cache [B, K, N * C, ...]
       (read in place by the kernel; the xla path gathers).
@@ -284,10 +286,15 @@ def decode_attention(q_BHD: jax.Array, k_BKSD: jax.Array, v_BKSD: jax.Array,
     out_BHD in q's dtype; 0 for a row with no valid key.
   """
   if implementation == "pallas":
+    tuning = dict(tuning or {})
+    if tuning.pop("jax_triton", False):  # the native Triton variant (GPU)
+      return pallas_kernels.sparse_decode_triton(
+          q_BHD, k_BKSD, v_BKSD, bias_BKS, slot_len_BKP, block_size,
+          block_idx_BKP=block_idx_BKP, **tuning)
     return pallas_kernels.sparse_decode(
         q_BHD, k_BKSD, v_BKSD, bias_BKS, slot_len_BKP, block_size,
         block_idx_BKP=block_idx_BKP,
-        interpret=jax.default_backend() != "gpu", **(tuning or {}))
+        interpret=jax.default_backend() != "gpu", **tuning)
   if implementation != "xla":
     raise ValueError(f"implementation={implementation!r}: use 'xla' or "
                      "'pallas'")

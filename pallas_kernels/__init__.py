@@ -19,6 +19,7 @@ from pallas_kernels.sparse_decode import sparse_decode
 from pallas_kernels.sparse_decode import sparse_decode_fetch
 from pallas_kernels.sparse_decode import sparse_decode_fetch_reference
 from pallas_kernels.sparse_decode import sparse_decode_reference
+from pallas_kernels.sparse_decode_triton import sparse_decode_triton
 
 __all__ = [
     "BlockSizes",
@@ -29,6 +30,7 @@ __all__ = [
     "sparse_decode_fetch",
     "sparse_decode_fetch_reference",
     "sparse_decode_reference",
+    "sparse_decode_triton",
     "block_sparse_attention",
     "block_sparse_attention_reference",
     "gather_blocks",
