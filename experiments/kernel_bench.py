@@ -11,9 +11,11 @@ compare like with like. Parts:
   decode: the split-K decode kernel at B = 16..64, budget 4096 tokens:
           achieved bandwidth on the bytes it must read, over the HBM
           bandwidth measured in the same run (a large device copy), for
-          the Pallas kernel and the jax-triton one (default loads, .cg,
-          evict_first), each with its largest difference from the xla
-          path; a kernel that fails (no jax-triton) is a row with an error.
+          the Pallas kernel and the jax-triton one (`_DECODE_KERNELS`:
+          pipelined, unpipelined, and with each cache modifier / eviction
+          policy), each with its largest difference from the xla path and
+          its speed relative to Pallas; a kernel that fails (no jax-triton)
+          is a row with an error.
   train_sweep / decode_sweep: the same over kernel tilings.
           Decode times chain 20 calls in one jit (dispatch excluded).
   bwd_sweep: the backward variants of the Pallas kernel (`_BWD_VARIANTS`:
@@ -414,42 +416,86 @@ def _decode_inputs(b, k=2, g=16, d=128, p=64, c=64):
   return q, kc, vc, bias, jnp.full((b, k, p), c, jnp.int32)
 
 
+# The decode part's kernels, timed in one run: the Pallas one, then the
+# jax-triton one pipelined (cp.async K/V copies, as in the Pallas kernel),
+# unpipelined with plain loads (the baseline of the load options), and with
+# each load option (unpipelined: Triton's pipelining drops them).
+_DECODE_KERNELS = (
+    ("pallas", {}),
+    ("jax_triton", {}),
+    ("jax_triton", {"num_stages": 1}),
+    ("jax_triton", {"cache_modifier": ".ca"}),
+    ("jax_triton", {"cache_modifier": ".cg"}),
+    ("jax_triton", {"eviction_policy": "evict_first"}),
+    ("jax_triton", {"eviction_policy": "evict_last"}),
+)
+
+
+def _decode_timing(run, args, nbytes, bw):
+  secs = timeit_device(run, *args)
+  return {"seconds": secs, "bytes": nbytes,
+          "achieved_GBps": nbytes / secs / 1e9, "hbm_GBps": bw / 1e9,
+          "fraction_of_hbm": nbytes / secs / bw}
+
+
 def bench_decode(rows, sweep=False):
   bw = hbm_bandwidth()
   c = 64
-  # The Pallas kernel, then the jax-triton one with each load option.
-  configs = [{}, {"jax_triton": True},
-             {"jax_triton": True, "cache_modifier": ".cg"},
-             {"jax_triton": True, "eviction_policy": "evict_first"}]
+  configs = _DECODE_KERNELS
   if sweep:
-    configs = [{"block_sizes": sparse_attention.DecodeBlockSizes(
-        num_splits=ns), "num_warps": w, "num_stages": st}
+    configs = [("pallas", {"block_sizes": sparse_attention.DecodeBlockSizes(
+        num_splits=ns), "num_warps": w, "num_stages": st})
                for ns in (None, 16, 8, 4, 2) for w in (4, 8) for st in (2, 3)]
   for b in (16, 32, 64):
     args = _decode_inputs(b)
     nbytes = float(sparse_attention.decode_bytes_read(*args, c))
-    for tuning in configs:
-      run = (lambda *a, tuning=tuning: sparse_attention.decode_attention(
-          *a, c, implementation="pallas", tuning=tuning))
-      row = {"part": "decode_sweep" if sweep else "decode", "B": b,
-             "kernel": "jax_triton" if tuning.get("jax_triton") else "pallas",
-             **{k: str(v) for k, v in tuning.items() if k != "jax_triton"}}
-      try:
-        secs = timeit_device(run, *args)
-        want = sparse_attention.decode_attention(*args, c)  # the xla path
-        err = float(jnp.max(jnp.abs(run(*args).astype(jnp.float32)
-                                    - want.astype(jnp.float32))))
-      except Exception as e:  # e.g. jax-triton missing: record, go on
-        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        print(row, flush=True)
-        rows.append(row)
-        continue
-      row.update({"seconds": secs, "bytes": nbytes,
-                  "achieved_GBps": nbytes / secs / 1e9, "hbm_GBps": bw / 1e9,
-                  "fraction_of_hbm": nbytes / secs / bw,
-                  "max_abs_diff_vs_xla": err})
+    for kernel, tuning in configs:
+      kernel_tuning = {**tuning, **({"jax_triton": True}
+                                    if kernel == "jax_triton" else {})}
+      run = (lambda *a, t=kernel_tuning: sparse_attention.decode_attention(
+          *a, c, implementation="pallas", tuning=t))
+      options = {k: str(v) for k, v in tuning.items()}
+      if sweep:
+        row = {"part": "decode_sweep", "B": b,
+               **_decode_timing(run, args, nbytes, bw), **options}
+      else:
+        row = {"part": "decode", "B": b, "kernel": kernel, **options}
+        try:
+          row.update(_decode_timing(run, args, nbytes, bw))
+          want = sparse_attention.decode_attention(*args, c)  # the xla path
+          row["max_abs_diff_vs_xla"] = float(jnp.max(jnp.abs(
+              run(*args).astype(jnp.float32) - want.astype(jnp.float32))))
+        except Exception as e:  # e.g. jax-triton missing: record, go on
+          row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
       print(row, flush=True)
       rows.append(row)
+  if not sweep:
+    _print_decode_table(rows)
+
+
+def _print_decode_table(rows):
+  """Markdown table of the decode part, each kernel against Pallas at its B."""
+  print("| B | kernel | options | us | GB/s | of HBM | vs pallas | max abs "
+        "diff vs xla |")
+  print("|---|---|---|---|---|---|---|---|")
+  decode = [r for r in rows if r["part"] == "decode" and "kernel" in r]
+  pallas = {r["B"]: r["seconds"] for r in decode
+            if r["kernel"] == "pallas" and "seconds" in r}
+  for r in decode:
+    options = ", ".join(f"{k}={r[k]}" for k in ("num_stages",
+                                                 "cache_modifier",
+                                                 "eviction_policy")
+                        if k in r) or "default"
+    if "seconds" not in r:
+      print(f"| {r['B']} | {r['kernel']} | {options} | error: "
+            f"{r.get('error', '')[:80]} | - | - | - | - |")
+      continue
+    ratio = (f"{pallas[r['B']] / r['seconds']:.2f}x" if r["B"] in pallas
+             else "-")
+    print(f"| {r['B']} | {r['kernel']} | {options} "
+          f"| {1e6 * r['seconds']:.1f} | {r['achieved_GBps']:.0f} "
+          f"| {r['fraction_of_hbm']:.2f} | {ratio} "
+          f"| {r.get('max_abs_diff_vs_xla', float('nan')):.2g} |")
 
 
 def bench_step(rows):

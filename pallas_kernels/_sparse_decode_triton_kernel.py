@@ -43,12 +43,16 @@ def sparse_decode_kernel(
     if HAS_IDX:
       blk = tl.load(idx_ptr + bk * P + slot).to(tl.int64)
     else:
-      blk = slot.to(tl.int64)
+      # tl.cast, not slot.to: under TRITON_INTERPRET=1 the loop index is
+      # a Python int.
+      blk = tl.cast(slot, tl.int64)
     valid = tokens < n_valid
     key_rows = bk * S + blk * C + tokens  # [C]
     # Masked loads: invalid rows cost no traffic and read as 0, so stale or
     # NaN cache contents never reach p @ v. The streamed K/V are read once:
-    # CACHE / EVICT let the benchmark try ".cg" (L2 only) and evict_first.
+    # CACHE / EVICT let the benchmark try ".cg" (L2 only) and evict_first;
+    # they reach the PTX only unpipelined (num_stages=1): the pipeliner's
+    # cp.async copies drop them.
     kv_off = key_rows[:, None] * D + dims[None, :]
     k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0,
                 cache_modifier=CACHE, eviction_policy=EVICT)

@@ -9,11 +9,22 @@ cache and the cache modifier / eviction policy of the streamed K/V loads
 "evict_first"` out of L2's way). `experiments/kernel_bench.py --parts=decode`
 times both kernels in one run; the faster becomes the GPU default.
 
-Status: written in session 4 and compiled ahead of time for sm_90 with
-triton 3.6.0 on a CPU machine (WORKSPACE.md), never run on a GPU yet. Its
-tests (tests/pallas_kernels/sparse_decode_triton_test.py) are `gpu`-marked.
-jax-triton and triton are imported on first use, so `pallas_kernels` imports
-without them; the reference is `sparse_decode_reference` (same signature).
+Load options and pipelining: with num_stages >= 2 Triton's software
+pipeliner turns the K/V loads into `cp.async` copies and drops any cache
+modifier or eviction policy (the PTX is byte-identical for every option,
+checked with triton 3.6.0 for sm_90). A load option therefore runs the slot
+loop unpipelined (num_stages=1), where the PTX does carry `ld.global.cg`,
+`ld.global.ca` or an `L1::evict_*.L2::cache_hint` load, and asking for both
+is an error rather than a silent no-op.
+
+Status: never run on a GPU yet. Checked on a CPU machine with triton 3.6.0:
+it compiles ahead of time for sm_90 (each dtype, bias, block table and load
+option; also through jax-triton 0.3.1's own lowering), and its `gpu`-marked
+tests (tests/pallas_kernels/sparse_decode_triton_test.py) pass with the
+kernel run by Triton's interpreter (TRITON_INTERPRET=1, which the kernel
+supports). jax-triton and triton are imported on first use, so
+`pallas_kernels` imports without them; the reference is
+`sparse_decode_reference` (same signature).
 """
 
 from __future__ import annotations
@@ -60,8 +71,10 @@ def sparse_decode_triton(
 
   Args:
     q_BHD, k_BKSD, v_BKSD, bias_BKS, slot_len_BKP, block_size,
-    block_idx_BKP, block_sizes, num_warps, num_stages: as
+    block_idx_BKP, block_sizes, num_warps: as
       `pallas_kernels.sparse_decode`.
+    num_stages: Triton software-pipelining stages of the slot loop;
+      None = 2, or 1 with a load option (which pipelining would drop).
     cache_modifier: of the K/V loads: "" (default), ".ca" or ".cg".
     eviction_policy: of the K/V loads: "", "evict_first" or "evict_last";
       not together with a cache modifier (ptxas rejects the pair).
@@ -80,6 +93,14 @@ def sparse_decode_triton(
   if cache_modifier and eviction_policy:
     # ptxas rejects the two together (seen compiling for sm_90).
     raise ValueError("cache_modifier and eviction_policy: set at most one")
+  load_option = bool(cache_modifier or eviction_policy)
+  if num_stages is None:
+    num_stages = 1 if load_option else 2
+  elif load_option and num_stages > 1:
+    # The pipeliner's cp.async copies would drop the option silently.
+    raise ValueError(f"num_stages={num_stages} with a cache_modifier or "
+                     "eviction_policy: Triton's pipelining drops it; use "
+                     "num_stages=1 (the default then)")
   jt, kernel = _load_triton()
   b, h, d = q_BHD.shape
   kv_heads, s = k_BKSD.shape[1:3]
@@ -96,7 +117,7 @@ def sparse_decode_triton(
       out_shape=_partial_shapes(b, kv_heads, n_split, gp, d),
       grid=(b, kv_heads, n_split),
       num_warps=4 if num_warps is None else num_warps,
-      num_stages=2 if num_stages is None else num_stages,
+      num_stages=num_stages,
       S=s, D=d, GP=gp, C=block_size, P=num_slots, NSPLIT=n_split,
       PER_SPLIT=per_split, KV=kv_heads, SM_SCALE=1.0 / math.sqrt(d),
       HAS_BIAS=bias_BKS is not None, HAS_IDX=block_idx_BKP is not None,
