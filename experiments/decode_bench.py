@@ -15,7 +15,8 @@ Parts (--parts, all by default):
               full_gpu          dense attention, KV cache on the GPU, at
                                 --batch and at its largest batch that fits
               <v>_gpu           sparse (infllmv2 / nosa), GPU-resident cache,
-                                the model's own selection
+                                the model's own selection, at --batch or
+                                its largest batch that fits if smaller
               <v>_offload       sparse, KV in pinned host memory, selection
                                 replaced by `offload.synthetic_selection` at
                                 the paper's gamma (--gamma_*), serial engine
@@ -54,6 +55,7 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -234,7 +236,22 @@ def _plan(cfg_full, cfg_sparse, contexts, runlocal) -> list[Run]:
         if bmax >= 1:
           runs.append(Run(system, "full", ctx, bmax, "full"))
       elif system.endswith("_gpu"):
-        runs.append(Run(system, system[:-4], ctx, b, "sparse_resident"))
+        # GPU-resident sparse holds the whole cache on the GPU: --batch, or
+        # its largest batch when --batch does not fit (an OOM inside XLA's
+        # allocator stalls for minutes instead of failing).
+        cfg_v = dataclasses.replace(cfg_sparse, sparse=dataclasses.replace(
+            cfg_sparse.sparse, variant=system[:-4]))
+        bmax = cost_model.max_batch(cfg_v, max_len,
+                                    _GPU_FRACTION.value * gpu_bytes,
+                                    "sparse_resident")
+        if runlocal:
+          bmax = b
+        if min(b, bmax) >= 1:
+          runs.append(Run(system, system[:-4], ctx, min(b, bmax),
+                          "sparse_resident"))
+        else:
+          logging.warning("%s at L=%d: not even one sequence fits on the "
+                          "GPU; skipped", system, ctx)
       else:
         variant = system.split("_")[0]
         gamma = (_GAMMA_NOSA.value if variant == "nosa"
@@ -452,6 +469,7 @@ def _write(results: dict, out_dir: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  offload.allow_pinned_host_memory()  # before JAX starts its GPU client
   os.makedirs(_OUT.value, exist_ok=True)
   runlocal = _RUNLOCAL.value
   name = "tiny" if runlocal else _MODEL.value

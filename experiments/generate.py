@@ -51,6 +51,7 @@ _CACHE_BLOCKS = flags.DEFINE_integer(
 
 def main(argv):
   del argv
+  offload.allow_pinned_host_memory()  # before JAX starts its GPU client
   train.quiet_library_logs()
   try:
     if _WORKDIR.value:

@@ -7,7 +7,10 @@ compare like with like. Parts:
   train:  attention fwd+bwd at T = 8k..64k with 1B-like heads (H=32, K=2,
           D=128, bf16) and the paper's budget (64 blocks of 64): cuDNN dense
           causal attention vs the Pallas block-sparse kernel vs the `xla`
-          sparse path; the NOSA selection (scores + top-k) timed on its own.
+          sparse path; the NOSA selection (scores + top-k) timed on its own,
+          with the XLA scores and with the `block_scores` kernel (and whether
+          both give the same mask); speedup vs dense without and with the
+          selection (kernel scores) counted.
   decode: the split-K decode kernel at B = 16..64, budget 4096 tokens:
           achieved bandwidth on the bytes it must read, over the HBM
           bandwidth measured in the same run (a large device copy), for
@@ -23,8 +26,10 @@ compare like with like. Parts:
           each --lengths T with the last --masks kind: fwd and fwd+bwd ms
           per variant, cuDNN dense fwd+bwd for reference, and each
           variant's largest gradient difference from the first one's.
-  step:   the training step of a 1B-like model at 16k tokens, `pallas`
-          vs `full` (cuDNN): tokens/s and MFU.
+  step:   the training step of a 1B-like model at 16k tokens with
+          --step_layers layers, per --step_variants (`full` = cuDNN dense,
+          nosa with the Pallas or xla attention, and the Pallas attention
+          with the block_scores kernel): tokens/s and MFU.
   scores: the query-aware block scores of the selection (issue #4) at each
           --score_lengths T, 1B-like heads: XLA `selection.query_aware_scores`
           vs the `block_scores` kernel (`selection.query_aware_scores_pallas`)
@@ -45,6 +50,7 @@ Timing the backward variants (issue #4), about 3 minutes on one H100:
 """
 
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -71,6 +77,18 @@ _XLA_MAX = flags.DEFINE_integer("xla_max_len", 32768,
                                 "Longest T for the xla sparse path.")
 _STEP_LAYERS = flags.DEFINE_integer(
     "step_layers", 28, "Layers of the 1B-like model in the step part.")
+# name -> (SparseConfig.variant, implementation, score_implementation).
+_STEP_VARIANT_CHOICES = {
+    "full": ("full", "xla", "xla"),  # cuDNN dense attention
+    "nosa_pallas": ("nosa", "pallas", "xla"),
+    "nosa_pallas_scores": ("nosa", "pallas", "pallas"),
+    "nosa_xla": ("nosa", "xla", "xla"),
+}
+_STEP_VARIANTS = flags.DEFINE_list(
+    "step_variants", list(_STEP_VARIANT_CHOICES),
+    f"Train-step variants of --parts=step, from {list(_STEP_VARIANT_CHOICES)}"
+    ": attention implementation, and the query-aware scores by XLA or the "
+    "block_scores kernel.")
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed iterations per figure.")
 _MASKS = flags.DEFINE_list(
     "masks", ["random", "local"], "Selection inputs for the train part: "
@@ -193,6 +211,11 @@ def bench_train(rows):
       args, select = _inputs_with_mask(t, kind)
       q, kk, _, bias, mask = args
       t_select = timeit(select, q, kk, bias)
+      select_pallas = jax.jit(functools.partial(
+          selection.block_mask,
+          cfg=dataclasses.replace(PAPER, score_implementation="pallas")))
+      same_mask = bool(jnp.all(select_pallas(q, kk, bias) == mask))
+      t_select_pallas = timeit(select_pallas, q, kk, bias)
       dense = _fwd_bwd(lambda q, kk, v, b, m: jax.nn.dot_product_attention(
           q, kk, v, is_causal=True, implementation="cudnn"))
       pallas_fwd = jax.jit(lambda q, kk, v, b, m: sparse_attention.
@@ -207,7 +230,9 @@ def bench_train(rows):
              "dense_cudnn_s": timeit(dense, *args),
              "pallas_sparse_s": timeit(pallas, *args),
              "pallas_fwd_only_s": timeit(pallas_fwd, *args),
-             "selection_s": t_select}
+             "selection_s": t_select,
+             "selection_pallas_scores_s": t_select_pallas,
+             "selection_pallas_scores_same_mask": same_mask}
       if t <= _XLA_MAX.value and kind == _MASKS.value[0]:
         xla = _fwd_bwd(lambda q, kk, v, b, m: sparse_attention.
                        sparse_attention(q, kk, v, b, m,
@@ -216,6 +241,10 @@ def bench_train(rows):
         row["xla_sparse_s"] = timeit(xla, *args, iters=3)
       row["speedup_vs_dense"] = row["dense_cudnn_s"] / row["pallas_sparse_s"]
       row["selection_share"] = t_select / (t_select + row["pallas_sparse_s"])
+      # NOSA attention end to end: selection (scores by the kernel) + the
+      # sparse fwd+bwd, against dense.
+      row["speedup_vs_dense_with_selection"] = row["dense_cudnn_s"] / (
+          t_select_pallas + row["pallas_sparse_s"])
       print(row, flush=True)
       rows.append(row)
 
@@ -501,8 +530,10 @@ def _print_decode_table(rows):
 
 def bench_step(rows):
   t_len = 16384
-  for variant, impl in (("full", "xla"), ("nosa", "pallas"), ("nosa", "xla")):
-    sparse = dataclasses.replace(PAPER, variant=variant, implementation=impl)
+  for name in _STEP_VARIANTS.value:
+    variant, impl, scores = _STEP_VARIANT_CHOICES[name]
+    sparse = dataclasses.replace(PAPER, variant=variant, implementation=impl,
+                                 score_implementation=scores)
     model = config_lib.ModelConfig(
         vocab_size=73448, num_layers=_STEP_LAYERS.value, model_dim=1536,
         num_heads=32, num_kv_heads=2, head_dim=128, mlp_dim=4096,
@@ -518,7 +549,7 @@ def bench_step(rows):
     state, m = step(state, batch)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
-    print(f"step {variant}/{impl}: compiled in {compile_s:.0f} s", flush=True)
+    print(f"step {name}: compiled in {compile_s:.0f} s", flush=True)
     times = []
     for _ in range(5):
       t0 = time.perf_counter()
@@ -529,7 +560,8 @@ def bench_step(rows):
     n = sum(x.size for x in jax.tree.leaves(state["params"]))
     flops = metrics_lib.flops_per_token(model, t_len, n) * t_len
     peak = metrics_lib.peak_flops(jax.devices()[0].device_kind)
-    row = {"part": "step", "variant": variant, "implementation": impl,
+    row = {"part": "step", "name": name, "variant": variant,
+           "implementation": impl, "score_implementation": scores,
            "layers": model.num_layers, "T": t_len, "seconds": secs,
            "compile_s": compile_s, "tokens_per_s": t_len / secs,
            "mfu": flops / secs / peak if peak else None,
@@ -554,6 +586,10 @@ def main(argv):
   unknown = set(_BWD.value) - set(_BWD_VARIANTS)
   if unknown:
     raise app.UsageError(f"--bwd_variants: unknown {sorted(unknown)}")
+  unknown = set(_STEP_VARIANTS.value) - set(_STEP_VARIANT_CHOICES)
+  if unknown:
+    raise app.UsageError(f"--step_variants: unknown {sorted(unknown)}; "
+                         f"allowed: {list(_STEP_VARIANT_CHOICES)}")
   parts = (("train", bench_train), ("train_sweep", bench_train_sweep),
            ("bwd_sweep", lambda r: bench_bwd_sweep(r, save)),
            ("decode", bench_decode),

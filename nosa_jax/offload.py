@@ -243,11 +243,45 @@ def host_store_bytes(cfg: config_lib.ModelConfig, batch: int,
           * jnp.dtype(cfg.dtype).itemsize)
 
 
-def _available_host_bytes() -> Optional[int]:
+# XLA's GPU client caps its pinned host allocator (the `pinned_host` memory
+# kind) at this many GB unless the variable says otherwise; an 8B-like store
+# of 68.7 GB failed with RESOURCE_EXHAUSTED on the H100 (2026-11-24).
+HOST_LIMIT_ENV = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
+_XLA_DEFAULT_HOST_LIMIT_GB = 64
+
+
+def _physical_host_bytes(kind: str) -> Optional[int]:
   try:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf(kind)
   except (ValueError, OSError, AttributeError):
     return None
+
+
+def allow_pinned_host_memory(fraction: float = 0.9) -> None:
+  """Raises XLA's pinned-host cap to `fraction` of the physical memory.
+
+  Sets `XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB` unless it is already set. Only
+  takes effect when called before JAX creates its GPU client (the first
+  computation or `jax.devices()`), so entry points call it first.
+  """
+  if not 0 < fraction <= 1:
+    raise ValueError(f"fraction={fraction!r} must be in (0, 1]")
+  total = _physical_host_bytes("SC_PHYS_PAGES")
+  if total is not None and HOST_LIMIT_ENV not in os.environ:
+    os.environ[HOST_LIMIT_ENV] = str(int(fraction * total / 1e9))
+
+
+def _available_host_bytes() -> Optional[int]:
+  """Free physical memory, capped by XLA's pinned-host limit on the GPU."""
+  free = _physical_host_bytes("SC_AVPHYS_PAGES")
+  if jax.default_backend() != "gpu":
+    return free
+  try:
+    cap = int(float(os.environ.get(HOST_LIMIT_ENV,
+                                   _XLA_DEFAULT_HOST_LIMIT_GB)) * 1e9)
+  except ValueError:
+    return free
+  return cap if free is None else min(free, cap)
 
 
 def check_host_capacity(cfg: config_lib.ModelConfig, batch: int,
@@ -268,7 +302,9 @@ def check_host_capacity(cfg: config_lib.ModelConfig, batch: int,
         f"K={cfg.num_kv_heads} x S={s} (max_len={max_len} in blocks of "
         f"{cfg.sparse.block_size}) x D={cfg.head_dim} x "
         f"{jnp.dtype(cfg.dtype).itemsize} B, but only {limit} bytes of "
-        "pinned host memory are available")
+        "pinned host memory are available (free RAM, and on the GPU "
+        f"XLA's cap {HOST_LIMIT_ENV}, default "
+        f"{_XLA_DEFAULT_HOST_LIMIT_GB} GB: see allow_pinned_host_memory)")
   return need
 
 
@@ -406,8 +442,11 @@ def _empty_state(params, cfg: config_lib.ModelConfig, batch: int, t: int,
     return out
 
   # Committed to the device like prefill's output (decode.synthetic_cache).
+  # Fields the variant lacks (infllmv2: no bias, no ebar) stay None.
+  absent = {f.name: None for f in dataclasses.fields(OffloadLayer)
+            if getattr(lay, f.name) is None}
   layers_ = tuple(
-      OffloadLayer(k_host=zeros_host(), v_host=zeros_host(),
+      OffloadLayer(k_host=zeros_host(), v_host=zeros_host(), **absent,
                    **jax.device_put(device_fields(), jax.devices()[0]))
       for _ in shapes.layers)
   return OffloadState(layers=layers_, lengths_B=jax.device_put(

@@ -69,14 +69,17 @@ class SmokeTest(absltest.TestCase):
     run = subprocess.run(
         [sys.executable, "-m", "experiments.decode_bench", "--runlocal",
          f"--out_dir={out}", "--steps=3", "--warmup=2",
-         "--systems=nosa_gpu,nosa_offload,nosa_offload_fused"],
+         "--systems=nosa_gpu,nosa_offload,nosa_offload_fused,"
+         "infllmv2_offload_fused"],
         cwd=REPO, env=env,
         capture_output=True, text=True, timeout=300)
     self.assertEqual(run.returncode, 0, run.stderr[-3000:])
     res = json.load(open(os.path.join(out, "decode_bench.json")))
     self.assertEqual([r["system"] for r in res["records"]],
-                     ["nosa_gpu", "nosa_offload", "nosa_offload_fused"])
-    off, fused = res["records"][1:]
+                     ["infllmv2_offload_fused", "nosa_gpu", "nosa_offload",
+                      "nosa_offload_fused"])
+    off, fused = res["records"][2:]
+    self.assertTrue(0.0 < res["records"][0]["gamma"] < 1.0)
     self.assertGreater(off["fetched_blocks"], 0)
     self.assertTrue(0.0 < off["gamma"] < 1.0)
     # Same synthetic selection, so the same blocks move either way.

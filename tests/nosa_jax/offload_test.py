@@ -12,6 +12,7 @@ import functools
 import os
 import subprocess
 import sys
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -69,6 +70,27 @@ class OffloadTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "offload supports"):
       offload.prefill(params, testing.tiny_model_config("full"), tokens,
                       jnp.array([40, 7]), 64)
+
+  def test_gpu_pinned_host_cap(self):
+    # XLA's GPU client caps pinned_host at XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB
+    # (64 GB by default); the capacity check must count that cap.
+    env = offload.HOST_LIMIT_ENV
+    with mock.patch.dict(os.environ, {}, clear=False):
+      os.environ.pop(env, None)
+      offload.allow_pinned_host_memory(0.5)
+      total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+      self.assertEqual(os.environ[env], str(int(0.5 * total / 1e9)))
+      offload.allow_pinned_host_memory(0.9)  # an explicit value is kept
+      self.assertEqual(os.environ[env], str(int(0.5 * total / 1e9)))
+      os.environ[env] = "0.001"  # 1 MB
+      with mock.patch.object(jax, "default_backend", lambda: "gpu"):
+        self.assertEqual(offload._available_host_bytes(), 1_000_000)
+        cfg, _, _ = _model("nosa")
+        with self.assertRaisesRegex(ValueError, env):
+          offload.check_host_capacity(cfg, 64, 4096)
+      self.assertGreater(offload._available_host_bytes(), 1_000_000)  # cpu
+    with self.assertRaisesRegex(ValueError, "fraction"):
+      offload.allow_pinned_host_memory(0.0)
 
   def test_diff(self):
     old = jnp.array([[[5, -1, 2, 7]]])
