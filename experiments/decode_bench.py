@@ -119,11 +119,16 @@ _CONFIGS = {"1b": nosa_1b, "8b": nosa_8b, "tiny": tiny}
 
 
 def _model_config(name: str, variant: str) -> config_lib.ModelConfig:
+  impl = "pallas" if jax.default_backend() == "gpu" else "xla"
+  cfg = _shape_config(name, variant)
+  return dataclasses.replace(cfg, sparse=dataclasses.replace(
+      cfg.sparse, implementation=impl))
+
+
+def _shape_config(name: str, variant: str) -> config_lib.ModelConfig:
+  """The model config with the flag overrides; starts no JAX backend."""
   cfg = config_lib.ExperimentConfig.from_dict(
       _CONFIGS[name].get_config(f"variant={variant}").to_dict()).model
-  impl = "pallas" if jax.default_backend() == "gpu" else "xla"
-  cfg = dataclasses.replace(cfg, sparse=dataclasses.replace(
-      cfg.sparse, implementation=impl))
   if _LAYERS.value:
     cfg = dataclasses.replace(cfg, num_layers=_LAYERS.value)
   if _KV_HEADS.value:
@@ -132,6 +137,18 @@ def _model_config(name: str, variant: str) -> config_lib.ModelConfig:
                            f"{cfg.num_heads} query heads")
     cfg = dataclasses.replace(cfg, num_kv_heads=_KV_HEADS.value)
   return cfg
+
+
+def _largest_store_bytes(name: str, contexts: list[int]) -> int:
+  """Host store bytes of the largest offloaded run the flags ask for."""
+  systems = [s for s in _SYSTEMS.value if "_offload" in s]
+  if not systems or "decode" not in _PARTS.value:
+    return 0
+  cfg = _shape_config(name, "nosa")  # the store does not depend on variant
+  batches = [_BATCH.value] + [int(b) for b in _OFFLOAD_BATCHES.value]
+  return max(offload.host_store_bytes(
+      cfg, b, c + _WARMUP.value + _STEPS.value + 1)
+             for b in batches for c in contexts)
 
 
 def _random_params(cfg: config_lib.ModelConfig, seed: int = 0):
@@ -469,10 +486,13 @@ def _write(results: dict, out_dir: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  offload.allow_pinned_host_memory()  # before JAX starts its GPU client
-  os.makedirs(_OUT.value, exist_ok=True)
   runlocal = _RUNLOCAL.value
   name = "tiny" if runlocal else _MODEL.value
+  contexts = [400] if runlocal else [int(c) for c in _CONTEXTS.value]
+  # Before JAX starts its GPU client: a pinned pool sized to the largest
+  # store (a larger cap lets XLA's allocator pin most of the RAM).
+  offload.allow_pinned_host_memory(_largest_store_bytes(name, contexts))
+  os.makedirs(_OUT.value, exist_ok=True)
   for part in _PARTS.value:
     if part not in ("ceilings", "gather", "decode"):
       raise app.UsageError(f"--parts: unknown {part!r}; allowed: ceilings, "
@@ -482,9 +502,6 @@ def main(argv):
       raise app.UsageError(f"--systems: unknown {system!r}; allowed: "
                            f"{', '.join(SYSTEMS)}")
   _model_config(name, "full")  # checks --kv_heads / --num_layers up front
-  contexts = [int(c) for c in _CONTEXTS.value]
-  if runlocal:
-    contexts = [400]
   dev = jax.devices()[0]
   results = {"meta": {
       "command": "python -m experiments.decode_bench " + " ".join(

@@ -118,6 +118,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import time
 from typing import Any, Optional, Sequence
@@ -257,18 +258,34 @@ def _physical_host_bytes(kind: str) -> Optional[int]:
     return None
 
 
-def allow_pinned_host_memory(fraction: float = 0.9) -> None:
-  """Raises XLA's pinned-host cap to `fraction` of the physical memory.
+def allow_pinned_host_memory(need_bytes: Optional[int] = None,
+                             fraction: float = 0.75) -> None:
+  """Raises XLA's pinned-host cap for a host KV store of `need_bytes`.
 
-  Sets `XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB` unless it is already set. Only
-  takes effect when called before JAX creates its GPU client (the first
-  computation or `jax.devices()`), so entry points call it first.
+  Sets `XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB` unless it is already set, to
+  `need_bytes` plus max(8 GB, 10%) of headroom (transfer staging shares the
+  pool), and never above `fraction` of the physical memory. Without
+  `need_bytes`, to that fraction. The cap matters beyond the store's size:
+  XLA's pinned allocator (a BFC allocator with growth) doubles each new
+  region, up to the cap, so a 68.7 GB store under a 123 GB cap pinned
+  ~123 GB of the H100 machine's 137 GB and the process died without a
+  message (2026-11-24). Only takes effect when called before JAX creates
+  its GPU client (the first computation or `jax.devices()`), so entry
+  points call it first.
   """
   if not 0 < fraction <= 1:
     raise ValueError(f"fraction={fraction!r} must be in (0, 1]")
+  if need_bytes is not None and need_bytes < 0:
+    raise ValueError(f"need_bytes={need_bytes!r} must be >= 0")
   total = _physical_host_bytes("SC_PHYS_PAGES")
-  if total is not None and HOST_LIMIT_ENV not in os.environ:
-    os.environ[HOST_LIMIT_ENV] = str(int(fraction * total / 1e9))
+  if total is None or HOST_LIMIT_ENV in os.environ:
+    return
+  limit = fraction * total
+  if need_bytes is not None:
+    limit = min(limit, need_bytes + max(8e9, 0.1 * need_bytes))
+  # Never below XLA's own default: small stores keep the usual pool.
+  limit = max(limit, _XLA_DEFAULT_HOST_LIMIT_GB * 1e9)
+  os.environ[HOST_LIMIT_ENV] = str(math.ceil(limit / 1e9))
 
 
 def _available_host_bytes() -> Optional[int]:

@@ -75,13 +75,18 @@ class OffloadTest(parameterized.TestCase):
     # XLA's GPU client caps pinned_host at XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB
     # (64 GB by default); the capacity check must count that cap.
     env = offload.HOST_LIMIT_ENV
-    with mock.patch.dict(os.environ, {}, clear=False):
-      os.environ.pop(env, None)
-      offload.allow_pinned_host_memory(0.5)
-      total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-      self.assertEqual(os.environ[env], str(int(0.5 * total / 1e9)))
-      offload.allow_pinned_host_memory(0.9)  # an explicit value is kept
-      self.assertEqual(os.environ[env], str(int(0.5 * total / 1e9)))
+    phys = lambda kind: 137_000_000_000  # the H100 machine's 128 GiB
+    with mock.patch.dict(os.environ, {}, clear=False), \
+        mock.patch.object(offload, "_physical_host_bytes", phys):
+      # (need_bytes, cap in GB): need + max(8 GB, 10%), at most 0.75 of
+      # RAM (BFC growth pins up to the cap), never below XLA's 64 GB.
+      for need, want in ((68_700_000_000, "77"), (None, "103"),
+                         (1_000_000_000, "64"), (500_000_000_000, "103")):
+        os.environ.pop(env, None)
+        offload.allow_pinned_host_memory(need)
+        self.assertEqual(os.environ[env], want, need)
+      offload.allow_pinned_host_memory(None, fraction=0.9)
+      self.assertEqual(os.environ[env], "103")  # an explicit value is kept
       os.environ[env] = "0.001"  # 1 MB
       with mock.patch.object(jax, "default_backend", lambda: "gpu"):
         self.assertEqual(offload._available_host_bytes(), 1_000_000)
@@ -91,7 +96,9 @@ class OffloadTest(parameterized.TestCase):
       with mock.patch.object(jax, "default_backend", lambda: "cpu"):
         self.assertGreater(offload._available_host_bytes(), 1_000_000)
     with self.assertRaisesRegex(ValueError, "fraction"):
-      offload.allow_pinned_host_memory(0.0)
+      offload.allow_pinned_host_memory(fraction=0.0)
+    with self.assertRaisesRegex(ValueError, "need_bytes"):
+      offload.allow_pinned_host_memory(-1)
 
   def test_diff(self):
     old = jnp.array([[[5, -1, 2, 7]]])
