@@ -288,8 +288,26 @@ def allow_pinned_host_memory(need_bytes: Optional[int] = None,
   os.environ[HOST_LIMIT_ENV] = str(math.ceil(limit / 1e9))
 
 
+# Bytes of pinned_host stores this process has held at once. XLA's pinned
+# pool keeps a region once allocated (free inside the pool, not in the OS's
+# free memory), so a second 68.7 GB store after a first one was refused on
+# the H100 (2026-11-24) while the pool had room for it.
+_pinned_high_water = [0]
+
+
+def _live_pinned_bytes() -> int:
+  return sum(x.nbytes for x in jax.live_arrays()
+             if getattr(x.sharding, "memory_kind", None) == "pinned_host")
+
+
 def _available_host_bytes() -> Optional[int]:
-  """Free physical memory, capped by XLA's pinned-host limit on the GPU."""
+  """Pinned host bytes a new store can take.
+
+  Off the GPU: the free physical memory. On the GPU: the free room inside
+  XLA's pinned pool (estimated as the high-water mark of this process's
+  stores minus the live pinned arrays) plus what the pool may still grow
+  by, min(free RAM, XLA's cap - the pool).
+  """
   free = _physical_host_bytes("SC_AVPHYS_PAGES")
   if jax.default_backend() != "gpu":
     return free
@@ -298,7 +316,10 @@ def _available_host_bytes() -> Optional[int]:
                                    _XLA_DEFAULT_HOST_LIMIT_GB)) * 1e9)
   except ValueError:
     return free
-  return cap if free is None else min(free, cap)
+  live = _live_pinned_bytes()
+  pool = max(live, _pinned_high_water[0])
+  grow = max(0, cap - pool)
+  return (pool - live) + (grow if free is None else min(free, grow))
 
 
 def check_host_capacity(cfg: config_lib.ModelConfig, batch: int,
@@ -322,6 +343,9 @@ def check_host_capacity(cfg: config_lib.ModelConfig, batch: int,
         "pinned host memory are available (free RAM, and on the GPU "
         f"XLA's cap {HOST_LIMIT_ENV}, default "
         f"{_XLA_DEFAULT_HOST_LIMIT_GB} GB: see allow_pinned_host_memory)")
+  if host_memory_limit is None and jax.default_backend() == "gpu":
+    _pinned_high_water[0] = max(_pinned_high_water[0],
+                                _live_pinned_bytes() + need)
   return need
 
 

@@ -87,6 +87,25 @@ class OffloadTest(parameterized.TestCase):
         self.assertEqual(os.environ[env], want, need)
       offload.allow_pinned_host_memory(None, fraction=0.9)
       self.assertEqual(os.environ[env], "103")  # an explicit value is kept
+      os.environ[env] = "100"  # 100 GB cap, 137 GB "free" RAM
+      with mock.patch.object(jax, "default_backend", lambda: "gpu"), \
+          mock.patch.object(offload, "_pinned_high_water", [0]), \
+          mock.patch.object(offload, "_live_pinned_bytes", lambda: 0):
+        cfg, _, _ = _model("nosa")
+        self.assertEqual(offload._available_host_bytes(), 100_000_000_000)
+        need = offload.check_host_capacity(cfg, 2, 64)
+        self.assertEqual(offload._pinned_high_water, [need])
+      # A pool that held 70 GB keeps it: with 40 GB of free RAM left, a new
+      # store may take the pool's 70 GB (nothing live) plus 30 GB of growth.
+      phys40 = lambda kind: 40_000_000_000
+      with mock.patch.object(jax, "default_backend", lambda: "gpu"), \
+          mock.patch.object(offload, "_physical_host_bytes", phys40), \
+          mock.patch.object(offload, "_pinned_high_water", [70 * 10**9]):
+        with mock.patch.object(offload, "_live_pinned_bytes", lambda: 0):
+          self.assertEqual(offload._available_host_bytes(), 100 * 10**9)
+        with mock.patch.object(offload, "_live_pinned_bytes",
+                               lambda: 60 * 10**9):
+          self.assertEqual(offload._available_host_bytes(), 40 * 10**9)
       os.environ[env] = "0.001"  # 1 MB
       with mock.patch.object(jax, "default_backend", lambda: "gpu"):
         self.assertEqual(offload._available_host_bytes(), 1_000_000)
