@@ -248,7 +248,12 @@ class ServingParamsTest(absltest.TestCase):
       cache, step_BV = decode.decode_step(p, cfg, cache, tokens[:, 0])
       outs.append((np.asarray(logits_BV), np.asarray(step_BV)))
     for a, b in zip(outs[0], outs[1], strict=True):
-      np.testing.assert_array_equal(a, b)
+      if jax.default_backend() == "gpu":
+        # XLA's GPU fusions round differently when the cast is fused into
+        # the GEMM (2e-3 apart on the H100, 2026-11-24): bf16 agreement.
+        np.testing.assert_allclose(a, b, **tolerances.tol("bfloat16"))
+      else:
+        np.testing.assert_array_equal(a, b)
 
 
 if __name__ == "__main__":
