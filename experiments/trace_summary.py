@@ -10,8 +10,6 @@ duration of every event on the GPU device tracks by kernel name, prints the
 and writes `trace_summary.json` beside the trace.
 """
 
-import collections
-import glob
 import gzip
 import json
 import os
@@ -19,37 +17,12 @@ import os
 from absl import app
 from absl import flags
 
+from experiments import timing
+
 _DIR = flags.DEFINE_string("trace_dir", None, "Directory a trace was "
                            "written to (searched recursively).")
 _TOP = flags.DEFINE_integer("top", 30, "Kernel names to print.")
 _STEPS = flags.DEFINE_integer("steps", 1, "Steps the trace covers.")
-
-
-def find_trace(trace_dir: str) -> str:
-  paths = sorted(glob.glob(os.path.join(trace_dir, "**",
-                                        "perfetto_trace.json.gz"),
-                           recursive=True))
-  if not paths:
-    raise FileNotFoundError(
-        f"no perfetto_trace.json.gz under {trace_dir!r}: trace with "
-        "jax.profiler.trace(..., create_perfetto_trace=True)")
-  return paths[-1]
-
-
-def summarize(events: list[dict]) -> dict:
-  """Kernel name -> (count, total us) over events on GPU device tracks."""
-  names = {e["pid"]: e.get("args", {}).get("name", "")
-           for e in events if e.get("ph") == "M"
-           and e.get("name") == "process_name"}
-  gpu_pids = {p for p, n in names.items() if "/device:GPU" in n}
-  count, total = collections.Counter(), collections.Counter()
-  for e in events:
-    if e.get("ph") == "X" and e.get("pid") in gpu_pids:
-      count[e["name"]] += 1
-      total[e["name"]] += float(e.get("dur", 0.0))
-  return {"tracks": sorted(names[p] for p in gpu_pids),
-          "kernels": [{"name": n, "count": count[n], "total_us": t}
-                      for n, t in total.most_common()]}
 
 
 def main(argv):
@@ -59,11 +32,11 @@ def main(argv):
     raise app.UsageError("--trace_dir is required")
   if _STEPS.value < 1:
     raise app.UsageError(f"--steps={_STEPS.value} must be >= 1")
-  path = find_trace(_DIR.value)
+  path = timing.find_trace(_DIR.value)
   with gzip.open(path, "rt") as f:
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  out = summarize(events)
+  out = timing.summarize_trace(events)
   busy = sum(k["total_us"] for k in out["kernels"])
   out.update(trace=path, steps=_STEPS.value, busy_us=busy)
   print(f"{path}: GPU busy {busy / 1e3:.2f} ms over {_STEPS.value} steps "

@@ -1,4 +1,5 @@
-"""Tests for experiments.trace_summary."""
+"""Tests for the trace summary of experiments.timing (trace_summary's CLI
+defines absl flags, so the test imports the flag-free module)."""
 
 import gzip
 import json
@@ -6,7 +7,7 @@ import os
 
 from absl.testing import absltest
 
-from experiments import trace_summary
+from experiments import timing
 
 
 def _events():
@@ -22,7 +23,7 @@ def _events():
 class TraceSummaryTest(absltest.TestCase):
 
   def test_summarize_counts_gpu_tracks_only(self):
-    out = trace_summary.summarize(_events())
+    out = timing.summarize_trace(_events())
     self.assertEqual(out["tracks"], ["/device:GPU:0 NVIDIA H100"])
     self.assertEqual(out["kernels"],
                      [{"name": "gemm", "count": 2, "total_us": 40.0},
@@ -31,13 +32,13 @@ class TraceSummaryTest(absltest.TestCase):
   def test_find_trace(self):
     root = self.create_tempdir().full_path
     with self.assertRaisesRegex(FileNotFoundError, "perfetto_trace"):
-      trace_summary.find_trace(root)
+      timing.find_trace(root)
     sub = os.path.join(root, "plugins", "profile", "2026")
     os.makedirs(sub)
     path = os.path.join(sub, "perfetto_trace.json.gz")
     with gzip.open(path, "wt") as f:
       json.dump({"traceEvents": _events()}, f)
-    self.assertEqual(trace_summary.find_trace(root), path)
+    self.assertEqual(timing.find_trace(root), path)
 
 
 if __name__ == "__main__":
