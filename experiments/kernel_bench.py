@@ -19,6 +19,10 @@ compare like with like. Parts:
           policy), each with its largest difference from the xla path and
           its speed relative to Pallas; a kernel that fails (no jax-triton)
           is a row with an error.
+  train_profile: per-kernel GPU time (jax.profiler) of one fwd+bwd call of
+          the default kernels, each --bwd_variants one and cuDNN at each
+          --lengths T: how much is the Pallas kernels, how much XLA's
+          index lists and layout copies.
   train_sweep / decode_sweep: the same over kernel tilings.
           Decode times chain 20 calls in one jit (dispatch excluded).
   bwd_sweep: the backward variants of the Pallas kernel (`_BWD_VARIANTS`:
@@ -94,12 +98,15 @@ _MASKS = flags.DEFINE_list(
     "masks", ["random", "local"], "Selection inputs for the train part: "
     "random queries, or slowly varying (local) ones.")
 
-# Backward variants of the Pallas kernel for the bwd_sweep part: name ->
+# Kernel variants for the bwd_sweep part: name ->
 # (block_q, block_q_dq, block_q_dkv, dkv_segment) in tokens (x G=16 rows),
-# fused_dq, transpose_bwd. All keep the default forward (64 rows), 4 warps
+# fused_dq, transpose_bwd[, full_fast_path (default True)]. All keep 4 warps
 # and 2 stages; "old_default" was the library default until the sweep of
 # 2026-11-23 18:47 UTC, "transposed_dq64rows_dkv64rows" is the default since
-# the one of 18:56 UTC.
+# the one of 18:56 UTC (with the unmasked path for full (tile, block) pairs
+# since session 7; "..._masked" is it without, i.e. the session-6 kernels).
+# Variants that change the forward too (tiles, full_fast_path) get their own
+# forward timing.
 _BWD_VARIANTS = {
     "old_default": ((4, 2, 2, 64), False, False),
     "transposed": ((4, 2, 2, 64), False, True),
@@ -110,6 +117,8 @@ _BWD_VARIANTS = {
     "transposed_dq64rows": ((4, 4, 2, 64), False, True),
     "transposed_dkv128rows": ((4, 2, 8, 64), False, True),
     "transposed_dq64rows_dkv64rows": ((4, 4, 4, 64), False, True),
+    "transposed_dq64rows_dkv64rows_masked": ((4, 4, 4, 64), False, True,
+                                             False),
     "transposed_dkv64rows_seg128": ((4, 2, 4, 128), False, True),
 }
 _SCORE_LENGTHS = flags.DEFINE_list(
@@ -289,11 +298,25 @@ def bench_train_sweep(rows):
     rows.append(row)
 
 
+def _bwd_variant(name):
+  """(sizes, fused_dq, transpose_bwd, full_fast_path) of a variant."""
+  sizes, fused_dq, transpose_bwd, *fast = _BWD_VARIANTS[name]
+  return sizes, fused_dq, transpose_bwd, (fast or [True])[0]
+
+
 def _bwd_tuning(name):
-  sizes, fused_dq, transpose_bwd = _BWD_VARIANTS[name]
+  sizes, fused_dq, transpose_bwd, fast = _bwd_variant(name)
   return {"block_sizes": sparse_attention.KernelBlockSizes(*sizes),
           "fused_dq": fused_dq, "transpose_bwd": transpose_bwd,
-          "num_warps": 4, "num_stages": 2}
+          "full_fast_path": fast, "num_warps": 4, "num_stages": 2}
+
+
+def _dense_fwd_bwd():
+  """jit(grad) of dense causal attention: cuDNN on the GPU, XLA elsewhere
+  (so that the parts using it run as CPU smoke tests)."""
+  impl = "cudnn" if jax.default_backend() == "gpu" else None
+  return _fwd_bwd(lambda q, kk, v, b, m: jax.nn.dot_product_attention(
+      q, kk, v, is_causal=True, implementation=impl))
 
 
 def _max_rel_diff(grads, want):
@@ -307,25 +330,22 @@ def _max_rel_diff(grads, want):
 def bench_bwd_sweep(rows, save=lambda: None):
   """Backward variants (issue #4) at each --lengths T, last --masks kind.
 
-  The forward kernel is the same in every variant (the backward options
-  change only the backward kernels), so its time is taken once per T.
+  The forward is timed once per T and forward configuration (its tile and
+  full_fast_path; the backward options change only the backward kernels).
   `max_rel_diff_vs_first` compares each variant's dq, dk, dv, dbias with
   those of the first variant listed ("old_default" unless --bwd_variants says
   otherwise) on the same inputs: bf16 rounding and atomic-add order only,
   ~1e-3 of the largest gradient entry; a wrong variant shows as O(1).
   """
   kind = _MASKS.value[-1]
-  # cuDNN on the GPU; XLA elsewhere, so the part runs as a CPU smoke test.
-  impl = "cudnn" if jax.default_backend() == "gpu" else None
-  dense = _fwd_bwd(lambda q, kk, v, b, m: jax.nn.dot_product_attention(
-      q, kk, v, is_causal=True, implementation=impl))
+  dense = _dense_fwd_bwd()
   for t in (int(x) for x in _LENGTHS.value):
     args, _ = _inputs_with_mask(t, kind)
     mask = args[-1]
     base = {"part": "bwd_sweep", "T": t, "mask": kind,
             "selected_fraction_of_causal": float(jnp.mean(mask)) * 2,
             "dense_cudnn_fwd_bwd_s": timeit(dense, *args)}
-    fwd_s, want = None, None
+    fwd_times, want = {}, None
     for name in _BWD.value:
       tuning = _bwd_tuning(name)
       fwd = jax.jit(lambda q, kk, v, b, m, tuning=tuning: sparse_attention.
@@ -333,15 +353,16 @@ def bench_bwd_sweep(rows, save=lambda: None):
                                      block_size=PAPER.block_size,
                                      query_chunk=PAPER.query_chunk,
                                      implementation="pallas", tuning=tuning))
-      sizes, fused_dq, transpose_bwd = _BWD_VARIANTS[name]
+      sizes, fused_dq, transpose_bwd, fast = _bwd_variant(name)
       row = {**base, "variant": name, "fused_dq": fused_dq,
-             "transpose_bwd": transpose_bwd,
+             "transpose_bwd": transpose_bwd, "full_fast_path": fast,
              **dict(zip(("block_q", "block_q_dq", "block_q_dkv",
                          "dkv_segment"), sizes, strict=True))}
       try:
-        if fwd_s is None:
-          fwd_s = timeit(fwd, *args)
-        row["fwd_s"] = fwd_s
+        fwd_key = (sizes[0], fast)
+        if fwd_key not in fwd_times:
+          fwd_times[fwd_key] = timeit(fwd, *args)
+        fwd_s = row["fwd_s"] = fwd_times[fwd_key]
         fwd_bwd = _fwd_bwd(fwd)
         row["fwd_bwd_s"] = timeit(fwd_bwd, *args)
         row["bwd_s"] = row["fwd_bwd_s"] - fwd_s
@@ -366,6 +387,58 @@ def bench_bwd_sweep(rows, save=lambda: None):
             f"| {ms(r, 'fwd_s')} | {ms(r, 'fwd_bwd_s')} | {ms(r, 'bwd_s')} "
             f"| {r.get('speedup_vs_dense', 0):.2f}x "
             f"| {r.get('max_rel_diff_vs_first', float('nan')):.2g} |")
+
+
+def _kernel_profile(fn, args, calls=3):
+  """Per-kernel GPU time of `fn(*args)`: a jax.profiler trace of `calls`
+  calls after a warm-up, summed by kernel name (us per call), largest first,
+  and the GPU busy time per call."""
+  import gzip  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  jax.block_until_ready(fn(*args))
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp, create_perfetto_trace=True):
+      for _ in range(calls):
+        jax.block_until_ready(fn(*args))
+    with gzip.open(timing.find_trace(tmp), "rt") as f:
+      trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  kernels = timing.summarize_trace(events)["kernels"]
+  per_call = [{"name": k["name"][:120], "count": k["count"] // calls,
+               "us": k["total_us"] / calls} for k in kernels]
+  return per_call, sum(k["us"] for k in per_call)
+
+
+def bench_train_profile(rows):
+  """Where the Pallas fwd+bwd time goes (issue #4): per-kernel GPU time of
+  one fwd+bwd call at each --lengths T (last --masks kind), for the default
+  kernels and, if listed in --bwd_variants, the others, beside cuDNN's."""
+  kind = _MASKS.value[-1]
+  dense = _dense_fwd_bwd()
+  for t in (int(x) for x in _LENGTHS.value):
+    args, _ = _inputs_with_mask(t, kind)
+    runs = {"dense_cudnn": dense}
+    for name in ["transposed_dq64rows_dkv64rows", *_BWD.value]:
+      tuning = _bwd_tuning(name)
+      runs[name] = _fwd_bwd(
+          lambda q, kk, v, b, m, tuning=tuning: sparse_attention.
+          sparse_attention(q, kk, v, b, m, block_size=PAPER.block_size,
+                           query_chunk=PAPER.query_chunk,
+                           implementation="pallas", tuning=tuning))
+    for name, fn in runs.items():
+      row = {"part": "train_profile", "T": t, "mask": kind, "variant": name}
+      try:
+        row["wall_s"] = timeit(fn, *args)
+        row["kernels"], busy_us = _kernel_profile(fn, args)
+        row["gpu_busy_s"] = busy_us * 1e-6
+      except Exception as e:  # a variant that fails is a result
+        row["error"] = f"{type(e).__name__}: {e}"[:300]
+      rows.append(row)
+      print(f"T={t} {name}: wall {1e3 * row.get('wall_s', 0):.2f} ms, GPU "
+            f"busy {1e3 * row.get('gpu_busy_s', 0):.2f} ms", flush=True)
+      for k in row.get("kernels", [])[:12]:
+        print(f"  {k['us'] / 1e3:8.3f} ms x{k['count']:<4d} {k['name']}",
+              flush=True)
 
 
 def _scores_row(t):
@@ -592,6 +665,7 @@ def main(argv):
                          f"allowed: {list(_STEP_VARIANT_CHOICES)}")
   parts = (("train", bench_train), ("train_sweep", bench_train_sweep),
            ("bwd_sweep", lambda r: bench_bwd_sweep(r, save)),
+           ("train_profile", bench_train_profile),
            ("decode", bench_decode),
            ("decode_sweep", lambda r: bench_decode(r, sweep=True)),
            ("step", bench_step),

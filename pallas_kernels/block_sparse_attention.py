@@ -48,9 +48,12 @@ timed against each other by `experiments/kernel_bench.py --parts=bwd_sweep`):
 
 Inside a block, the token mask is the tile's selection column expanded to
 rows (a broadcast-compare-reduce with a one-hot [R, block_q], avoiding an
-in-kernel reshape) and the causal mask. Triton wants every loaded tile to be
-a power of 2 and every dot dimension >= 16: the wrapper pads G and D to
-powers of 2 and, when compiling, checks block_q, C and R.
+in-kernel reshape) and the causal mask. A (tile, block) pair that every
+token of the tile selected, with the block wholly before the tile, needs
+neither: the kernels branch (scf.if) to a path without the mask
+(`full_fast_path`; most pairs on local selections). Triton wants every
+loaded tile to be a power of 2 and every dot dimension >= 16: the wrapper
+pads G and D to powers of 2 and, when compiling, checks block_q, C and R.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ class _Static:
   dkv_segment: int
   fused_dq: bool
   transpose_bwd: bool
+  full_fast_path: bool
   scale: float
   num_warps: int | None
   num_stages: int | None
@@ -136,13 +140,64 @@ def _block_mask(sel_ref, sel_idx, one_hot, row_pos, key_pos, *,
   return row_sel[:, None] & (key_pos[None, :] <= row_pos[:, None])
 
 
+def _block_is_full(sel_ref, sel_idx, block_start, first_tok, block_size):
+  """[] bool: every token of the tile selected the block, and the block's
+  last key is at or before the tile's first token (no causal mask inside).
+
+  Such (tile, block) pairs need no token mask at all: most pairs are full
+  when neighbouring tokens select the same blocks (a 4-token tile's union
+  is ~1.06x a token's selection on local masks), so the kernels branch to a
+  path without the mask's compares and selects.
+  """
+  all_sel = jnp.min(sel_ref[sel_idx].astype(jnp.int32)) > 0
+  return all_sel & (block_start + block_size - 1 <= first_tok)
+
+
+def _probs(full, s, mask_fn, lse):
+  """Backward probabilities exp2(s - lse), zero where masked.
+
+  `mask_fn()` builds the token mask only on the branch that needs it;
+  `full` (see _block_is_full) picks the branch without it, None always
+  masks.
+  """
+  def masked(s):
+    return jnp.where(mask_fn(), jnp.exp2(s - lse), 0.0)
+
+  if full is None:
+    return masked(s)
+  return lax.cond(full, lambda s: jnp.exp2(s - lse), masked, s)
+
+
+def _online_probs(full, s, mask_fn, m_prev):
+  """The forward's (p, m_next): logits s [R, C], running row max m_prev [R].
+
+  Masked entries are out of the row max and zero in p; as in `_probs`,
+  `full` picks the branch that builds no mask.
+  """
+
+  def step(s, mask):
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    e = jnp.exp2(s - m_next[:, None])
+    # Zero masked entries explicitly: in a row masked so far m_next is
+    # MASK_VALUE itself and exp2(s - m_next) would be 1.
+    return (e if mask is None else jnp.where(mask, e, 0.0)), m_next
+
+  def masked(s):
+    mask = mask_fn()
+    return step(jnp.where(mask, s, common.MASK_VALUE), mask)
+
+  if full is None:
+    return masked(s)
+  return lax.cond(full, lambda s: step(s, None), masked, s)
+
+
 def _per_query(x, key_rows):
   """Broadcasts a per-query-row vector [R] over the logits' key axis."""
   return x[None, :] if key_rows else x[:, None]
 
 
-def _logits(q, k, bias, mask, scale, *, key_rows=False):
-  """[R, C] masked logits in base 2, log2(e) * (q.k * scale + bias).
+def _logits(q, k, bias, scale, *, key_rows=False):
+  """[R, C] logits in base 2, log2(e) * (q.k * scale + bias), unmasked.
 
   Base 2 so that the softmax uses exp2 (one MUFU op; exp is a libdevice
   call with extra range reduction), as in JAX's flash attention. The lse
@@ -150,10 +205,9 @@ def _logits(q, k, bias, mask, scale, *, key_rows=False):
   With `key_rows`, the transpose [C, R] = K Q^T (see `_dkv_kernel`).
   """
   if key_rows:
-    s = _dot(k, q, trans_b=True) * (scale * _LOG2E) + (bias * _LOG2E)[:, None]
-  else:
-    s = _dot(q, k, trans_b=True) * (scale * _LOG2E) + (bias * _LOG2E)[None, :]
-  return jnp.where(mask, s, common.MASK_VALUE)
+    return (_dot(k, q, trans_b=True) * (scale * _LOG2E)
+            + (bias * _LOG2E)[:, None])
+  return _dot(q, k, trans_b=True) * (scale * _LOG2E) + (bias * _LOG2E)[None, :]
 
 
 def _fwd_kernel(
@@ -166,12 +220,13 @@ def _fwd_kernel(
     cnt_ref,  # [] int32, how many
     o_ref,  # [R, D]
     lse_ref,  # [R] fp32, log2-sum-exp2 of the base-2 logits
-    *, block_size: int, groups: int, scale: float):
+    *, block_size: int, groups: int, scale: float, fast: bool):
   c = block_size
   rows, d = q_ref.shape
   block_q = sel_ref.shape[1]
   row_tok = _row_tokens(rows, groups)
-  row_pos = pl.program_id(0) * block_q + row_tok
+  first_tok = pl.program_id(0) * block_q
+  row_pos = first_tok + row_tok
   one_hot = _one_hot(row_tok, block_q)
   q = q_ref[...]
 
@@ -180,12 +235,12 @@ def _fwd_kernel(
     j = idx_ref[i]
     blk = pl.ds(j * c, c)
     key_pos = j * c + jnp.arange(c, dtype=jnp.int32)
-    mask = _block_mask(sel_ref, (j, slice(None)), one_hot, row_pos, key_pos)
-    s = _logits(q, k_ref[blk, :], bias_ref[blk], mask, scale)  # [R, C]
-    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-    # Zero masked entries explicitly: in a row masked so far m_next is
-    # MASK_VALUE itself and exp(s - m_next) would be 1.
-    p = jnp.where(mask, jnp.exp2(s - m_next[:, None]), 0.0)
+    sel_idx = (j, slice(None))
+    mask_fn = lambda: _block_mask(sel_ref, sel_idx, one_hot, row_pos, key_pos)
+    full = (_block_is_full(sel_ref, sel_idx, j * c, first_tok, c)
+            if fast else None)
+    s = _logits(q, k_ref[blk, :], bias_ref[blk], scale)  # [R, C]
+    p, m_next = _online_probs(full, s, mask_fn, m_prev)
     corr = jnp.exp2(m_prev - m_next)
     l_next = corr * l_prev + jnp.sum(p, axis=1)
     v = v_ref[blk, :]
@@ -215,12 +270,14 @@ def _dq_kernel(
     idx_ref,  # [N] int32
     cnt_ref,  # [] int32
     dq_ref,  # [R, D]
-    *, block_size: int, groups: int, scale: float, key_rows: bool):
+    *, block_size: int, groups: int, scale: float, key_rows: bool,
+    fast: bool):
   c = block_size
   rows, d = q_ref.shape
   block_q = sel_ref.shape[1]
   row_tok = _row_tokens(rows, groups)
-  row_pos = pl.program_id(0) * block_q + row_tok
+  first_tok = pl.program_id(0) * block_q
+  row_pos = first_tok + row_tok
   one_hot = _one_hot(row_tok, block_q)
   q, do = q_ref[...], do_ref[...]
   lse = _per_query(lse_ref[...], key_rows)
@@ -230,11 +287,14 @@ def _dq_kernel(
     j = idx_ref[i]
     blk = pl.ds(j * c, c)
     key_pos = j * c + jnp.arange(c, dtype=jnp.int32)
-    mask = _block_mask(sel_ref, (j, slice(None)), one_hot, row_pos, key_pos,
-                       key_rows=key_rows)
+    sel_idx = (j, slice(None))
+    mask_fn = lambda: _block_mask(sel_ref, sel_idx, one_hot, row_pos,
+                                  key_pos, key_rows=key_rows)
+    full = (_block_is_full(sel_ref, sel_idx, j * c, first_tok, c)
+            if fast else None)
     k, v = k_ref[blk, :], v_ref[blk, :]
-    s = _logits(q, k, bias_ref[blk], mask, scale, key_rows=key_rows)
-    p = jnp.where(mask, jnp.exp2(s - lse), 0.0)
+    s = _logits(q, k, bias_ref[blk], scale, key_rows=key_rows)
+    p = _probs(full, s, mask_fn, lse)
     if key_rows:
       # [C, R] tiles: C rows in every matmul, and dq^T = K^T dS^T.
       ds = p * (_dot(v, do, trans_b=True) - delta)
@@ -268,7 +328,7 @@ def _dkv_kernel(
     # output: dk [S, D], dv [S, D], dbias [S], and with fused_dq dq [T * G, D]
     # ([D, T * G] with key_rows).
     block_size: int, block_q: int, groups: int, scale: float,
-    fused_dq: bool, key_rows: bool):
+    fused_dq: bool, key_rows: bool, fast: bool):
   dk_ref, dv_ref, dbias_ref, *dq_refs = acc_refs[len(acc_refs) // 2:]
   c, d = block_size, k_ref.shape[1]
   num_tiles = sel_ref.shape[1] // block_q
@@ -291,13 +351,16 @@ def _dkv_kernel(
       dk, dv, dbias = carry
       qi = tiles_ref[first + i]
       tile = pl.ds(qi * rows, rows)
-      row_pos = qi * block_q + row_tok
-      mask = _block_mask(sel_ref, (j, pl.ds(qi * block_q, block_q)),
-                         one_hot, row_pos, key_pos, key_rows=key_rows)
+      first_tok = qi * block_q
+      row_pos = first_tok + row_tok
+      sel_idx = (j, pl.ds(first_tok, block_q))
+      mask_fn = lambda: _block_mask(sel_ref, sel_idx, one_hot, row_pos,
+                                    key_pos, key_rows=key_rows)
+      full = (_block_is_full(sel_ref, sel_idx, j * c, first_tok, c)
+              if fast else None)
       q, do = q_ref[tile, :], do_ref[tile, :]
-      s = _logits(q, k, bias, mask, scale, key_rows=key_rows)
-      p = jnp.where(mask, jnp.exp2(s - _per_query(lse_ref[tile], key_rows)),
-                    0.0)
+      s = _logits(q, k, bias, scale, key_rows=key_rows)
+      p = _probs(full, s, mask_fn, _per_query(lse_ref[tile], key_rows))
       delta = _per_query(delta_ref[tile], key_rows)
       # ds stays fp32 for the bias gradient; only the matmul operand is cast.
       if key_rows:
@@ -354,7 +417,8 @@ def _forward(st: _Static, q_XRD, k_XSD, v_XSD, bias_XS, sel_XNT, idx_XQN,
   s, n = k_XSD.shape[1], sel_XNT.shape[1]
   rows, nq = st.block_q * st.groups, idx_XQN.shape[1]
   kernel = functools.partial(_fwd_kernel, block_size=st.block_size,
-                             groups=st.groups, scale=st.scale)
+                             groups=st.groups, scale=st.scale,
+                             fast=st.full_fast_path)
   full = lambda *shape: pl.BlockSpec((None, *shape),
                                      lambda i, b: (b,) + (0,) * len(shape))
   return pl.pallas_call(
@@ -387,7 +451,8 @@ def _backward_dq(st: _Static, q_XRD, do_XRD, lse_XR, delta_XR, k_XSD, v_XSD,
   rows, nq = st.block_q_dq * st.groups, idx_XQN.shape[1]
   kernel = functools.partial(_dq_kernel, block_size=st.block_size,
                              groups=st.groups, scale=st.scale,
-                             key_rows=st.transpose_bwd)
+                             key_rows=st.transpose_bwd,
+                             fast=st.full_fast_path)
   tile = pl.BlockSpec((None, rows, d), lambda i, b: (b, i, 0))
   tile_vec = pl.BlockSpec((None, rows), lambda i, b: (b, i))
   full = lambda *shape: pl.BlockSpec((None, *shape),
@@ -421,7 +486,8 @@ def _backward_dkv(st: _Static, q_XRD, do_XRD, lse_XR, delta_XR, k_XSD,
   kernel = functools.partial(_dkv_kernel, block_size=st.block_size,
                              block_q=st.block_q_dkv, groups=st.groups,
                              scale=st.scale, fused_dq=st.fused_dq,
-                             key_rows=st.transpose_bwd)
+                             key_rows=st.transpose_bwd,
+                             fast=st.full_fast_path)
   full = lambda *shape: pl.BlockSpec((None, *shape),
                                      lambda b, i: (b,) + (0,) * len(shape))
   item = pl.BlockSpec((None, None), lambda b, i: (b, i))
@@ -612,8 +678,8 @@ def _check_triton(st: _Static, d: int):
 @functools.partial(
     jax.jit,
     static_argnames=("block_size", "block_sizes", "fused_dq",
-                     "transpose_bwd", "num_warps", "num_stages", "interpret",
-                     "debug"))
+                     "transpose_bwd", "full_fast_path", "num_warps",
+                     "num_stages", "interpret", "debug"))
 def block_sparse_attention(
     q_BTHD: jax.Array,
     k_BTKD: jax.Array,
@@ -625,6 +691,7 @@ def block_sparse_attention(
     block_sizes: common.BlockSizes | None = None,
     fused_dq: bool = False,
     transpose_bwd: bool = True,
+    full_fast_path: bool = True,
     num_warps: int | None = None,
     num_stages: int | None = None,
     interpret: bool = False,
@@ -651,6 +718,10 @@ def block_sparse_attention(
     transpose_bwd: the backward kernels compute the logits transposed,
       keys as rows ([C, R] = K Q^T, as FlashAttention's dk/dv kernels),
       so every backward matmul has C rows and needs no register transpose.
+    full_fast_path: branch, per (tile, block) pair, to a path without the
+      token mask when every token of the tile selected the block and the
+      block lies wholly before the tile (no compares or selects; the same
+      result). False always masks (the kernels before session 7).
     num_warps: Triton warps per program (None: 4).
     num_stages: Triton pipeline stages (None: 2).
     interpret: run the kernels in the Pallas interpreter (CPU).
@@ -673,7 +744,8 @@ def block_sparse_attention(
   st = _Static(block_size=c, groups=gp, block_q=bs.block_q,
                block_q_dq=bs.block_q_dq, block_q_dkv=bs.block_q_dkv,
                dkv_segment=bs.dkv_segment, fused_dq=fused_dq,
-               transpose_bwd=transpose_bwd, scale=1.0 / math.sqrt(d),
+               transpose_bwd=transpose_bwd, full_fast_path=full_fast_path,
+               scale=1.0 / math.sqrt(d),
                num_warps=num_warps, num_stages=num_stages,
                interpret=interpret, debug=debug)
   if not interpret:
