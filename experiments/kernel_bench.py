@@ -100,12 +100,13 @@ _MASKS = flags.DEFINE_list(
 
 # Kernel variants for the bwd_sweep part: name ->
 # (block_q, block_q_dq, block_q_dkv, dkv_segment) in tokens (x G=16 rows),
-# fused_dq, transpose_bwd[, full_fast_path (default True)]. All keep 4 warps
+# fused_dq, transpose_bwd[, other kernel options]. All keep 4 warps
 # and 2 stages; "old_default" was the library default until the sweep of
 # 2026-11-23 18:47 UTC, "transposed_dq64rows_dkv64rows" is the default since
 # the one of 18:56 UTC (with the unmasked path for full (tile, block) pairs
-# since session 7; "..._masked" is it without, i.e. the session-6 kernels).
-# Variants that change the forward too (tiles, full_fast_path) get their own
+# since session 7; "..._masked" is it without, i.e. the session-6 kernels;
+# "..._pairs" takes two blocks per forward softmax step). Variants that
+# change the forward too (its tile, full_fast_path, fwd_pairs) get their own
 # forward timing.
 _BWD_VARIANTS = {
     "old_default": ((4, 2, 2, 64), False, False),
@@ -118,7 +119,9 @@ _BWD_VARIANTS = {
     "transposed_dkv128rows": ((4, 2, 8, 64), False, True),
     "transposed_dq64rows_dkv64rows": ((4, 4, 4, 64), False, True),
     "transposed_dq64rows_dkv64rows_masked": ((4, 4, 4, 64), False, True,
-                                             False),
+                                             {"full_fast_path": False}),
+    "transposed_dq64rows_dkv64rows_pairs": ((4, 4, 4, 64), False, True,
+                                            {"fwd_pairs": True}),
     "transposed_dkv64rows_seg128": ((4, 2, 4, 128), False, True),
 }
 _SCORE_LENGTHS = flags.DEFINE_list(
@@ -299,16 +302,18 @@ def bench_train_sweep(rows):
 
 
 def _bwd_variant(name):
-  """(sizes, fused_dq, transpose_bwd, full_fast_path) of a variant."""
-  sizes, fused_dq, transpose_bwd, *fast = _BWD_VARIANTS[name]
-  return sizes, fused_dq, transpose_bwd, (fast or [True])[0]
+  """(sizes, fused_dq, transpose_bwd, other kernel options) of a variant."""
+  sizes, fused_dq, transpose_bwd, *extra = _BWD_VARIANTS[name]
+  return sizes, fused_dq, transpose_bwd, {"full_fast_path": True,
+                                          "fwd_pairs": False,
+                                          **(extra or [{}])[0]}
 
 
 def _bwd_tuning(name):
-  sizes, fused_dq, transpose_bwd, fast = _bwd_variant(name)
+  sizes, fused_dq, transpose_bwd, extra = _bwd_variant(name)
   return {"block_sizes": sparse_attention.KernelBlockSizes(*sizes),
           "fused_dq": fused_dq, "transpose_bwd": transpose_bwd,
-          "full_fast_path": fast, "num_warps": 4, "num_stages": 2}
+          "num_warps": 4, "num_stages": 2, **extra}
 
 
 def _dense_fwd_bwd():
@@ -353,13 +358,13 @@ def bench_bwd_sweep(rows, save=lambda: None):
                                      block_size=PAPER.block_size,
                                      query_chunk=PAPER.query_chunk,
                                      implementation="pallas", tuning=tuning))
-      sizes, fused_dq, transpose_bwd, fast = _bwd_variant(name)
+      sizes, fused_dq, transpose_bwd, extra = _bwd_variant(name)
       row = {**base, "variant": name, "fused_dq": fused_dq,
-             "transpose_bwd": transpose_bwd, "full_fast_path": fast,
+             "transpose_bwd": transpose_bwd, **extra,
              **dict(zip(("block_q", "block_q_dq", "block_q_dkv",
                          "dkv_segment"), sizes, strict=True))}
       try:
-        fwd_key = (sizes[0], fast)
+        fwd_key = (sizes[0], *sorted(extra.items()))
         if fwd_key not in fwd_times:
           fwd_times[fwd_key] = timeit(fwd, *args)
         fwd_s = row["fwd_s"] = fwd_times[fwd_key]

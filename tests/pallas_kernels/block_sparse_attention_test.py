@@ -250,20 +250,24 @@ class BlockSparseAttentionTest(parameterized.TestCase):
     # rtol covers (tests/tolerances.py).
     self._compare(q, k, v, bias, mask, c, cot, lowp_reference=True)
 
-  @parameterized.named_parameters(("bf16", _BF16), ("f32", np.float32))
-  def test_full_fast_path_on_and_off(self, dtype):
+  @parameterized.product(dtype=(_BF16, np.float32),
+                          full_fast_path=(True, False),
+                          fwd_pairs=(False, True))
+  def test_forward_options(self, dtype, full_fast_path, fwd_pairs):
     # Sink + window + random extra blocks with 4-token tiles: most (tile,
     # block) pairs are full and take the unmasked branch; the tiles' own
     # blocks (causal inside) and blocks only some tokens picked do not. A
     # wrong full-pair test (any token instead of all, or the causal bound
-    # off by one) attends keys it must not and fails the comparison.
+    # off by one) attends keys it must not and fails the comparison. Tiles
+    # have odd and even block counts (fwd_pairs masks the last pair's
+    # repeated block), and every third token selects nothing.
     b, t, kh, g, d, c = 1, 150, 2, 4, 16, 16
     q, k, v, bias, cot = _inputs(17, b, t, kh * g, kh, d, dtype, True)
-    mask = _nosa_like_mask(17, b, kh, t, c, sink=1, window=3, extra=2)
-    for fast in (True, False):
-      with self.subTest(full_fast_path=fast):
-        self._compare(q, k, v, bias, mask, c, cot, (4, 4, 4, 2),
-                      full_fast_path=fast)
+    mask = np.array(_nosa_like_mask(17, b, kh, t, c, sink=1, window=3,
+                                    extra=2))
+    mask[:, 1, np.arange(t) % 3 == 0] = False
+    self._compare(q, k, v, bias, jnp.asarray(mask), c, cot, (4, 4, 4, 2),
+                  full_fast_path=full_fast_path, fwd_pairs=fwd_pairs)
 
   def test_segmented_nosa_like(self):
     # The sink block is in all 25 tiles' unions, the window blocks in many:
