@@ -34,6 +34,9 @@ compare like with like. Parts:
           --step_layers layers, per --step_variants (`full` = cuDNN dense,
           nosa with the Pallas or xla attention, and the Pallas attention
           with the block_scores kernel): tokens/s and MFU.
+  scores_sweep: the block_scores kernel (tf32) over block_n x num_warps
+          (`_SCORE_TILINGS`) at each --score_lengths T, chunked as the
+          selection calls it and on the whole T.
   scores: the query-aware block scores of the selection (issue #4) at each
           --score_lengths T, 1B-like heads: XLA `selection.query_aware_scores`
           vs the `block_scores` kernel (`selection.query_aware_scores_pallas`)
@@ -104,10 +107,9 @@ _MASKS = flags.DEFINE_list(
 # and 2 stages; "old_default" was the library default until the sweep of
 # 2026-11-23 18:47 UTC, "transposed_dq64rows_dkv64rows" is the default since
 # the one of 18:56 UTC (with the unmasked path for full (tile, block) pairs
-# since session 7; "..._masked" is it without, i.e. the session-6 kernels;
-# "..._pairs" takes two blocks per forward softmax step). Variants that
-# change the forward too (its tile, full_fast_path, fwd_pairs) get their own
-# forward timing.
+# since session 7; "..._masked" is it without, i.e. the session-6 kernels).
+# Variants that change the forward too (its tile, full_fast_path) get their
+# own forward timing.
 _BWD_VARIANTS = {
     "old_default": ((4, 2, 2, 64), False, False),
     "transposed": ((4, 2, 2, 64), False, True),
@@ -120,8 +122,6 @@ _BWD_VARIANTS = {
     "transposed_dq64rows_dkv64rows": ((4, 4, 4, 64), False, True),
     "transposed_dq64rows_dkv64rows_masked": ((4, 4, 4, 64), False, True,
                                              {"full_fast_path": False}),
-    "transposed_dq64rows_dkv64rows_pairs": ((4, 4, 4, 64), False, True,
-                                            {"fwd_pairs": True}),
     "transposed_dkv64rows_seg128": ((4, 2, 4, 128), False, True),
 }
 _SCORE_LENGTHS = flags.DEFINE_list(
@@ -305,7 +305,6 @@ def _bwd_variant(name):
   """(sizes, fused_dq, transpose_bwd, other kernel options) of a variant."""
   sizes, fused_dq, transpose_bwd, *extra = _BWD_VARIANTS[name]
   return sizes, fused_dq, transpose_bwd, {"full_fast_path": True,
-                                          "fwd_pairs": False,
                                           **(extra or [{}])[0]}
 
 
@@ -514,6 +513,54 @@ def bench_scores(rows):
           print(f"| {r['T']} | {name} | error | - | - |")
 
 
+# (block_n, num_warps) tilings of the block_scores kernel for scores_sweep;
+# (16, 4) is the default.
+_SCORE_TILINGS = ((16, 4), (32, 4), (64, 4), (16, 8), (32, 8), (64, 8),
+                  (128, 8))
+
+
+def _score_runs(score, n, pos_T):
+  """jitted (q, kbar) -> scores: over query chunks as the selection calls
+  `score`, and on the whole T at once."""
+  chunk = lambda q, kbar: selection._map_query_chunks(  # pylint: disable=protected-access
+      lambda qc, pos: score(qc, kbar, pos, PAPER, n), q, PAPER.query_chunk)
+  return {"chunked": jax.jit(chunk),
+          "full_T": jax.jit(lambda q, kbar: score(q, kbar, pos_T, PAPER, n))}
+
+
+def bench_scores_sweep(rows):
+  """The block_scores kernel (tf32) over tilings at each --score_lengths T:
+  over query chunks as the selection runs it, and on the whole T."""
+  h, k, d = 32, 2, 128
+  for t in (int(x) for x in _SCORE_LENGTHS.value):
+    q, kk, _, _ = _qkvb(jax.random.key(t), 1, t, h, k, d)
+    n = selection.num_blocks(t, PAPER.block_size)
+    kbar = jax.jit(lambda kk: selection.compress_keys(
+        kk, PAPER.compress_kernel, PAPER.compress_stride))(kk)
+    pos_T = jnp.arange(t)
+    want = None
+    for block_n, warps in _SCORE_TILINGS:
+      tuning = {"precision": "tf32", "num_warps": warps,
+                "block_sizes": selection.ScoreBlockSizes(block_n=block_n)}
+      runs = _score_runs(functools.partial(
+          selection.query_aware_scores_pallas, tuning=tuning), n, pos_T)
+      for name, fn in runs.items():
+        row = {"part": "scores_sweep", "T": t, "block_n": block_n,
+               "num_warps": warps, "call": name}
+        try:
+          got = fn(q, kbar)
+          if want is None:
+            want = got
+          finite = jnp.isfinite(want)
+          row["max_abs_diff_vs_first"] = float(jnp.max(jnp.where(
+              finite, jnp.abs(got - want), 0.0)))
+          row["seconds"] = timeit(fn, q, kbar)
+        except Exception as e:  # a tiling that does not compile is a result
+          row["error"] = f"{type(e).__name__}: {e}"[:300]
+        print(row, flush=True)
+        rows.append(row)
+
+
 def _decode_inputs(b, k=2, g=16, d=128, p=64, c=64):
   keys = jax.random.split(jax.random.key(b), 4)
   q = jax.random.normal(keys[0], (b, k * g, d), jnp.bfloat16)
@@ -674,7 +721,8 @@ def main(argv):
            ("decode", bench_decode),
            ("decode_sweep", lambda r: bench_decode(r, sweep=True)),
            ("step", bench_step),
-           ("scores", bench_scores))
+           ("scores", bench_scores),
+           ("scores_sweep", bench_scores_sweep))
   for part, fn in parts:
     if part in _PARTS.value:
       try:

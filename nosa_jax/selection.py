@@ -42,6 +42,9 @@ from nosa_jax import config as config_lib
 from nosa_jax import sharding
 import pallas_kernels
 
+# Tiling of the scores kernel, for callers that tune it (`tuning=`).
+ScoreBlockSizes = pallas_kernels.ScoreBlockSizes
+
 _F32 = jnp.float32
 _INF = float("inf")
 # Floor for the log of a pooled probability in the locality penalty.

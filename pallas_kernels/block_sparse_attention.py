@@ -89,7 +89,6 @@ class _Static:
   fused_dq: bool
   transpose_bwd: bool
   full_fast_path: bool
-  fwd_pairs: bool
   scale: float
   num_warps: int | None
   num_stages: int | None
@@ -207,8 +206,7 @@ def _fwd_kernel(
     cnt_ref,  # [] int32, how many
     o_ref,  # [R, D]
     lse_ref,  # [R] fp32, log2-sum-exp2 of the base-2 logits
-    *, block_size: int, groups: int, scale: float, fast: bool,
-    pairs: bool):
+    *, block_size: int, groups: int, scale: float, fast: bool):
   c = block_size
   rows, d = q_ref.shape
   block_q = sel_ref.shape[1]
@@ -218,58 +216,34 @@ def _fwd_kernel(
   one_hot = _one_hot(row_tok, block_q)
   q = q_ref[...]
 
-  cnt = cnt_ref[()]
-
-  def block_logits(i, valid):
-    """Masked logits [R, C] of the tile's i-th block, and its key rows;
-    `valid` False (a traced bool; None = always valid) masks it whole."""
+  def body(i, carry):
+    acc, m_prev, l_prev = carry
     j = idx_ref[i]
     blk = pl.ds(j * c, c)
     key_pos = j * c + jnp.arange(c, dtype=jnp.int32)
     sel_idx = (j, slice(None))
     mask_fn = lambda: _block_mask(sel_ref, sel_idx, one_hot, row_pos, key_pos)
-    full = None
-    if fast:
-      full = _block_is_full(sel_ref, sel_idx, j * c, first_tok, c)
-    if valid is not None:
-      mask_fn = lambda f=mask_fn: f() & valid
-      full = None if full is None else full & valid
-    s = _logits(q, k_ref[blk, :], bias_ref[blk], scale)
-    return _masked_logits(full, s, mask_fn), blk
-
-  per = 2 if pairs else 1  # blocks per step of the online softmax
-
-  def body(it, carry):
-    acc, m_prev, l_prev = carry
-    blocks = []
-    for u in range(per):
-      i = it * per + u
-      if u == 0:
-        blocks.append(block_logits(i, None))
-      else:  # the last pair of an odd list repeats a block, masked
-        blocks.append(block_logits(jnp.minimum(i, cnt - 1), i < cnt))
-    m_next = m_prev
-    for s, _ in blocks:
-      m_next = jnp.maximum(m_next, jnp.max(s, axis=1))
+    full = (_block_is_full(sel_ref, sel_idx, j * c, first_tok, c)
+            if fast else None)
+    s = _logits(q, k_ref[blk, :], bias_ref[blk], scale)  # [R, C]
+    s = _masked_logits(full, s, mask_fn)
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
     # In a row masked so far m_next is MASK_VALUE itself, and exp2(s -
     # m_next) would be 1 on its masked entries: subtract 0 there instead,
     # so that every masked entry gives exp2(MASK_VALUE - m) = 0 with no
     # per-entry select.
     m_sub = jnp.where(m_next > 0.5 * common.MASK_VALUE, m_next, 0.0)
+    p = jnp.exp2(s - m_sub[:, None])
     corr = jnp.exp2(m_prev - m_next)
-    l_next, acc = corr * l_prev, corr[:, None] * acc
-    for s, blk in blocks:
-      p = jnp.exp2(s - m_sub[:, None])
-      l_next = l_next + jnp.sum(p, axis=1)
-      v = v_ref[blk, :]
-      acc = acc + _dot(p.astype(v.dtype), v)
+    l_next = corr * l_prev + jnp.sum(p, axis=1)
+    v = v_ref[blk, :]
+    acc = corr[:, None] * acc + _dot(p.astype(v.dtype), v)
     return acc, m_next, l_next
 
   carry = (jnp.zeros((rows, d), _F32),
            jnp.full((rows,), common.MASK_VALUE, _F32),
            jnp.zeros((rows,), _F32))
-  iters = lax.div(cnt + per - 1, per)
-  acc, m, denom = lax.fori_loop(0, iters, body, carry)
+  acc, m, denom = lax.fori_loop(0, cnt_ref[()], body, carry)
   # A row with no attended key (denom = 0) gives 0, and an lse the backward
   # never uses (its mask is empty in every block).
   l_safe = jnp.where(denom > 0.0, denom, 1.0)
@@ -437,7 +411,7 @@ def _forward(st: _Static, q_XRD, k_XSD, v_XSD, bias_XS, sel_XNT, idx_XQN,
   rows, nq = st.block_q * st.groups, idx_XQN.shape[1]
   kernel = functools.partial(_fwd_kernel, block_size=st.block_size,
                              groups=st.groups, scale=st.scale,
-                             fast=st.full_fast_path, pairs=st.fwd_pairs)
+                             fast=st.full_fast_path)
   full = lambda *shape: pl.BlockSpec((None, *shape),
                                      lambda i, b: (b,) + (0,) * len(shape))
   return pl.pallas_call(
@@ -697,8 +671,7 @@ def _check_triton(st: _Static, d: int):
 @functools.partial(
     jax.jit,
     static_argnames=("block_size", "block_sizes", "fused_dq",
-                     "transpose_bwd", "full_fast_path", "fwd_pairs",
-                     "num_warps",
+                     "transpose_bwd", "full_fast_path", "num_warps",
                      "num_stages", "interpret", "debug"))
 def block_sparse_attention(
     q_BTHD: jax.Array,
@@ -712,7 +685,6 @@ def block_sparse_attention(
     fused_dq: bool = False,
     transpose_bwd: bool = True,
     full_fast_path: bool = True,
-    fwd_pairs: bool = False,
     num_warps: int | None = None,
     num_stages: int | None = None,
     interpret: bool = False,
@@ -743,9 +715,6 @@ def block_sparse_attention(
       token mask when every token of the tile selected the block and the
       block lies wholly before the tile (no compares or selects; the same
       result). False always masks (the kernels before session 7).
-    fwd_pairs: the forward takes two blocks per step of its online softmax
-      (one running-max update and accumulator rescale per pair, two
-      independent K/V loads and matmul pairs in flight).
     num_warps: Triton warps per program (None: 4).
     num_stages: Triton pipeline stages (None: 2).
     interpret: run the kernels in the Pallas interpreter (CPU).
@@ -769,7 +738,6 @@ def block_sparse_attention(
                block_q_dq=bs.block_q_dq, block_q_dkv=bs.block_q_dkv,
                dkv_segment=bs.dkv_segment, fused_dq=fused_dq,
                transpose_bwd=transpose_bwd, full_fast_path=full_fast_path,
-               fwd_pairs=fwd_pairs,
                scale=1.0 / math.sqrt(d),
                num_warps=num_warps, num_stages=num_stages,
                interpret=interpret, debug=debug)

@@ -251,23 +251,21 @@ class BlockSparseAttentionTest(parameterized.TestCase):
     self._compare(q, k, v, bias, mask, c, cot, lowp_reference=True)
 
   @parameterized.product(dtype=(_BF16, np.float32),
-                          full_fast_path=(True, False),
-                          fwd_pairs=(False, True))
-  def test_forward_options(self, dtype, full_fast_path, fwd_pairs):
+                          full_fast_path=(True, False))
+  def test_full_fast_path(self, dtype, full_fast_path):
     # Sink + window + random extra blocks with 4-token tiles: most (tile,
     # block) pairs are full and take the unmasked branch; the tiles' own
     # blocks (causal inside) and blocks only some tokens picked do not. A
     # wrong full-pair test (any token instead of all, or the causal bound
-    # off by one) attends keys it must not and fails the comparison. Tiles
-    # have odd and even block counts (fwd_pairs masks the last pair's
-    # repeated block), and every third token selects nothing.
+    # off by one) attends keys it must not and fails the comparison. Every
+    # third token of one KV head selects nothing (all-masked rows).
     b, t, kh, g, d, c = 1, 150, 2, 4, 16, 16
     q, k, v, bias, cot = _inputs(17, b, t, kh * g, kh, d, dtype, True)
     mask = np.array(_nosa_like_mask(17, b, kh, t, c, sink=1, window=3,
                                     extra=2))
     mask[:, 1, np.arange(t) % 3 == 0] = False
     self._compare(q, k, v, bias, jnp.asarray(mask), c, cot, (4, 4, 4, 2),
-                  full_fast_path=full_fast_path, fwd_pairs=fwd_pairs)
+                  full_fast_path=full_fast_path)
 
   def test_segmented_nosa_like(self):
     # The sink block is in all 25 tiles' unions, the window blocks in many:
