@@ -144,7 +144,8 @@ def _block_scores_kernel(
     return c, (c >= 0) & (c < num_windows)
 
   def logits(j, o):
-    """[R, block_n] fp32 logits and visibility of offset o in tile j."""
+    """[R, block_n] fp32 logits in base 2 (log2(e) * q.k / sqrt(D), so the
+    softmax runs on exp2, one MUFU op) and visibility of offset o."""
     k = kbar_ref[o, pl.ds(pl.multiple_of(j * block_n, block_n), block_n), :]
     s = lax.dot_general(
         q, k.astype(q.dtype), (((1,), (1,)), ((), ())),
@@ -165,8 +166,8 @@ def _block_scores_kernel(
       m_new = jnp.maximum(m_i, s.max(axis=1))
       # Rows without a visible window so far keep m = -inf: shift by 0.
       shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-      p = jnp.where(visible, jnp.exp(s - shift[:, None]), 0.0)
-      l_i = jnp.exp(m_i - shift) * l_i + p.sum(axis=1)
+      p = jnp.where(visible, jnp.exp2(s - shift[:, None]), 0.0)
+      l_i = jnp.exp2(m_i - shift) * l_i + p.sum(axis=1)
       m_i = m_new
     return m_i, l_i
 
@@ -187,7 +188,7 @@ def _block_scores_kernel(
     best = jnp.full((bq, block_n), -jnp.inf, jnp.float32)
     for o in range(width):
       s, visible, exists = logits(j, o)
-      p = jnp.where(visible, jnp.exp(s - shift[:, None]) * inv_l[:, None],
+      p = jnp.where(visible, jnp.exp2(s - shift[:, None]) * inv_l[:, None],
                     0.0)
       if gp > 1:
         p = p.reshape(bq, gp, block_n).sum(axis=1)  # GQA sum (step 3)
@@ -338,7 +339,8 @@ def block_scores(
       axis=2)
 
   kern = functools.partial(
-      _block_scores_kernel, sm_scale=1.0 / math.sqrt(d), groups=g, gp=gp,
+      _block_scores_kernel, sm_scale=math.log2(math.e) / math.sqrt(d),
+      groups=g, gp=gp,
       num_windows=w, num_blocks=num_blocks, r=r, lead=lead, kernel=kernel,
       stride=stride, block_n=bn, precision=precision)
   rows = bq * gp
