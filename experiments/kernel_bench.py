@@ -34,8 +34,8 @@ compare like with like. Parts:
           --step_layers layers, per --step_variants (`full` = cuDNN dense,
           nosa with the Pallas or xla attention, and the Pallas attention
           with the block_scores kernel): tokens/s and MFU.
-  scores_sweep: the block_scores kernel (tf32) over block_n x num_warps
-          (`_SCORE_TILINGS`) at each --score_lengths T, chunked as the
+  scores_sweep: the block_scores kernel (tf32) over block_n, num_warps and
+          block_q (`_SCORE_TILINGS`) at each --score_lengths T, chunked as the
           selection calls it and on the whole T.
   scores: the query-aware block scores of the selection (issue #4) at each
           --score_lengths T, 1B-like heads: XLA `selection.query_aware_scores`
@@ -513,10 +513,14 @@ def bench_scores(rows):
           print(f"| {r['T']} | {name} | error | - | - |")
 
 
-# (block_n, num_warps) tilings of the block_scores kernel for scores_sweep;
-# (16, 4) is the default.
-_SCORE_TILINGS = ((16, 4), (32, 4), (64, 4), (16, 8), (32, 8), (64, 8),
-                  (128, 8))
+# (block_n, num_warps, block_q) tilings of the block_scores kernel for
+# scores_sweep; (16, 4, None) is the default (block_q None: 64 rows). The
+# H200 sweep of 2026-12-03 (block_q default only) found the default fastest;
+# block_n = 128 ran out of shared memory. Larger block_q (more query rows per
+# kbar load) is not measured yet.
+_SCORE_TILINGS = ((16, 4, None), (32, 4, None), (64, 4, None), (16, 8, None),
+                  (32, 8, None), (64, 8, None), (16, 4, 8), (16, 8, 8),
+                  (32, 8, 8), (16, 8, 16))
 
 
 def _score_runs(score, n, pos_T):
@@ -539,14 +543,15 @@ def bench_scores_sweep(rows):
         kk, PAPER.compress_kernel, PAPER.compress_stride))(kk)
     pos_T = jnp.arange(t)
     want = None
-    for block_n, warps in _SCORE_TILINGS:
+    for block_n, warps, block_q in _SCORE_TILINGS:
       tuning = {"precision": "tf32", "num_warps": warps,
-                "block_sizes": selection.ScoreBlockSizes(block_n=block_n)}
+                "block_sizes": selection.ScoreBlockSizes(block_q=block_q,
+                                                         block_n=block_n)}
       runs = _score_runs(functools.partial(
           selection.query_aware_scores_pallas, tuning=tuning), n, pos_T)
       for name, fn in runs.items():
         row = {"part": "scores_sweep", "T": t, "block_n": block_n,
-               "num_warps": warps, "call": name}
+               "block_q": block_q, "num_warps": warps, "call": name}
         try:
           got = fn(q, kbar)
           if want is None:

@@ -1,0 +1,52 @@
+"""experiments/kernel_bench.py: CPU smoke runs of the session-7 parts.
+
+The kernels run in the Pallas interpreter on CPU, so the figures mean
+nothing; what is checked is that each part runs end to end, writes its rows
+and compares variants on the same inputs. A subprocess, because the entry
+point's absl flags would clash with other experiments' in one worker.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+from absl.testing import absltest
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+
+
+@pytest.mark.slow
+class KernelBenchTest(absltest.TestCase):
+
+  def test_profile_bwd_sweep_and_scores_sweep(self):
+    out = self.create_tempdir().full_path
+    run = subprocess.run(
+        [sys.executable, "-m", "experiments.kernel_bench", f"--out={out}",
+         "--parts=bwd_sweep,train_profile,scores_sweep", "--lengths=256",
+         "--score_lengths=256", "--masks=local", "--iters=1",
+         "--bwd_variants=transposed_dq64rows_dkv64rows,"
+         "transposed_dq64rows_dkv64rows_masked"], cwd=REPO,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+        text=True, timeout=600)
+    self.assertEqual(run.returncode, 0, run.stderr[-3000:])
+    rows = json.load(open(os.path.join(out, "results.json")))["rows"]
+    errors = [r for r in rows if "error" in r]
+    self.assertEqual(errors, [])
+    sweep = [r for r in rows if r["part"] == "bwd_sweep"]
+    self.assertEqual([r["full_fast_path"] for r in sweep], [True, False])
+    # The masked kernels compute the same gradients (bf16 rounding aside).
+    self.assertLess(sweep[1]["max_rel_diff_vs_first"], 1e-2)
+    profile = [r["variant"] for r in rows if r["part"] == "train_profile"]
+    self.assertEqual(profile, ["dense_cudnn", "transposed_dq64rows_dkv64rows",
+                               "transposed_dq64rows_dkv64rows_masked"])
+    scores = [r for r in rows if r["part"] == "scores_sweep"]
+    self.assertLen(scores, 20)  # 10 tilings, chunked and whole-T
+    for r in scores:
+      self.assertLess(r["max_abs_diff_vs_first"], 1e-5, r)
+
+
+if __name__ == "__main__":
+  absltest.main()
