@@ -14,6 +14,7 @@ import sys
 import tempfile
 
 from absl.testing import absltest
+import pytest
 
 from nosa_jax import notebook_runner
 
@@ -96,6 +97,7 @@ class NotebooksTest(absltest.TestCase):
     self.assertNotIn("02_measured_vs_model.png", files)
     self.assertIn("No measured points", stdout)
 
+  @pytest.mark.slow  # 37 s; nosa_jax/analysis is unit-tested in analysis_test
   def test_03_tensorboard_analysis(self):
     files, stdout = self._run(NAMES[2])
     self.assertEqual(files, [

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from absl.testing import absltest
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -13,6 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(
 
 class ScalingTest(absltest.TestCase):
 
+  @pytest.mark.slow  # 39 s, two pretrain runs; meshes: sharding_test
   def test_runlocal(self):
     out = self.create_tempdir().full_path
     run = subprocess.run(
