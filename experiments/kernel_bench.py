@@ -13,7 +13,11 @@ compare like with like. Parts:
           selection (kernel scores) counted.
   decode: the split-K decode kernel at B = 16..64, budget 4096 tokens:
           achieved bandwidth on the bytes it must read, over the HBM
-          bandwidth measured in the same run (a large device copy), for
+          bandwidth measured in the same run (the best of a 2 GiB device
+          copy and two 2 GiB read-only sums), timed two ways: 20
+          calls chained in one unrolled jit over two distinct caches
+          (dispatch excluded, launch gaps included) and the GPU time of
+          its kernels in a jax.profiler trace; for
           the Pallas kernel and the jax-triton one (`_DECODE_KERNELS`:
           pipelined, unpipelined, and with each cache modifier / eviction
           policy), each with its largest difference from the xla path and
@@ -24,7 +28,6 @@ compare like with like. Parts:
           --lengths T: how much is the Pallas kernels, how much XLA's
           index lists and layout copies.
   train_sweep / decode_sweep: the same over kernel tilings.
-          Decode times chain 20 calls in one jit (dispatch excluded).
   bwd_sweep: the backward variants of the Pallas kernel (`_BWD_VARIANTS`:
           fused dq, transposed backward tiles, larger backward tiles) at
           each --lengths T with the last --masks kind: fwd and fwd+bwd ms
@@ -44,6 +47,9 @@ compare like with like. Parts:
           selection runs them, the kernel also on the whole T in one call;
           the full selection (scores + eviction + top-k) for scale, and each
           kernel's largest difference from the XLA scores.
+  selection_profile: per-kernel GPU time of the NOSA selection
+          (`select_blocks` with the block_scores kernel) at each
+          --score_lengths T.
 Prints a table and writes results.json under --out.
 
 Timing the scoring kernel (issue #4):
@@ -96,6 +102,8 @@ _STEP_VARIANTS = flags.DEFINE_list(
     f"Train-step variants of --parts=step, from {list(_STEP_VARIANT_CHOICES)}"
     ": attention implementation, and the query-aware scores by XLA or the "
     "block_scores kernel.")
+_DECODE_BATCHES = flags.DEFINE_list(
+    "decode_batches", ["16", "32", "64"], "Batch sizes of the decode parts.")
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed iterations per figure.")
 _MASKS = flags.DEFINE_list(
     "masks", ["random", "local"], "Selection inputs for the train part: "
@@ -140,25 +148,58 @@ def timeit(fn, *args, iters=None):
   return timing.timeit(fn, *args, iters=iters or _ITERS.value)
 
 
-def timeit_device(fn, *args, reps=20):
+def timeit_device(fn, arg_sets, reps=20):
   """Seconds per call with `reps` calls chained inside one jit.
 
   Host dispatch (tens of microseconds) would otherwise dominate calls that
-  run for ~100 us; each call's query depends on the previous output so
-  XLA cannot merge or drop them.
+  run for ~40 us. The chain is unrolled (an XLA while loop costs a
+  predicate round trip per iteration), cycles through `arg_sets` (distinct
+  caches, so that the working set exceeds the L2), and each call's query
+  depends on the previous output so XLA cannot merge or drop them.
   """
-  def chained(q, *rest):
-    def body(_, q_acc):
-      out = fn(q_acc, *rest)
-      return q_acc + (0 * out[..., :1]).astype(q_acc.dtype)
-    return jax.lax.fori_loop(0, reps, body, q)
+  def chained(sets):
+    q = sets[0][0]
+    for i in range(reps):
+      _, *rest = sets[i % len(sets)]
+      out = fn(q, *rest)
+      q = q + (0 * out[..., :1]).astype(q.dtype)
+    return q
   run = jax.jit(chained)
-  return timeit(run, *args) / reps
+  return timeit(run, arg_sets) / reps
 
 
-def hbm_bandwidth() -> float:
-  """Bytes/s of a 4 GiB device-to-device copy (read + write counted)."""
-  return timing.hbm_copy_bandwidth(2**31)
+def kernel_seconds(fn, arg_sets, calls=20):
+  """GPU time per call of `fn`, summed over its kernels (jax.profiler),
+  over `calls` calls cycling through `arg_sets`; and the kernels."""
+  jit_fn = jax.jit(fn)
+  cycle = [arg_sets[i % len(arg_sets)] for i in range(calls)]
+
+  def run_all(*_):
+    return [jit_fn(*a) for a in cycle]
+  kernels, busy_us = _kernel_profile(run_all, (), calls=1)
+  return busy_us * 1e-6 / calls, [
+      {**k, "count": k["count"] / calls, "us": k["us"] / calls}
+      for k in kernels]
+
+
+def hbm_bandwidth() -> dict:
+  """HBM references of the decode part, bytes/s, each the best of its
+  timed calls: a device copy of 2 GiB (4 GiB moved, both counted), and 2 GiB
+  read-only fp32 sums of bf16 data over the whole array and over rows of
+  8192 (XLA's row reduction); `bw` is the largest (the conservative
+  denominator of "fraction of HBM")."""
+  n = 2**30
+  x = jnp.ones((n,), jnp.bfloat16)
+  refs = {"copy": 2 * x.nbytes / timing.timeit(
+      jax.jit(lambda a: a + jnp.bfloat16(1)), x, iters=10, reduce=min)}
+  for name, shape, axis in (("read", (n,), None),
+                            ("read_rows", (n // 8192, 8192), 1)):
+    fn = jax.jit(lambda a, axis=axis: jnp.sum(a, axis=axis,
+                                              dtype=jnp.float32))
+    refs[name] = x.nbytes / timing.timeit(fn, x.reshape(shape), iters=10,
+                                          reduce=min)
+  del x
+  return {**refs, "bw": max(refs.values())}
 
 
 def _qkvb(key, b, t, h, k, d, dtype=jnp.bfloat16):
@@ -489,6 +530,27 @@ def _scores_row(t):
   return row
 
 
+def bench_selection_profile(rows):
+  """Where the NOSA selection's time goes: per-kernel GPU time of
+  `select_blocks` (block_scores kernel for the query-aware scores) at each
+  --score_lengths T, 1B-like heads."""
+  h, k, d = 32, 2, 128
+  cfg = dataclasses.replace(PAPER, score_implementation="pallas")
+  for t in (int(x) for x in _SCORE_LENGTHS.value):
+    q, kk, _, bias = _qkvb(jax.random.key(t), 1, t, h, k, d)
+    select = jax.jit(lambda q, kk, b: selection.select_blocks(q, kk, b, cfg))
+    row = {"part": "selection_profile", "T": t,
+           "wall_s": timeit(select, q, kk, bias)}
+    row["kernels"], busy_us = _kernel_profile(select, (q, kk, bias))
+    row["gpu_busy_s"] = busy_us * 1e-6
+    rows.append(row)
+    print(f"T={t} selection: wall {1e3 * row['wall_s']:.2f} ms, GPU busy "
+          f"{1e3 * row['gpu_busy_s']:.2f} ms", flush=True)
+    for kern in row["kernels"][:15]:
+      print(f"  {kern['us'] / 1e3:8.3f} ms x{kern['count']:<4d} "
+            f"{kern['name']}", flush=True)
+
+
 def bench_scores(rows):
   """XLA query-aware scores vs the `block_scores` kernel (issue #4)."""
   for t in (int(x) for x in _SCORE_LENGTHS.value):
@@ -513,14 +575,15 @@ def bench_scores(rows):
           print(f"| {r['T']} | {name} | error | - | - |")
 
 
-# (block_n, num_warps, block_q) tilings of the block_scores kernel for
-# scores_sweep; (16, 4, None) is the default (block_q None: 64 rows). The
-# H200 sweep of 2026-12-03 (block_q default only) found the default fastest;
-# block_n = 128 ran out of shared memory. Larger block_q (more query rows per
-# kbar load) is not measured yet.
-_SCORE_TILINGS = ((16, 4, None), (32, 4, None), (64, 4, None), (16, 8, None),
-                  (32, 8, None), (64, 8, None), (16, 4, 8), (16, 8, 8),
-                  (32, 8, 8), (16, 8, 16))
+# (block_n, num_warps, block_q[, num_stages]) tilings of the block_scores
+# kernel for scores_sweep; block_q None = the default, 128 rows (8 tokens of
+# G = 16 heads), with block_n 32 and 8 warps since session 8 (the fastest
+# of the H200 sweeps of 2026-12-03 16:42 and 16:53 UTC over 1024-query
+# chunks; 256 rows were 5% faster at 32k, 3% slower at 16k); (16, 4, 4) was
+# the default before. On the H200 block_n = 64 with 128 rows or more, and
+# 3 stages at 128 rows x 32 columns, exceed the 227 KB of shared memory.
+_SCORE_TILINGS = ((16, 4, 4), (32, 8, None), (32, 4, None), (32, 8, 16),
+                  (32, 16, 16), (16, 8, None), (16, 8, 16), (16, 4, None))
 
 
 def _score_runs(score, n, pos_T):
@@ -543,15 +606,17 @@ def bench_scores_sweep(rows):
         kk, PAPER.compress_kernel, PAPER.compress_stride))(kk)
     pos_T = jnp.arange(t)
     want = None
-    for block_n, warps, block_q in _SCORE_TILINGS:
+    for block_n, warps, block_q, *stages in _SCORE_TILINGS:
       tuning = {"precision": "tf32", "num_warps": warps,
+                "num_stages": stages[0] if stages else None,
                 "block_sizes": selection.ScoreBlockSizes(block_q=block_q,
                                                          block_n=block_n)}
       runs = _score_runs(functools.partial(
           selection.query_aware_scores_pallas, tuning=tuning), n, pos_T)
       for name, fn in runs.items():
         row = {"part": "scores_sweep", "T": t, "block_n": block_n,
-               "block_q": block_q, "num_warps": warps, "call": name}
+               "block_q": block_q, "num_warps": warps,
+               "num_stages": tuning["num_stages"], "call": name}
         try:
           got = fn(q, kbar)
           if want is None:
@@ -566,8 +631,8 @@ def bench_scores_sweep(rows):
         rows.append(row)
 
 
-def _decode_inputs(b, k=2, g=16, d=128, p=64, c=64):
-  keys = jax.random.split(jax.random.key(b), 4)
+def _decode_inputs(b, k=2, g=16, d=128, p=64, c=64, seed=0):
+  keys = jax.random.split(jax.random.key(1000 * seed + b), 4)
   q = jax.random.normal(keys[0], (b, k * g, d), jnp.bfloat16)
   kc = jax.random.normal(keys[1], (b, k, p * c, d), jnp.bfloat16)
   vc = jax.random.normal(keys[2], (b, k, p * c, d), jnp.bfloat16)
@@ -582,6 +647,7 @@ def _decode_inputs(b, k=2, g=16, d=128, p=64, c=64):
 _DECODE_KERNELS = (
     ("pallas", {}),
     ("jax_triton", {}),
+    ("jax_triton", {"num_stages": 3}),  # as the Pallas default since s8
     ("jax_triton", {"num_stages": 1}),
     ("jax_triton", {"cache_modifier": ".ca"}),
     ("jax_triton", {"cache_modifier": ".cg"}),
@@ -590,23 +656,35 @@ _DECODE_KERNELS = (
 )
 
 
-def _decode_timing(run, args, nbytes, bw):
-  secs = timeit_device(run, *args)
+def _decode_timing(run, arg_sets, nbytes, hbm):
+  """Chained wall time and profiled kernel time of one decode call."""
+  bw = hbm["bw"]
+  secs = timeit_device(run, arg_sets)
+  kernel_s, kernels = kernel_seconds(run, arg_sets)
   return {"seconds": secs, "bytes": nbytes,
           "achieved_GBps": nbytes / secs / 1e9, "hbm_GBps": bw / 1e9,
-          "fraction_of_hbm": nbytes / secs / bw}
+          **{f"hbm_{k}_GBps": v / 1e9 for k, v in hbm.items() if k != "bw"},
+          "fraction_of_hbm": nbytes / secs / bw,
+          # No GPU kernel tracks (CPU): no kernel time.
+          "kernel_seconds": kernel_s or float("nan"),
+          "fraction_of_hbm_kernels": (nbytes / kernel_s / bw if kernel_s
+                                      else float("nan")),
+          "kernels": kernels}
 
 
-def bench_decode(rows, sweep=False):
-  bw = hbm_bandwidth()
+def bench_decode(rows, sweep=False, save=lambda: None):
+  hbm = hbm_bandwidth()
+  print({k: f"{v / 1e9:.0f} GB/s" for k, v in hbm.items()}, flush=True)
   c = 64
   configs = _DECODE_KERNELS
   if sweep:
     configs = [("pallas", {"block_sizes": sparse_attention.DecodeBlockSizes(
         num_splits=ns), "num_warps": w, "num_stages": st})
                for ns in (None, 16, 8, 4, 2) for w in (4, 8) for st in (2, 3)]
-  for b in (16, 32, 64):
-    args = _decode_inputs(b)
+  for b in (int(x) for x in _DECODE_BATCHES.value):
+    # Two distinct caches (>= 134 MB at B = 16, over the 50 MB L2).
+    arg_sets = [_decode_inputs(b, seed=s) for s in range(2)]
+    args = arg_sets[0]
     nbytes = float(sparse_attention.decode_bytes_read(*args, c))
     want = (None if sweep else  # the xla path, once per B
             sparse_attention.decode_attention(*args, c).astype(jnp.float32))
@@ -618,26 +696,27 @@ def bench_decode(rows, sweep=False):
       options = {k: str(v) for k, v in tuning.items()}
       if sweep:
         row = {"part": "decode_sweep", "B": b,
-               **_decode_timing(run, args, nbytes, bw), **options}
+               **_decode_timing(run, arg_sets, nbytes, hbm), **options}
       else:
         row = {"part": "decode", "B": b, "kernel": kernel, **options}
         try:
-          row.update(_decode_timing(run, args, nbytes, bw))
+          row.update(_decode_timing(run, arg_sets, nbytes, hbm))
           row["max_abs_diff_vs_xla"] = float(jnp.max(jnp.abs(
               run(*args).astype(jnp.float32) - want)))
         except Exception as e:  # e.g. jax-triton missing: record, go on
           row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-      print(row, flush=True)
+      print({k: v for k, v in row.items() if k != "kernels"}, flush=True)
       rows.append(row)
+      save()
   if not sweep:
     _print_decode_table(rows)
 
 
 def _print_decode_table(rows):
   """Markdown table of the decode part, each kernel against Pallas at its B."""
-  print("| B | kernel | options | us | GB/s | of HBM | vs pallas | max abs "
-        "diff vs xla |")
-  print("|---|---|---|---|---|---|---|---|")
+  print("| B | kernel | options | chained us | of HBM | kernel us | of HBM "
+        "(kernels) | vs pallas | max abs diff vs xla |")
+  print("|---|---|---|---|---|---|---|---|---|")
   decode = [r for r in rows if r["part"] == "decode" and "kernel" in r]
   pallas = {r["B"]: r["seconds"] for r in decode
             if r["kernel"] == "pallas" and "seconds" in r}
@@ -648,13 +727,14 @@ def _print_decode_table(rows):
                         if k in r) or "default"
     if "seconds" not in r:
       print(f"| {r['B']} | {r['kernel']} | {options} | error: "
-            f"{r.get('error', '')[:80]} | - | - | - | - |")
+            f"{r.get('error', '')[:80]} | - | - | - | - | - |")
       continue
     ratio = (f"{pallas[r['B']] / r['seconds']:.2f}x" if r["B"] in pallas
              else "-")
     print(f"| {r['B']} | {r['kernel']} | {options} "
-          f"| {1e6 * r['seconds']:.1f} | {r['achieved_GBps']:.0f} "
-          f"| {r['fraction_of_hbm']:.2f} | {ratio} "
+          f"| {1e6 * r['seconds']:.1f} | {r['fraction_of_hbm']:.2f} "
+          f"| {1e6 * r['kernel_seconds']:.1f} "
+          f"| {r['fraction_of_hbm_kernels']:.2f} | {ratio} "
           f"| {r.get('max_abs_diff_vs_xla', float('nan')):.2g} |")
 
 
@@ -723,11 +803,12 @@ def main(argv):
   parts = (("train", bench_train), ("train_sweep", bench_train_sweep),
            ("bwd_sweep", lambda r: bench_bwd_sweep(r, save)),
            ("train_profile", bench_train_profile),
-           ("decode", bench_decode),
-           ("decode_sweep", lambda r: bench_decode(r, sweep=True)),
+           ("decode", lambda r: bench_decode(r, save=save)),
+           ("decode_sweep", lambda r: bench_decode(r, sweep=True, save=save)),
            ("step", bench_step),
            ("scores", bench_scores),
-           ("scores_sweep", bench_scores_sweep))
+           ("scores_sweep", bench_scores_sweep),
+           ("selection_profile", bench_selection_profile))
   for part, fn in parts:
     if part in _PARTS.value:
       try:

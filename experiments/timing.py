@@ -29,13 +29,6 @@ def timeit(fn, *args, iters: int = 10,
   return reduce(times)
 
 
-def hbm_copy_bandwidth(n_elements: int = 2**31) -> float:
-  """Bytes/s of a bf16 device-to-device copy (read + write counted)."""
-  x = jnp.ones((n_elements,), jnp.bfloat16)
-  copy = jax.jit(lambda a: a + jnp.bfloat16(1))
-  return 2 * x.nbytes / timeit(copy, x)
-
-
 def hbm_read_bandwidth(n_elements: int = 2**30) -> float:
   """Bytes/s of an fp32-accumulated sum of a bf16 array (read only; best of
   5)."""

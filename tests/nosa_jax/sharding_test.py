@@ -97,7 +97,6 @@ class BatchParallelTest(absltest.TestCase):
     self.assertEqual(got["no_mesh"], 8)
     self.assertEqual(got["indivisible"], 6)  # 6 % 4: left whole
     self.assertEqual(got["tensor_only"], 8)  # no batch axis > 1
-    self.assertLess(got["attention_max_abs_diff"], 1e-4)
     self.assertTrue(got["scores_mask_equal"])
     # (1, 2, 2): batch over fsdp, H and K over tensor (GQA groups intact);
     # heads left whole when tensor does not divide K.
