@@ -90,11 +90,14 @@ _XLA_MAX = flags.DEFINE_integer("xla_max_len", 32768,
                                 "Longest T for the xla sparse path.")
 _STEP_LAYERS = flags.DEFINE_integer(
     "step_layers", 28, "Layers of the 1B-like model in the step part.")
-# name -> (SparseConfig.variant, implementation, score_implementation).
+# name -> (SparseConfig.variant, implementation, score_implementation[,
+# ModelConfig.remat_keeps_selection, True if absent]).
 _STEP_VARIANT_CHOICES = {
     "full": ("full", "xla", "xla"),  # cuDNN dense attention
     "nosa_pallas": ("nosa", "pallas", "xla"),
     "nosa_pallas_scores": ("nosa", "pallas", "pallas"),
+    # The same, its remat backward repeating the selection (before s8).
+    "nosa_pallas_scores_reselect": ("nosa", "pallas", "pallas", False),
     "nosa_xla": ("nosa", "xla", "xla"),
 }
 _STEP_VARIANTS = flags.DEFINE_list(
@@ -741,14 +744,14 @@ def _print_decode_table(rows):
 def bench_step(rows):
   t_len = 16384
   for name in _STEP_VARIANTS.value:
-    variant, impl, scores = _STEP_VARIANT_CHOICES[name]
+    variant, impl, scores, *keep = _STEP_VARIANT_CHOICES[name]
     sparse = dataclasses.replace(PAPER, variant=variant, implementation=impl,
                                  score_implementation=scores)
     model = config_lib.ModelConfig(
         vocab_size=73448, num_layers=_STEP_LAYERS.value, model_dim=1536,
         num_heads=32, num_kv_heads=2, head_dim=128, mlp_dim=4096,
         tie_embeddings=True, dtype="bfloat16", remat="full", sparse=sparse,
-        scan_layers=True)
+        scan_layers=True, remat_keeps_selection=keep[0] if keep else True)
     cfg = config_lib.ExperimentConfig(
         model=model, train=config_lib.TrainConfig(
             seq_len=t_len, batch_size=1, num_steps=10, warmup_steps=1))
@@ -772,6 +775,7 @@ def bench_step(rows):
     peak = metrics_lib.peak_flops(jax.devices()[0].device_kind)
     row = {"part": "step", "name": name, "variant": variant,
            "implementation": impl, "score_implementation": scores,
+           "remat_keeps_selection": model.remat_keeps_selection,
            "layers": model.num_layers, "T": t_len, "seconds": secs,
            "compile_s": compile_s, "tokens_per_s": t_len / secs,
            "mfu": flops / secs / peak if peak else None,

@@ -158,6 +158,11 @@ class ModelConfig:
     dtype: compute dtype; parameters are kept in `param_dtype`.
     param_dtype: parameter storage dtype.
     remat: `none`, `full` (recompute each block) or `dots` (save matmuls).
+    remat_keeps_selection: with remat, also keep each layer's block mask of
+      the sparse selection (B*K*T*N bytes), so that the backward does not
+      repeat the selection (its scores and both top-k) only to rebuild a
+      value without gradient. False recomputes it (less memory at very
+      long T).
     scan_layers: run the blocks as one `jax.lax.scan` over their parameters
       stacked inside the forward, so the layer stack is compiled once
       instead of unrolled (minutes saved for deep models with Pallas
@@ -181,6 +186,7 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
+  remat_keeps_selection: bool = True
   scan_layers: bool = False
   sparse: SparseConfig = dataclasses.field(default_factory=SparseConfig)
 
@@ -202,8 +208,9 @@ class ModelConfig:
                f"must be one of {', '.join(DTYPES)}", getattr(self, name))
     _require(self.remat in REMAT_POLICIES, f"{p}.remat",
              f"must be one of {', '.join(REMAT_POLICIES)}", self.remat)
-    _require(isinstance(self.scan_layers, bool), f"{p}.scan_layers",
-             "must be a bool", self.scan_layers)
+    for name in ("remat_keeps_selection", "scan_layers"):
+      _require(isinstance(getattr(self, name), bool), f"{p}.{name}",
+               "must be a bool", getattr(self, name))
 
   @property
   def group_size(self) -> int:

@@ -198,7 +198,9 @@ def memory_plan(cfg: config_lib.ExperimentConfig,
   Parameters, gradients (param dtype) and AdamW moments (2 x fp32) are
   exact per-device shard sizes under the rules above. Activations are an
   estimate of the peak: with remat, the block inputs of every layer (model
-  dtype) plus one layer's live intermediates during its recomputation; the
+  dtype) and, for the sparse variants with `remat_keeps_selection`, every
+  layer's bool block mask, plus one layer's live intermediates during its
+  recomputation; the
   attention working set of one query chunk; and the fp32 logits with their
   gradient. Without remat every layer's intermediates are kept. With
   `scan_layers` the forward stacks the layer parameters (a copy; the
@@ -240,6 +242,13 @@ def memory_plan(cfg: config_lib.ExperimentConfig,
     attn = 3 * b_local * heads_local * chunk * t.seq_len * 4
   saved = (m.num_layers * tokens * m.model_dim * act if m.remat != "none"
            else m.num_layers * layer)
+  if (m.remat != "none" and m.remat_keeps_selection
+      and m.sparse.variant != "full"):
+    # Each layer's bool block mask [B, K, T, N], kept by the remat policy.
+    kv_local = (m.num_kv_heads // tp if m.num_kv_heads % tp == 0
+                else m.num_kv_heads)
+    saved += (m.num_layers * tokens * kv_local
+              * -(-t.seq_len // m.sparse.block_size))
   vocab_local = m.vocab_size // tp if m.vocab_size % tp == 0 else m.vocab_size
   logits = 2 * tokens * vocab_local * 4
   stacked = 0

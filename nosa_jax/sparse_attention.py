@@ -20,6 +20,7 @@ import math
 from typing import Literal, Optional
 
 import jax
+from jax import ad_checkpoint
 import jax.numpy as jnp
 
 from nosa_jax import config as config_lib
@@ -211,6 +212,11 @@ def sparse_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
   return out[:, :t]
 
 
+# The `ad_checkpoint.checkpoint_name` of the block mask in
+# `nosa_attention`; `model` remat policies save values of this name.
+SELECTION_CHECKPOINT_NAME = "nosa_block_mask"
+
+
 def nosa_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
                    bias_BTK: Optional[jax.Array],
                    cfg: config_lib.SparseConfig):
@@ -245,6 +251,11 @@ def nosa_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
   bias = bias_BTK if use_bias else None
   mask_BKTN, pinned_BKTN = selection.select_block_masks(
       sg(q_BTHD), sg(k_BTKD), None if bias is None else sg(bias), cfg)
+  # Named so that the model's remat policies save it: under remat the
+  # backward would otherwise recompute the whole selection (scores, two
+  # top-k) only to rebuild this mask. It is B*K*T*N bytes per layer.
+  mask_BKTN = ad_checkpoint.checkpoint_name(mask_BKTN,
+                                            SELECTION_CHECKPOINT_NAME)
   out_BTHD = sparse_attention(
       q_BTHD, k_BTKD, v_BTKD, bias, mask_BKTN, block_size=cfg.block_size,
       query_chunk=cfg.query_chunk, implementation=cfg.implementation)

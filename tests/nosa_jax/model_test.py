@@ -86,6 +86,58 @@ class ForwardTest(parameterized.TestCase):
       np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
+def _count_primitive(jaxpr, name: str) -> int:
+  """Equations of primitive `name` in a jaxpr, nested jaxprs included."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == name
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, "eqns"):
+          n += _count_primitive(sub, name)
+  return n
+
+
+class RematSelectionTest(parameterized.TestCase):
+  """Remat keeps the selection's block mask: the backward does not repeat
+  the selection (2 top-k per layer for nosa)."""
+
+  def _top_k_in_grad(self, **overrides):
+    cfg = testing.tiny_model_config("nosa", **overrides)
+    graphdef, params = model.init(cfg, 0)
+    batch = testing.random_tokens(jax.random.key(1), 2, 97)
+    grad = jax.grad(lambda p: train.loss_fn(p, graphdef, cfg, batch)[0])
+    return _count_primitive(jax.make_jaxpr(grad)(params).jaxpr, "top_k")
+
+  @parameterized.product(remat=["full", "dots"], scan_layers=[False, True])
+  def test_backward_does_not_repeat_the_selection(self, remat, scan_layers):
+    once = self._top_k_in_grad(scan_layers=scan_layers)
+    self.assertEqual(once, 2 * (1 if scan_layers else 2))  # 2 per layer
+    self.assertEqual(
+        self._top_k_in_grad(remat=remat, scan_layers=scan_layers), once)
+    # Without keeping the mask, the rematerialised backward selects again.
+    self.assertEqual(
+        self._top_k_in_grad(remat=remat, scan_layers=scan_layers,
+                            remat_keeps_selection=False), 2 * once)
+
+  def test_same_gradients_with_the_kept_selection(self):
+    # The per-layer loop (scan_layers_test covers the scanned stack).
+    batch = testing.random_tokens(jax.random.key(1), 2, 97)
+    grads = []
+    for overrides in ({}, {"remat": "full"}):
+      cfg = testing.tiny_model_config("nosa", **overrides)
+      graphdef, params = model.init(cfg, 0)
+      grads.append(jax.jit(jax.grad(lambda p, g=graphdef, c=cfg: train.loss_fn(
+          p, g, c, batch)[0]))(params))
+    for a, b in zip(*(jax.tree.leaves(g) for g in grads), strict=True):
+      np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+  def test_bad_flag_is_named(self):
+    with self.assertRaisesRegex(ValueError, "model.remat_keeps_selection"):
+      testing.tiny_model_config("nosa", remat_keeps_selection="yes")
+
+
 class OverfitTest(absltest.TestCase):
 
   def test_overfits_a_repeated_sequence(self):
