@@ -47,9 +47,10 @@ compare like with like. Parts:
           selection runs them, the kernel also on the whole T in one call;
           the full selection (scores + eviction + top-k) for scale, and each
           kernel's largest difference from the XLA scores.
-  selection_profile: per-kernel GPU time of the NOSA selection
-          (`select_blocks` with the block_scores kernel) at each
-          --score_lengths T.
+  selection_profile: per-kernel GPU time of the NOSA selection as
+          training runs it (`select_block_masks` with the block_scores
+          kernel) at each --score_lengths T, as the library runs it and
+          with the final top-k and compare-reduce membership it replaced.
 Prints a table and writes results.json under --out.
 
 Timing the scoring kernel (issue #4):
@@ -533,25 +534,57 @@ def _scores_row(t):
   return row
 
 
+def _masks_by_final_top_k(sq, se, pos, cfg):
+  """The session-7 `select_masks_from_scores`: members of the top-k."""
+  idx, valid, pinned = selection.select_from_scores(sq, se, pos, cfg)
+  return selection._members(idx, valid, se.shape[-1]), pinned  # pylint: disable=protected-access
+
+
 def bench_selection_profile(rows):
-  """Where the NOSA selection's time goes: per-kernel GPU time of
-  `select_blocks` (block_scores kernel for the query-aware scores) at each
-  --score_lengths T, 1B-like heads."""
+  """Where the NOSA selection's time goes: per-kernel GPU time of the
+  training path's `select_block_masks` (block_scores kernel for the
+  query-aware scores) at each --score_lengths T, 1B-like heads, as the
+  library runs it (final mask from one se order per head, membership by
+  scatter; session 8) and, for the baseline in the same run, with the
+  final top-k and with membership by compare-reduce (session 7)."""
   h, k, d = 32, 2, 128
   cfg = dataclasses.replace(PAPER, score_implementation="pallas")
+  library = {"_members": selection._members,  # pylint: disable=protected-access
+             "select_masks_from_scores": selection.select_masks_from_scores}
+  variants = {
+      "library": {},
+      "final_top_k": {"select_masks_from_scores": _masks_by_final_top_k},
+      "final_top_k_compare": {
+          "select_masks_from_scores": _masks_by_final_top_k,
+          "_members": selection._members_by_compare},  # pylint: disable=protected-access
+  }
   for t in (int(x) for x in _SCORE_LENGTHS.value):
     q, kk, _, bias = _qkvb(jax.random.key(t), 1, t, h, k, d)
-    select = jax.jit(lambda q, kk, b: selection.select_blocks(q, kk, b, cfg))
-    row = {"part": "selection_profile", "T": t,
-           "wall_s": timeit(select, q, kk, bias)}
-    row["kernels"], busy_us = _kernel_profile(select, (q, kk, bias))
-    row["gpu_busy_s"] = busy_us * 1e-6
-    rows.append(row)
-    print(f"T={t} selection: wall {1e3 * row['wall_s']:.2f} ms, GPU busy "
-          f"{1e3 * row['gpu_busy_s']:.2f} ms", flush=True)
-    for kern in row["kernels"][:15]:
-      print(f"  {kern['us'] / 1e3:8.3f} ms x{kern['count']:<4d} "
-            f"{kern['name']}", flush=True)
+    masks = {}
+    for name, patch in variants.items():
+      for attr, fn in patch.items():
+        setattr(selection, attr, fn)
+      try:
+        select = jax.jit(lambda q, kk, b: selection.select_block_masks(
+            q, kk, b, cfg))
+        masks[name] = select(q, kk, bias)
+        row = {"part": "selection_profile", "T": t, "variant": name,
+               "wall_s": timeit(select, q, kk, bias)}
+        row["kernels"], busy_us = _kernel_profile(select, (q, kk, bias))
+      finally:
+        for attr, fn in library.items():
+          setattr(selection, attr, fn)
+      row["gpu_busy_s"] = busy_us * 1e-6
+      row["same_masks_as_library"] = all(
+          bool(jnp.array_equal(a, b)) for a, b in zip(
+              masks[name], masks["library"], strict=True))
+      rows.append(row)
+      print(f"T={t} selection ({name}): wall {1e3 * row['wall_s']:.2f} ms, "
+            f"GPU busy {1e3 * row['gpu_busy_s']:.2f} ms, same masks "
+            f"{row['same_masks_as_library']}", flush=True)
+      for kern in row["kernels"][:12]:
+        print(f"  {kern['us'] / 1e3:8.3f} ms x{kern['count']:<4d} "
+              f"{kern['name']}", flush=True)
 
 
 def bench_scores(rows):

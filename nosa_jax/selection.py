@@ -317,10 +317,39 @@ def forced_and_future(positions_T: jax.Array, n_blocks: int,
 
 def _members(idx_BKTP: jax.Array, valid_BKTP: jax.Array,
              n_blocks: int) -> jax.Array:
-  """[B, K, T, N] bool: block j is among the valid entries of idx."""
+  """[B, K, T, N] bool: block j is among the valid entries of idx.
+
+  A scatter-add of the P entries of each row (invalid ones into a spare
+  column N): O(T P) work, where comparing every entry with every block
+  (`_members_by_compare`, the reference) is O(T P N).
+  """
+  b, k, t, _ = idx_BKTP.shape
+  col_BKTP = jnp.where(valid_BKTP, idx_BKTP, n_blocks)
+  b_i = jnp.arange(b)[:, None, None, None]
+  k_i = jnp.arange(k)[None, :, None, None]
+  t_i = jnp.arange(t)[None, None, :, None]
+  hits = jnp.zeros((b, k, t, n_blocks + 1), jnp.int32).at[
+      b_i, k_i, t_i, col_BKTP].add(1)
+  return hits[..., :n_blocks] > 0
+
+
+def _members_by_compare(idx_BKTP: jax.Array, valid_BKTP: jax.Array,
+                        n_blocks: int) -> jax.Array:
+  """`_members` by comparing each entry with each block (its reference)."""
   j_N = jnp.arange(n_blocks)
   hit = (idx_BKTP[..., None] == j_N[None, None, None, None, :])
   return jnp.any(hit & valid_BKTP[..., None], axis=-2)
+
+
+def _query_picks(sq_forced_BKTN: jax.Array, jt: jax.Array,
+                 cfg: config_lib.SparseConfig) -> jax.Array:
+  """NOSA phase 1, Q(t) as a [B, K, T, N] mask: the query_topk_blocks best
+  of the query-aware scores with the forced (+inf) and future (-inf)
+  blocks set. When fewer than that are causal, top_k also returns future
+  blocks; they are dropped by the validity check (block <= jt)."""
+  n = sq_forced_BKTN.shape[-1]
+  _, q_idx = jax.lax.top_k(sq_forced_BKTN, min(cfg.query_topk_blocks, n))
+  return _members(q_idx, q_idx <= jt, n)
 
 
 def select_from_scores(sq_BKTN: Optional[jax.Array],
@@ -363,12 +392,7 @@ def select_from_scores(sq_BKTN: Optional[jax.Array],
     final_BKTN = with_forced(se_BKN[:, :, None, :])
     pinned_BKTN = jnp.broadcast_to(forced, shape)
   elif cfg.variant == "nosa":
-    # Phase 1: Q(t), including the forced blocks. When fewer than
-    # query_topk_blocks blocks are causal, top_k also returns future (-inf)
-    # blocks; they are dropped by the validity check.
-    _, q_idx = jax.lax.top_k(with_forced(sq_BKTN),
-                             min(cfg.query_topk_blocks, n))
-    pinned_BKTN = _members(q_idx, q_idx <= jt, n)
+    pinned_BKTN = _query_picks(with_forced(sq_BKTN), jt, cfg)
     # Phase 2: query-aware picks always survive; the rest by eviction score.
     final_BKTN = jnp.where(pinned_BKTN, _INF,
                            with_forced(se_BKN[:, :, None, :]))
@@ -384,6 +408,59 @@ def select_from_scores(sq_BKTN: Optional[jax.Array],
   if pinned_BKTN is None:
     pinned_BKTN = _members(idx, valid, n)
   return idx, valid, pinned_BKTN
+
+
+def select_masks_from_scores(sq_BKTN: Optional[jax.Array],
+                             se_BKN: Optional[jax.Array],
+                             positions_T: jax.Array,
+                             cfg: config_lib.SparseConfig):
+  """`select_from_scores` as block masks: (mask_BKTN, pinned_BKTN).
+
+  The same blocks as `_members` of its indices. For dma and nosa the final
+  top-k is not run: its scores are +inf on the pinned and forced blocks
+  (at most topk_blocks of them: the config guarantees forced <=
+  query_topk_blocks <= topk_blocks), -inf on the future ones and the
+  query-independent se elsewhere. So it takes every +inf block and fills
+  the room left with the causal rest in one order of se per (B, K)
+  (descending, ties to the lower block index, -inf last, as top_k ranks
+  them). A block's rank in that order among a query's candidates is a 0/1
+  matmul, candidates [T, N] x precedes [N, N] (exact: bf16 0/1 operands,
+  fp32 sums), instead of a sort of N values per query. infllmv2 (whose
+  final scores depend on the query) keeps the top-k.
+  """
+  if cfg.variant not in ("dma", "nosa"):
+    idx, valid, pinned_BKTN = select_from_scores(sq_BKTN, se_BKN,
+                                                 positions_T, cfg)
+    n = (se_BKN if sq_BKTN is None else sq_BKTN).shape[-1]
+    return _members(idx, valid, n), pinned_BKTN
+  b, k, n = se_BKN.shape
+  t = positions_T.shape[0]
+  forced_TN, future_TN = forced_and_future(positions_T, n, cfg)
+  forced = forced_TN[None, None]
+  future = future_TN[None, None]
+  shape = (b, k, t, n)
+  if cfg.variant == "nosa":
+    jt = (positions_T // cfg.block_size)[None, None, :, None]
+    sq_forced = jnp.where(future, -_INF, jnp.where(
+        forced, _INF, jnp.broadcast_to(sq_BKTN.astype(_F32), shape)))
+    pinned_BKTN = _query_picks(sq_forced, jt, cfg)
+  else:
+    pinned_BKTN = jnp.broadcast_to(forced, shape)
+  top = pinned_BKTN | forced  # the +inf entries of the final top-k
+  room_BKT = (min(cfg.topk_blocks, n)
+              - jnp.sum(top, axis=-1, dtype=jnp.int32))
+  rest = ~top & ~future
+  se = se_BKN.astype(_F32)
+  j_N = jnp.arange(n)
+  # precedes[i, j]: block i ranks before block j in the final top-k.
+  precedes_BKNN = ((se[..., :, None] > se[..., None, :])
+                   | ((se[..., :, None] == se[..., None, :])
+                      & (j_N[:, None] < j_N[None, :])[None, None]))
+  before_BKTN = jnp.einsum(
+      "bktn,bknm->bktm", rest.astype(jnp.bfloat16),
+      precedes_BKNN.astype(jnp.bfloat16), preferred_element_type=_F32)
+  take_rest = rest & (before_BKTN < room_BKT[..., None].astype(_F32))
+  return top | take_rest, pinned_BKTN
 
 
 # ------------------------------------------------------------------------------
@@ -415,8 +492,10 @@ def _map_query_chunks(fn: Callable, q_BTHD: jax.Array, chunk: int):
   return jax.tree.map(merge, out)
 
 
-def _selection_chunk_fn(q_BTHD, k_BTKD, bias_BTK, cfg, n_blocks):
-  """Returns fn(q_chunk, positions) -> (idx, valid, pinned) for one chunk."""
+def _selection_chunk_fn(q_BTHD, k_BTKD, bias_BTK, cfg, n_blocks,
+                        masks=False):
+  """Returns fn(q_chunk, positions) -> (idx, valid, pinned) for one chunk,
+  or -> (mask, pinned) with `masks`."""
   sg = jax.lax.stop_gradient
   kbar_BWKD = None
   se_BKN = None
@@ -442,6 +521,8 @@ def _selection_chunk_fn(q_BTHD, k_BTKD, bias_BTK, cfg, n_blocks):
     elif kbar_BWKD is not None:
       sq_BKTN = query_aware_scores(sg(q_chunk_BTHD), kbar_BWKD, positions_T,
                                    cfg, n_blocks)
+    if masks:
+      return select_masks_from_scores(sq_BKTN, se_BKN, positions_T, cfg)
     return select_from_scores(sq_BKTN, se_BKN, positions_T, cfg)
 
   return fn
@@ -510,13 +591,8 @@ def select_block_masks(q_BTHD: jax.Array, k_BTKD: jax.Array,
     _, future_TN = forced_and_future(jnp.arange(t), n, cfg)
     mask = jnp.broadcast_to(~future_TN[None, None], (b, k, t, n))
     return mask, mask
-  fn = _selection_chunk_fn(q_BTHD, k_BTKD, bias_BTK, cfg, n)
-
-  def chunk_masks(q_chunk, positions):
-    idx, valid, pinned = fn(q_chunk, positions)
-    return _members(idx, valid, n), pinned
-
-  return _map_query_chunks(chunk_masks, q_BTHD, cfg.query_chunk)
+  fn = _selection_chunk_fn(q_BTHD, k_BTKD, bias_BTK, cfg, n, masks=True)
+  return _map_query_chunks(fn, q_BTHD, cfg.query_chunk)
 
 
 def block_mask(q_BTHD: jax.Array, k_BTKD: jax.Array,

@@ -289,6 +289,61 @@ class SelectionTest(parameterized.TestCase):
       selection.block_mask(q, k, None, _cfg(variant="dma"))
 
 
+class MembersTest(absltest.TestCase):
+
+  def test_scatter_equals_compare(self):
+    # Random indices with repeats and invalid (-1 / masked) entries.
+    rng = np.random.default_rng(0)
+    n = 11
+    idx = jnp.asarray(rng.integers(-1, n, size=(2, 3, 17, 5)), jnp.int32)
+    valid = jnp.asarray(rng.random((2, 3, 17, 5)) < 0.8) & (idx >= 0)
+    got = selection._members(idx, valid, n)  # pylint: disable=protected-access
+    want = selection._members_by_compare(idx, valid, n)  # pylint: disable=protected-access
+    self.assertEqual(got.shape, (2, 3, 17, n))
+    self.assertGreater(int(got.sum()), 0)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+class MasksFromScoresTest(parameterized.TestCase):
+  """`select_masks_from_scores` (no final top-k for dma / nosa) equals the
+  members of `select_from_scores`' indices, ties and -inf scores
+  included."""
+
+  @parameterized.product(
+      variant=["nosa", "dma", "infllmv2"],
+      sizes=[dict(t=70, c=8, topk=6, qtopk=3, window=1, sink=1),
+             dict(t=40, c=8, topk=12, qtopk=5, window=1, sink=0),  # P >= N
+             dict(t=90, c=16, topk=5, qtopk=4, window=2, sink=1)],  # Q = forced
+      levels=[3, 0])  # scores drawn from 3 values (ties), or continuous
+  def test_equals_members_of_the_indices(self, variant, sizes, levels):
+    t, c = sizes["t"], sizes["c"]
+    cfg = _cfg(variant=variant, block_size=c, topk_blocks=sizes["topk"],
+               query_topk_blocks=sizes["qtopk"],
+               window_blocks=sizes["window"], sink_blocks=sizes["sink"])
+    n = -(-t // c)
+    rng = np.random.default_rng(sizes["topk"] + levels)
+    draw = ((lambda *s: rng.integers(0, levels, s).astype(np.float32))
+            if levels else (lambda *s: rng.normal(size=s)))
+    sq = jnp.asarray(draw(2, 3, t, n), jnp.float32)
+    se_np = draw(2, 3, n)
+    se_np[:, :, -1] = -np.inf  # a block without windows
+    se = jnp.asarray(se_np, jnp.float32)
+    pos = jnp.arange(t) + 5  # not starting at 0
+    if variant == "dma":
+      sq = None
+    idx, valid, pinned_want = selection.select_from_scores(sq, se, pos, cfg)
+    want = selection._members_by_compare(idx, valid, n)  # pylint: disable=protected-access
+    got, pinned = selection.select_masks_from_scores(sq, se, pos, cfg)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(pinned), np.asarray(pinned_want))
+    # Every query keeps exactly min(topk, causal blocks).
+    causal = np.minimum(np.asarray(pos) // c + 1, n)
+    np.testing.assert_array_equal(np.asarray(got).sum(-1),
+                                  np.broadcast_to(np.minimum(sizes["topk"],
+                                                             causal),
+                                                  (2, 3, t)))
+
+
 class LocalityTest(parameterized.TestCase):
 
   # C=4, sink 1, window 2 (+ own block), query top-k 7 (3 free picks),
