@@ -342,6 +342,12 @@ def _members_by_compare(idx_BKTP: jax.Array, valid_BKTP: jax.Array,
   return jnp.any(hit & valid_BKTP[..., None], axis=-2)
 
 
+def _with_forced(s_BKTN, forced, future, shape):
+  """Scores broadcast to `shape` (fp32), forced blocks +inf, future -inf."""
+  s_BKTN = jnp.broadcast_to(s_BKTN.astype(_F32), shape)
+  return jnp.where(future, -_INF, jnp.where(forced, _INF, s_BKTN))
+
+
 def _query_picks(sq_forced_BKTN: jax.Array, jt: jax.Array,
                  cfg: config_lib.SparseConfig) -> jax.Array:
   """NOSA phase 1, Q(t) as a [B, K, T, N] mask: the query_topk_blocks best
@@ -383,8 +389,7 @@ def select_from_scores(sq_BKTN: Optional[jax.Array],
   shape = (b, k, t, n)
 
   def with_forced(s_BKTN):
-    s_BKTN = jnp.broadcast_to(s_BKTN.astype(_F32), shape)
-    return jnp.where(future, -_INF, jnp.where(forced, _INF, s_BKTN))
+    return _with_forced(s_BKTN, forced, future, shape)
 
   if cfg.variant == "infllmv2":
     final_BKTN = with_forced(sq_BKTN)
@@ -442,9 +447,8 @@ def select_masks_from_scores(sq_BKTN: Optional[jax.Array],
   shape = (b, k, t, n)
   if cfg.variant == "nosa":
     jt = (positions_T // cfg.block_size)[None, None, :, None]
-    sq_forced = jnp.where(future, -_INF, jnp.where(
-        forced, _INF, jnp.broadcast_to(sq_BKTN.astype(_F32), shape)))
-    pinned_BKTN = _query_picks(sq_forced, jt, cfg)
+    pinned_BKTN = _query_picks(_with_forced(sq_BKTN, forced, future, shape),
+                               jt, cfg)
   else:
     pinned_BKTN = jnp.broadcast_to(forced, shape)
   top = pinned_BKTN | forced  # the +inf entries of the final top-k

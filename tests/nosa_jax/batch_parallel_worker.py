@@ -4,13 +4,13 @@
       python -m tests.nosa_jax.batch_parallel_worker
 
 Prints one JSON line: the batch each call of the wrapped function saw while
-tracing, per case, and the largest |difference| of the Pallas (interpret)
-sparse attention, forward and gradients, run under a (2, 2, 1) mesh against
-the same call without a mesh, on a (1, 2, 2) mesh (batch over fsdp, heads
-over tensor: both splits in one run; each interpret-mode compile of the
-backward costs ~20 s on 2 CPU cores, so the (2, 2, 1) mesh, whose batch
-split this one contains, checks only the selection), and whether selection
-with the block_scores kernel picks the same blocks on both meshes.
+tracing, per case; the largest |difference| of the Pallas (interpret)
+sparse attention, forward and gradients, between a (1, 2, 2) mesh (batch
+over fsdp, heads over tensor: both splits in one run) and the same call
+without a mesh (each interpret-mode compile of the backward costs ~20 s on
+2 CPU cores, so it is not repeated on the (2, 2, 1) mesh, whose batch split
+the first one contains); and whether selection with the block_scores
+kernel picks the same blocks on both meshes.
 """
 
 import json
