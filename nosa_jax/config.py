@@ -134,8 +134,19 @@ class SparseConfig:
              "must be a number >= 0", self.locality_weight)
 
   @property
+  def is_sparse(self) -> bool:
+    """Whether attention is block-sparse (every variant but `full`)."""
+    return self.variant != "full"
+
+  @property
+  def query_aware(self) -> bool:
+    """Whether selection scores the query against compressed keys (kbar)."""
+    return self.variant in ("infllmv2", "nosa")
+
+  @property
   def has_eviction_head(self) -> bool:
-    """Whether the variant owns the eviction head (A, delta) and its bias."""
+    """Whether the variant owns the eviction head (A, delta) and its bias,
+    which enters both the attention logits and the query-agnostic scores."""
     return self.variant in ("dma", "nosa")
 
 
