@@ -22,6 +22,7 @@ import jax
 from ml_collections import config_flags
 
 from nosa_jax import config as config_lib
+from nosa_jax import memory_plan
 from nosa_jax import sharding
 from nosa_jax import train
 
@@ -52,8 +53,8 @@ def dry_run(cfg: config_lib.ExperimentConfig) -> None:
   mesh = sharding.resolve_mesh_shape(cfg.train.mesh_shape, n)
   limit = (_DEVICE_GIB.value or 0) * 2**30 or (
       jax.devices()[0].memory_stats() or {}).get("bytes_limit", 0)
-  plan = sharding.memory_plan(cfg, mesh)
-  print(sharding.format_plan(plan, limit))
+  plan = memory_plan.memory_plan(cfg, mesh)
+  print(memory_plan.format_plan(plan, limit))
   if limit and plan.total > limit:
     sys.exit(f"will not fit: {plan.total / 2**30:.1f} GiB per device needed, "
              f"{limit / 2**30:.1f} GiB available; use more devices, a larger "

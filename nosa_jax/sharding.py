@@ -1,4 +1,4 @@
-"""SPMD: a named (data, fsdp, tensor) mesh, logical axis rules, memory plan.
+"""SPMD: a named (data, fsdp, tensor) mesh and logical axis rules.
 
 The model code is unchanged by sharding: parameters get a `NamedSharding`
 from their *logical* axes (named by parameter, below) through one rule
@@ -10,16 +10,17 @@ that multiplies to the device count works.
 Multi-host: every process builds the same global batch order and feeds only
 its own rows (`global_batch`), orbax saves and restores sharded arrays from
 all hosts, and restoring into a state laid out on another mesh reshards.
+
+The per-device memory estimate of a mesh (`--dry_run`) is in `memory_plan`,
+which imports this module and the model; this module imports neither.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -86,7 +87,8 @@ def make_mesh(shape: tuple[int, ...], devices=None) -> Mesh:
   return Mesh(np.asarray(devices).reshape(shape), AXES)
 
 
-def _leaf_name(path) -> str:
+def leaf_name(path) -> str:
+  """The parameter name of a pytree leaf path (its last string key)."""
   names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
   names = [n for n in names if isinstance(n, str) and n != "value"]
   return names[-1]
@@ -110,7 +112,7 @@ def _spec(axes: tuple[str | None, ...], shape: tuple[int, ...],
 def param_specs(params: Any, mesh_sizes: dict[str, int]) -> Any:
   """PartitionSpec per parameter leaf (works on arrays or ShapeDtypeStructs)."""
   def spec(path, x):
-    axes = PARAM_AXES[_leaf_name(path)]
+    axes = PARAM_AXES[leaf_name(path)]
     return _spec(axes, x.shape, mesh_sizes)
   return jax.tree_util.tree_map_with_path(spec, params)
 
@@ -165,115 +167,6 @@ def global_batch(batch_BT1: np.ndarray, mesh: Mesh) -> jax.Array:
   local = batch_BT1[p * rows // n:(p + 1) * rows // n]
   return jax.make_array_from_process_local_data(sharding, local,
                                                 batch_BT1.shape)
-
-
-# ----------------------------------------------------------------------------
-# Memory planning (--dry_run).
-# ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class MemoryPlan:
-  """Per-device bytes of one training step, an analytic estimate."""
-
-  mesh_shape: tuple[int, int, int]
-  params: int
-  grads: int
-  optimizer: int
-  activations: int
-
-  @property
-  def total(self) -> int:
-    return self.params + self.grads + self.optimizer + self.activations
-
-
-def _bytes(dtype: str) -> int:
-  return jnp.dtype(dtype).itemsize
-
-
-def memory_plan(cfg: config_lib.ExperimentConfig,
-                mesh_shape: tuple[int, int, int]) -> MemoryPlan:
-  """Estimates per-device memory for `cfg` on a mesh, without devices.
-
-  Parameters, gradients (param dtype) and AdamW moments (2 x fp32) are
-  exact per-device shard sizes under the rules above. Activations are an
-  estimate of the peak: with remat, the block inputs of every layer (model
-  dtype) and, for the sparse variants with `remat_keeps_selection`, every
-  layer's bool block mask, plus one layer's live intermediates during its
-  recomputation; the
-  attention working set of one query chunk; and the fp32 logits with their
-  gradient. Without remat every layer's intermediates are kept. With
-  `scan_layers` the forward stacks the layer parameters (a copy; the
-  matmul weights in the compute dtype) and the backward builds their
-  gradient stacked before splitting it per layer: two more copies, counted
-  with the activations.
-  """
-  from nosa_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  m, t = cfg.model, cfg.train
-  sizes = dict(zip(AXES, mesh_shape, strict=True))
-  _, abstract = model_lib.abstract_params(m)
-  specs = param_specs(abstract, sizes)
-
-  def shard_elems(x, spec):
-    n = x.size
-    for entry in spec:
-      if entry:
-        entry = entry if isinstance(entry, tuple) else (entry,)
-        n //= math.prod(sizes[a] for a in entry)
-    return n
-
-  elems = sum(jax.tree.leaves(jax.tree.map(shard_elems, abstract, specs)))
-  p_bytes = elems * _bytes(m.param_dtype)
-  batch_shards = sizes["data"] * sizes["fsdp"]
-  b_local = max(1, t.batch_size // batch_shards)
-  tp = sizes["tensor"]
-  act = _bytes(m.dtype)
-  tokens = b_local * t.seq_len
-  heads_local = m.num_heads // tp if m.num_heads % tp == 0 else m.num_heads
-  mlp_local = m.mlp_dim // tp if m.mlp_dim % tp == 0 else m.mlp_dim
-  # One layer's live intermediates (x, norms, q/k/v/out, gate/up/act).
-  layer = tokens * act * (4 * m.model_dim
-                          + (2 * heads_local + 2 * m.num_kv_heads)
-                          * m.head_dim + 3 * mlp_local)
-  if m.sparse.variant == "full":
-    attn = 0  # cuDNN / fused attention keeps O(T) state
-  else:
-    chunk = min(m.sparse.query_chunk, t.seq_len)
-    attn = 3 * b_local * heads_local * chunk * t.seq_len * 4
-  saved = (m.num_layers * tokens * m.model_dim * act if m.remat != "none"
-           else m.num_layers * layer)
-  if (m.remat != "none" and m.remat_keeps_selection
-      and m.sparse.variant != "full"):
-    # Each layer's bool block mask [B, K, T, N], kept by the remat policy.
-    kv_local = (m.num_kv_heads // tp if m.num_kv_heads % tp == 0
-                else m.num_kv_heads)
-    saved += (m.num_layers * tokens * kv_local
-              * -(-t.seq_len // m.sparse.block_size))
-  vocab_local = m.vocab_size // tp if m.vocab_size % tp == 0 else m.vocab_size
-  logits = 2 * tokens * vocab_local * 4
-  stacked = 0
-  if m.scan_layers:
-    # The matmul weights are stacked in the compute dtype, the rest in the
-    # parameter dtype (model.Transformer._scan_blocks).
-    stacked = 2 * sum(jax.tree.leaves(jax.tree.map_with_path(
-        lambda path, x, spec: shard_elems(x, spec) * _bytes(
-            m.dtype if _leaf_name(path) in model_lib.MATMUL_WEIGHTS
-            else m.param_dtype),
-        abstract["blocks"], specs["blocks"])))
-  return MemoryPlan(mesh_shape=tuple(mesh_shape), params=p_bytes,
-                    grads=p_bytes, optimizer=2 * elems * 4,
-                    activations=saved + 2 * layer + attn + logits + stacked)
-
-
-def format_plan(plan: MemoryPlan, device_bytes: int) -> str:
-  gib = lambda n: f"{n / 2**30:8.2f} GiB"
-  lines = [f"mesh (data, fsdp, tensor) = {plan.mesh_shape}, per device:",
-           f"  parameters   {gib(plan.params)}",
-           f"  gradients    {gib(plan.grads)}",
-           f"  optimizer    {gib(plan.optimizer)}  (AdamW moments, fp32)",
-           f"  activations  {gib(plan.activations)}  (estimate)",
-           f"  total        {gib(plan.total)}  of {gib(device_bytes)}"]
-  return "\n".join(lines)
 
 
 def batch_parallel(fn, *args: jax.Array | None,

@@ -1,6 +1,5 @@
 """SPMD on 8 virtual CPU devices: meshes follow the 1-device trajectory."""
 
-import dataclasses
 import glob
 import json
 import os
@@ -9,7 +8,6 @@ import subprocess
 import sys
 
 from absl.testing import absltest
-import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 import numpy as np
@@ -51,34 +49,6 @@ class SpecTest(absltest.TestCase):
     with self.assertRaisesRegex(config_lib.ConfigError, "train.mesh_shape"):
       sharding.resolve_mesh_shape((2, 2, 1), 8)
     self.assertEqual(sharding.resolve_mesh_shape((2, -1, 2), 8), (2, 2, 2))
-
-
-class MemoryPlanTest(absltest.TestCase):
-
-  def test_scan_layers_adds_two_copies_of_the_layer_params(self):
-    cfg = testing.tiny_config("nosa")
-    loop = dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, scan_layers=False))
-    scan = dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, scan_layers=True))
-    _, abstract = model.abstract_params(cfg.model)
-    block_bytes = model.count_params(abstract["blocks"]) * np.dtype(
-        cfg.model.param_dtype).itemsize
-    a, b = (sharding.memory_plan(c, (1, 1, 1)) for c in (scan, loop))
-    self.assertEqual(a.activations - b.activations, 2 * block_bytes)
-    self.assertEqual((a.params, a.grads, a.optimizer),
-                     (b.params, b.grads, b.optimizer))
-    # bf16 compute: the matmul weights are stacked in bf16, the rest fp32.
-    bf16 = lambda c: dataclasses.replace(c, model=dataclasses.replace(
-        c.model, dtype="bfloat16"))
-    a, b = (sharding.memory_plan(bf16(c), (1, 1, 1)) for c in (scan, loop))
-    matmul = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(
-        abstract["blocks"]) if any(getattr(k, "key", None) in
-                                   model.MATMUL_WEIGHTS for k in path))
-    other = model.count_params(abstract["blocks"]) - matmul
-    self.assertGreater(matmul, 0)
-    self.assertEqual(a.activations - b.activations,
-                     2 * (2 * matmul + 4 * other))
 
 
 class BatchParallelTest(absltest.TestCase):
