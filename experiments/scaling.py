@@ -37,6 +37,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from nosa_jax import analysis
+
 _CONFIG = flags.DEFINE_string("config", "configs/nosa_1b.py",
                               "Config file (with optional :args).")
 _MESHES = flags.DEFINE_string(
@@ -72,29 +74,15 @@ def parse_meshes(text: str) -> list[tuple[int, int, int]]:
 
 
 def read_scalars(logdir: str) -> dict[str, dict[int, float]]:
-  """{tag: {step: value}} from every event file under `logdir`."""
-  from tensorboard.backend.event_processing import event_file_loader
-  out: dict[str, dict[int, float]] = {}
+  """{tag: {step: value}} of a run's event files (`analysis.read_scalars`).
+
+  A run killed by --run_seconds may leave no directory ({} then) or a file
+  cut mid-record, which is read up to the cut.
+  """
   if not os.path.isdir(logdir):
-    return out
-  for name in sorted(os.listdir(logdir)):
-    if "tfevents" not in name:
-      continue
-    loader = event_file_loader.EventFileLoader(os.path.join(logdir, name))
-    try:
-      for event in loader.Load():
-        for v in event.summary.value:
-          # The loader turns simple_value scalars into float tensors.
-          if v.HasField("tensor") and v.tensor.float_val:
-            value = float(v.tensor.float_val[0])
-          elif v.HasField("simple_value"):
-            value = float(v.simple_value)
-          else:
-            continue
-          out.setdefault(v.tag, {})[int(event.step)] = value
-    except Exception:  # a file cut mid-record by the run's kill: keep the rest
-      pass
-  return out
+    return {}
+  return {tag: dict(zip(s.steps.tolist(), s.values.tolist(), strict=True))
+          for tag, s in analysis.read_scalars(logdir).items()}
 
 
 def summarize(meshes, scalars_per_run, seconds_per_run, cut_per_run):

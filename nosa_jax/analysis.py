@@ -17,8 +17,12 @@ under `<workdir>/tensorboard`):
   bias_BTK/layer_NN   histogram of the eviction bias (dma / nosa)
 
 A resumed run re-logs the steps after its last checkpoint; the value
-written last wins. Plotting helpers import matplotlib lazily (a `dev`
-dependency) and return the `Figure`.
+written last wins. A file cut mid-record (a run killed while writing) is
+read up to the cut. This is the project's one event-file reader:
+`evaluation.read_scalars` and `experiments/scaling.py` call it.
+
+Plotting helpers import matplotlib lazily (a `dev` dependency) and return
+the `Figure`.
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import math
 import os
 from typing import Any, Callable, Sequence
@@ -31,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nosa_jax import analysis
 from nosa_jax import config as config_lib
 from nosa_jax import data as data_lib
 from nosa_jax import decode
@@ -582,16 +582,14 @@ def log_results(writer, step: int, results: dict) -> None:
 def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
   """Scalar curves of the event files directly in `logdir` (not subdirs).
 
+  `analysis.read_scalars` reads them; this gives its result as lists of
+  pairs, and an empty dict where `logdir` does not exist.
+
   Returns:
     tag -> [(step, value), ...] sorted by step; a step logged twice (a
     resumed run) keeps its last value.
   """
-  # Imported here: only readers of logs need tensorboard's loader.
-  from tensorboard.backend.event_processing import event_file_loader  # pylint: disable=g-import-not-at-top
-  curves: dict[str, dict[int, float]] = {}
-  for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents*"))):
-    for event in event_file_loader.LegacyEventFileLoader(path).Load():
-      for value in event.summary.value:
-        if value.HasField("simple_value"):
-          curves.setdefault(value.tag, {})[event.step] = value.simple_value
-  return {tag: sorted(points.items()) for tag, points in curves.items()}
+  if not os.path.isdir(logdir):
+    return {}
+  return {tag: list(zip(s.steps.tolist(), s.values.tolist(), strict=True))
+          for tag, s in analysis.read_scalars(logdir).items()}

@@ -103,6 +103,17 @@ class ReadTest(absltest.TestCase):
     np.testing.assert_array_equal(s.steps, [0, 5, 10, 15])
     np.testing.assert_array_equal(s.values, [3.0, 2.5, 7.0, 6.0])
 
+  def test_file_cut_mid_record_is_read_up_to_the_cut(self):
+    # A run killed while writing (experiments/scaling.py --run_seconds).
+    logdir = self.create_tempdir().full_path
+    _write_run(logdir)
+    (path,) = analysis.event_files(logdir)
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) - 5)  # inside the last record
+    s = analysis.read_scalars(logdir)
+    np.testing.assert_array_equal(s["train/loss"].steps, [0, 5, 10])
+    self.assertNotIn("eval/loss", s)  # the last record, cut
+
   def test_tensor_summaries(self):
     # tensorboard.summary.Writer / TF2 write scalars and histograms as
     # tensors with plugin metadata.
