@@ -101,8 +101,8 @@ def nosa_config(arg: str | None, *, num_layers: int, model_dim: int,
   m.sparse.update(PAPER_SPARSE)
   m.sparse.query_chunk = 1024
   m.sparse.implementation = "pallas"  # the Triton kernels (GPU)
-  # Query-aware scores by the block_scores kernel: +17% train tok/s on the
-  # 28-layer 16k step (H100, 2026-11-24, WORKSPACE.md).
+  # Query-aware scores by the block_scores kernel: a faster 28-layer 16k
+  # step than the XLA scores (experiments/results/training/NOTES.md).
   m.sparse.score_implementation = "pallas"
   apply_variant(config, arg.variant)
 

@@ -6,10 +6,9 @@ Command:  python -m experiments.pretrain --config=configs/nosa_1b.py \
            CPU smoke run: configs/nosa_1b.py:runlocal)
 Hardware: GPUs with bf16 (H100/H200); one GPU holds the 1B model at 16k with
           remat.
-Time:     one H200, T = 16384, batch 2: 14.7k tok/s, MFU 16.4%; FSDP on
-          2 x H200: 27.0k tok/s (0.92 per-GPU efficiency), 2026-11-23,
-          WORKSPACE.md "Multi-GPU scaling". 10k steps x batch 8 (1.3B
-          tokens): ~25 h on one H200.
+Time:     10k steps x batch 8 (1.3B tokens): ~25 h on one H200, from the
+          measured one- and two-GPU throughput in
+          experiments/results/scaling/NOTES.md.
 Result:   not measured yet. The paper trains on ~5B long-context tokens
           after a full-attention pretraining stage (NOSA_SPEC.md §7).
 

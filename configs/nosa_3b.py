@@ -5,7 +5,7 @@ Command:  python -m experiments.pretrain --config=configs/nosa_3b.py \
           (baselines: configs/nosa_3b.py:variant=full|infllmv2|dma;
            CPU smoke run: configs/nosa_3b.py:runlocal)
 Hardware: several H100/H200 GPUs (data + fsdp parallel) for real runs.
-Time:     not measured yet (no GPU run so far; see WORKSPACE.md results).
+Time:     not measured yet (no GPU run so far; see experiments/results/).
 Result:   not measured yet.
 
 Shape (2.92B parameters with the eviction heads):

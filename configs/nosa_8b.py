@@ -5,7 +5,7 @@ Command:  python -m experiments.pretrain --config=configs/nosa_8b.py \
           (baselines: configs/nosa_8b.py:variant=full|infllmv2|dma;
            CPU smoke run: configs/nosa_8b.py:runlocal)
 Hardware: a multi-GPU H100/H200 host (fsdp) for real runs.
-Time:     not measured yet (no GPU run so far; see WORKSPACE.md results).
+Time:     not measured yet (no GPU run so far; see experiments/results/).
 Result:   not measured yet.
 
 Shape (8.19B parameters with the eviction heads), NOSA_SPEC.md §1.3, the

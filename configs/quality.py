@@ -8,10 +8,11 @@ Command:  python -m experiments.quality_study --config=configs/quality.py \
 Hardware: one H100 80GB (pallas kernels for the sparse variants, cuDNN for
           `full`); CPU smoke test: configs/quality.py:runlocal (xla, ~20 s per
           variant on 2 cores).
-Time:     600 steps x 65,536 tokens = 39.3M tokens per variant: 2.2-4.4 min
-          at an assumed 150-300k tokens/s, plus compilation and evaluation
-          (about a minute each, not measured yet).
-Result:   not measured yet.
+Time:     600 steps x 65,536 tokens = 39.3M tokens per variant: a few
+          minutes per variant on one H100, plus compilation and evaluation
+          (measured throughput: experiments/results/quality/NOTES.md).
+Result:   measured at 1,130 steps (74.1M tokens) per variant, one seed:
+          experiments/results/quality/NOTES.md.
 
 Model: 8 layers, M=512, GQA 8/2 heads of 64, SwiGLU 1536, tied byte
 embeddings (V=259): 24.26M parameters (the dma / nosa eviction heads add

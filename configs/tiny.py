@@ -5,7 +5,7 @@ Command:  python -m experiments.pretrain --config=configs/tiny.py \
 Hardware: 2 CPU cores (the CI machine); any GPU is faster.
 Time:     about 4 minutes on 2 cores (300 steps x 4,096 tokens).
 Result:   train loss ~5.6 (ln 259) at step 0, about 2.0 at step 300;
-          measured figures are in README.md and WORKSPACE.md.
+          measured figures: README.md, experiments/results/training/NOTES.md.
 
 Variants: `configs/tiny.py:variant=full` (dense), `variant=infllmv2`,
 `variant=dma`. Sparse settings are small (16-token blocks, 8-block budget)

@@ -51,13 +51,15 @@ compare like with like. Parts:
           training runs it (`select_block_masks` with the block_scores
           kernel) at each --score_lengths T, as the library runs it and
           with the final top-k and compare-reduce membership it replaced.
-Prints a table and writes results.json under --out.
+Prints a table and writes results.json under --out. Measured figures and
+the commands that gave them: experiments/results/kernels/NOTES.md (and
+training/NOTES.md for the step).
 
 Timing the scoring kernel (issue #4):
 
   python -m experiments.kernel_bench --out=/tmp/kb_scores --parts=scores
 
-Timing the backward variants (issue #4), about 3 minutes on one H100:
+Timing the backward variants (issue #4), a few minutes of device time:
 
   python -m experiments.kernel_bench --out=/tmp/kb --parts=bwd_sweep \
       --lengths=32768,16384 --masks=local --iters=5
@@ -119,7 +121,8 @@ _MASKS = flags.DEFINE_list(
 # and 2 stages; "old_default" was the library default until the sweep of
 # 2026-11-23 18:47 UTC, "transposed_dq64rows_dkv64rows" is the default since
 # the one of 18:56 UTC (with the unmasked path for full (tile, block) pairs
-# since session 7; "..._masked" is it without, i.e. the session-6 kernels).
+# since session 7; "..._masked" is it without, i.e. the session-6 kernels;
+# experiments/results/kernels/NOTES.md has the sweeps).
 # Variants that change the forward too (its tile, full_fast_path) get their
 # own forward timing.
 _BWD_VARIANTS = {
@@ -155,11 +158,12 @@ def timeit(fn, *args, iters=None):
 def timeit_device(fn, arg_sets, reps=20):
   """Seconds per call with `reps` calls chained inside one jit.
 
-  Host dispatch (tens of microseconds) would otherwise dominate calls that
-  run for ~40 us. The chain is unrolled (an XLA while loop costs a
-  predicate round trip per iteration), cycles through `arg_sets` (distinct
-  caches, so that the working set exceeds the L2), and each call's query
-  depends on the previous output so XLA cannot merge or drop them.
+  Host dispatch would otherwise dominate calls as short as a decode
+  kernel's (experiments/results/kernels/NOTES.md). The chain is unrolled
+  (an XLA while loop costs a predicate round trip per iteration), cycles
+  through `arg_sets` (distinct caches, so that the working set exceeds the
+  L2), and each call's query depends on the previous output so XLA cannot
+  merge or drop them.
   """
   def chained(sets):
     q = sets[0][0]
@@ -614,8 +618,8 @@ def bench_scores(rows):
 # (block_n, num_warps, block_q[, num_stages]) tilings of the block_scores
 # kernel for scores_sweep; block_q None = the default, 128 rows (8 tokens of
 # G = 16 heads), with block_n 32 and 8 warps since session 8 (the fastest
-# of the H200 sweeps of 2026-12-03 16:42 and 16:53 UTC over 1024-query
-# chunks; 256 rows were 5% faster at 32k, 3% slower at 16k); (16, 4, 4) was
+# over 1024-query chunks in the session-8 sweeps; 256 rows were faster at
+# 32k, slower at 16k; experiments/results/kernels/NOTES.md); (16, 4, 4) was
 # the default before. On the H200 block_n = 64 with 128 rows or more, and
 # 3 stages at 128 rows x 32 columns, exceed the 227 KB of shared memory.
 _SCORE_TILINGS = ((16, 4, 4), (32, 8, None), (32, 4, None), (32, 8, 16),

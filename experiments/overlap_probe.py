@@ -4,12 +4,13 @@ r"""Can a zero-copy host gather run beside decode-like GEMMs? (issue #5 probe)
   python -m experiments.overlap_probe --runlocal --out_dir=/tmp/ov  # CPU smoke
 
 The offload engine's transfers overlap only the attention of their own layer
-(WORKSPACE.md); hiding them behind the projection / MLP GEMMs needs the gather
-kernel (`pallas_kernels.gather_blocks`, reading the pinned_host store on the
-SMs) to run *concurrently* with those GEMMs. PERFORMANCE.md's earlier probe
-found no concurrency next to compute-bound 4096^3 matmuls, which fill every
-SM. A decode step's GEMMs are different: M = batch = 16 rows, weight-streaming,
-memory-bound. This probe measures, in one run:
+(experiments/results/decode/NOTES.md); hiding them behind the projection /
+MLP GEMMs needs the gather kernel (`pallas_kernels.gather_blocks`, reading
+the pinned_host store on the SMs) to run *concurrently* with those GEMMs.
+PERFORMANCE.md's earlier probe found no concurrency next to compute-bound
+4096^3 matmuls, which fill every SM. A decode step's GEMMs are different:
+M = batch = 16 rows, weight-streaming, memory-bound. This probe measures, in
+one run:
 
   gemm      a chain of --layers (x @ W_up -> silu -> @ W_down), M = --batch,
             bf16 weights (model_dim x mlp_dim), alone;
@@ -24,7 +25,8 @@ memory-bound. This probe measures, in one run:
 Per (arrangement, programs): ms, and overlap = (t_gemm + t_gather - t_both)
 / min(t_gemm, t_gather), 0 = serial, 1 = the shorter one fully hidden. An
 arrangement that fails to compile or run is recorded with its error (and the
-run goes on). Output: table.md and overlap_probe.json in --out_dir.
+run goes on). Output: table.md and overlap_probe.json in --out_dir (the
+measured ones: experiments/results/decode/s5_h100_overlap_probe/).
 """
 
 from __future__ import annotations

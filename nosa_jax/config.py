@@ -61,7 +61,8 @@ class SparseConfig:
     score_implementation: how training / prefill selection computes the
       query-aware block scores: `xla` (einsum + softmax + block max) or
       `pallas` (`pallas_kernels.block_scores`, no [T, W] matrix in HBM).
-      Opt-in until it is timed on a GPU (WORKSPACE.md).
+      `xla` by default; the paper configs pick `pallas` (configs/common.py;
+      timings in experiments/results/kernels/NOTES.md).
     block_size: tokens per KV block (C); paper 64.
     compress_kernel: tokens per compressed-key window; paper 32.
     compress_stride: stride between compressed windows; paper 16.

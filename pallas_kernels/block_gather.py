@@ -4,8 +4,9 @@ The offload engine's fetch (NOSA_SPEC.md §4.4, project decision 6): the KV
 store lives in `pinned_host` memory, block-major, so each block of one KV
 head is one contiguous C x D tile; each decode step copies the few missing
 tiles into free slots of the device block cache. XLA rejects gathers on a
-`pinned_host` operand, and a loop of per-tile `device_put`s runs at 1.4-4
-GB/s on the H100 (PERFORMANCE.md). This kernel instead reads the host
+`pinned_host` operand, and a loop of per-tile `device_put`s runs far below
+the link's bandwidth (PERFORMANCE.md; the session-2 fetch figures in
+experiments/results/NOTES.md). This kernel instead reads the host
 array directly: the operand is passed with `memory_space=pl.ANY`, so the
 Triton program gets its (UVA) pointer and each load is a PCIe read, as
 NOSI's CUDA gather does.
@@ -20,7 +21,8 @@ is written. Entries at f >= count are ignored, whatever they hold.
 Design: a persistent grid of `programs` programs; program i copies entries
 i, i + programs, ... below `count` (a dynamic loop bound), one whole C x D
 tile per load/store. A small grid leaves SMs to other kernels; a grid of a
-few waves saturates PCIe (WORKSPACE.md has the sweep). The same kernel copies
+few waves saturates PCIe (the grid sweep: experiments/results/NOTES.md,
+session 2). The same kernel copies
 device -> host (write-back of completed blocks) when `dst` is the host
 array.
 
@@ -38,7 +40,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 import jax.numpy as jnp
 
-DEFAULT_PROGRAMS = 528  # 4 waves on an H100 SXM: 0.91 of bulk H2D (WORKSPACE)
+# 4 waves of 132 SMs (H100 SXM); the grid sweep: experiments/results/NOTES.md.
+DEFAULT_PROGRAMS = 528
 
 
 def _check(srcs, dsts, src_rows_F, dst_rows_F):

@@ -16,7 +16,8 @@ NOSA_SPEC.md §2.3 steps 2-4 (InfLLM-V2 "stage 1"), the same math as
 
 Why a kernel: in XLA the [G, T, W] probabilities of a query chunk go through
 HBM several times (logits, max, exp, sum, pooling); at T = 32k this scoring
-was most of the 22 ms selection (issue #4). Here they never leave the chip.
+was most of the selection's time (issue #4; experiments/results/kernels/
+NOTES.md). Here they never leave the chip.
 
 Design: the grid is (B, K, query tiles). A program holds R = block_q * Gp
 query rows (token-major: row = t * Gp + g, G padded to a power of 2 Gp with
@@ -64,9 +65,9 @@ class ScoreBlockSizes:
   """Tiling of `block_scores` (frozen: a jit static argument).
 
   The defaults (R = 128 rows, 32 block columns, with 8 warps) were the
-  fastest of `kernel_bench --parts=scores_sweep` on an H200 (2026-12-03,
-  H = 32, K = 2): 8.6 ms at 32k over 1024-query chunks, against 10.6 ms
-  for the earlier 64 rows x 16 columns with 4 warps.
+  fastest of `kernel_bench --parts=scores_sweep` at H = 32, K = 2 over
+  1024-query chunks, ahead of the earlier 64 rows x 16 columns with 4 warps
+  (figures: experiments/results/kernels/NOTES.md, session 8).
 
   Attributes:
     block_q: query tokens per program; None picks 128 // Gp (at least 1),
@@ -287,10 +288,10 @@ def block_scores(
     kernel: compressed window length in tokens.
     stride: compressed window stride in tokens.
     block_sizes: tiling; None = `ScoreBlockSizes()`.
-    precision: the logit dot: "highest" (fp32 IEEE; about 100x slower than
-      "tf32" on the H100, measured 2026-11-24), "tf32" (TF32 on the
-      GPU; exact fp32 in interpret mode) or "bf16" (q and kbar rounded to
-      bf16, fp32 accumulation).
+    precision: the logit dot: "highest" (fp32 IEEE; far slower than
+      "tf32", experiments/results/kernels/NOTES.md, session 5), "tf32"
+      (TF32 on the GPU; exact fp32 in interpret mode) or "bf16" (q and kbar
+      rounded to bf16, fp32 accumulation).
     num_warps: Triton warps per program; None = 8.
     num_stages: Triton pipelining stages of the tile loops; None = 2.
     interpret: run in the Pallas interpreter (CPU).

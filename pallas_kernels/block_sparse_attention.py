@@ -30,8 +30,9 @@ contiguous load. The kernels then work on whole selection blocks:
            dbias, varies from run to run.
 
 Backward options (keyword arguments of the wrapper; transpose_bwd on and
-fused_dq off by default, from the H100 sweep in WORKSPACE.md;
-timed against each other by `experiments/kernel_bench.py --parts=bwd_sweep`):
+fused_dq off by default, from the bwd_sweep in
+experiments/results/kernels/NOTES.md, session 3; timed against each other
+by `experiments/kernel_bench.py --parts=bwd_sweep`):
 
   transpose_bwd  dq and dk/dv kernels compute the logits transposed, keys
            as rows: [C, R] = K Q^T, as FlashAttention's dk/dv kernels do.
@@ -398,7 +399,8 @@ def _dkv_kernel(
 
 
 def _compiler_params(st: _Static, d: int):
-  # 4 warps beat 8 at D = 128 with the default 32-64-row tiles (H100 sweep).
+  # 4 warps beat 8 at D = 128 with the default 32-64-row tiles (tiling sweep,
+  # experiments/results/kernels/NOTES.md).
   num_warps = st.num_warps or 4
   return plt.CompilerParams(num_warps=num_warps,
                             num_stages=st.num_stages or 2)

@@ -33,9 +33,9 @@ class BlockSizes:
   means a larger union (wasted work when neighbouring tokens select
   different blocks) but fewer, fuller matmuls. None picks R = 64 rows for
   all three kernels: with the transposed backward (the kernel's default),
-  the fastest fwd+bwd of the H100 sweeps at T = 32k, G = 16 (32.2 ms vs
-  35.0 with 32-row dq tiles; 128-row dk/dv tiles were 3x slower;
-  WORKSPACE.md results).
+  the fastest fwd+bwd of the bwd_sweep at T = 32k, G = 16, ahead of 32-row
+  dq tiles; 128-row dk/dv tiles spill and were far slower
+  (experiments/results/kernels/NOTES.md, session 3).
 
   The dk/dv/dbias kernel runs one program per work item: a key block and a
   segment of at most `dkv_segment` consecutive entries of the list of query

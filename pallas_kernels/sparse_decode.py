@@ -324,8 +324,9 @@ def sparse_decode(
     block_sizes: split of the slot axis; None = `DecodeBlockSizes()`.
     num_warps: Triton warps per program; None = 4.
     num_stages: Triton software-pipelining stages of the slot loop;
-      None = 3 (B = 16 on an H200: 20.0 us against 22.6 with 2 stages,
-      `kernel_bench --parts=decode_sweep`, 2026-12-03).
+      None = 3 (faster than 2 at every split count of `kernel_bench
+      --parts=decode_sweep` at B = 16; experiments/results/kernels/NOTES.md,
+      session 8).
     interpret: run the kernel in the Pallas interpreter (CPU).
     debug: print the kernel's jaxpr and lowered code.
 
