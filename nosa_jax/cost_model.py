@@ -121,7 +121,7 @@ def _check_mode(mode: str, cfg: config_lib.ModelConfig) -> None:
   if mode not in MODES:
     raise ValueError(f"mode={mode!r} is invalid: must be one of "
                      f"{', '.join(MODES)}")
-  if mode != "full" and cfg.sparse.variant == "full":
+  if mode != "full" and not cfg.sparse.is_sparse:
     raise ValueError(f"mode={mode!r} needs a sparse variant (infllmv2, dma, "
                      "nosa); cfg.sparse.variant is 'full'")
 
@@ -216,10 +216,6 @@ def _num_windows(cfg: config_lib.ModelConfig, length: int) -> int:
   return 0 if length < kern else (length - kern) // stride + 1
 
 
-def _query_aware(cfg: config_lib.ModelConfig) -> bool:
-  return cfg.sparse.variant in ("infllmv2", "nosa")
-
-
 def selection_state_bytes(cfg: config_lib.ModelConfig,
                           context_len: int) -> int:
   """Per-sequence selection state on the GPU (NOSA_SPEC.md §4.1).
@@ -232,7 +228,7 @@ def selection_state_bytes(cfg: config_lib.ModelConfig,
   per_head = 0
   if cfg.sparse.has_eviction_head:
     per_head += s * _F32 + w * _F32  # bias per token, ebar per window
-  if _query_aware(cfg):
+  if cfg.sparse.query_aware:
     per_head += w * cfg.head_dim * _F32  # kbar
   return cfg.num_layers * cfg.num_kv_heads * per_head
 
@@ -278,7 +274,7 @@ def gpu_bytes_per_sequence(cfg: config_lib.ModelConfig, context_len: int,
   slots = selected_kv_bytes(cfg, p)
   slot_map = cfg.num_layers * cfg.num_kv_heads * p * _I32
   key_buf = 0
-  if _query_aware(cfg):
+  if cfg.sparse.query_aware:
     key_buf = (cfg.num_layers * cfg.num_kv_heads * cfg.sparse.compress_kernel
                * cfg.head_dim * bytes_per_value(cfg))
   return slots + slot_map + key_buf + state
@@ -348,7 +344,7 @@ def decode_cost(cfg: config_lib.ModelConfig, batch: int, context_len: int,
     kv_seq = sel_bytes
     if cfg.sparse.has_eviction_head:  # bias of the attended keys, ebar
       kv_seq += n_l * cfg.num_kv_heads * (p * cfg.sparse.block_size + w) * _F32
-    if _query_aware(cfg):  # every compressed key is scored every step
+    if cfg.sparse.query_aware:  # every compressed key is scored every step
       kv_seq += n_l * cfg.num_kv_heads * w * d * _F32
       flops += 2.0 * batch * n_l * h * d * w
   flops += 4.0 * batch * n_l * h * d * keys  # q.k and p.v

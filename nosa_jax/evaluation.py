@@ -406,7 +406,7 @@ def decode_gamma(params: Any, cfg: config_lib.ModelConfig,
     {"per_layer", "mean", "prompts", "prompt_len", "new_tokens",
     "decode_tokens_per_s"}, or None for `full` (no selection).
   """
-  if cfg.sparse.variant == "full":
+  if not cfg.sparse.is_sparse:
     return None
   budget = cfg.sparse.topk_blocks * cfg.sparse.block_size
   prompt_len = max(len(p) for p in prompts)
@@ -541,7 +541,7 @@ def evaluate(params: Any, cfg: config_lib.ExperimentConfig,
                  results["passkey"]["accuracy_by_length"])
 
   results["gamma"] = None
-  if ecfg.gamma_prompts and mc.sparse.variant != "full":
+  if ecfg.gamma_prompts and mc.sparse.is_sparse:
     prompt_len = ecfg.gamma_prompt_len or max(
         seq_len - ecfg.gamma_new_tokens, 1)
     prompts = heldout_prompts(datasets.eval, ecfg.gamma_prompts, prompt_len)

@@ -444,8 +444,8 @@ def hf_config(cfg: config_lib.ModelConfig, *, torch_dtype: str | None = None,
     `LlamaForCausalLM` for `full`, which `transformers` loads without
     remote code.
   """
-  arch = ("LlamaForCausalLM" if cfg.sparse.variant == "full"
-          else "SparseLlamaForCausalLM")
+  arch = ("SparseLlamaForCausalLM" if cfg.sparse.is_sparse
+          else "LlamaForCausalLM")
   return {
       "architectures": [arch],
       "model_type": "llama",

@@ -91,15 +91,15 @@ def memory_plan(cfg: config_lib.ExperimentConfig,
   layer = tokens * act * (4 * m.model_dim
                           + (2 * heads_local + 2 * m.num_kv_heads)
                           * m.head_dim + 3 * mlp_local)
-  if m.sparse.variant == "full":
-    attn = 0  # cuDNN / fused attention keeps O(T) state
-  else:
+  if m.sparse.is_sparse:
     chunk = min(m.sparse.query_chunk, t.seq_len)
     attn = 3 * b_local * heads_local * chunk * t.seq_len * 4
+  else:
+    attn = 0  # cuDNN / fused attention keeps O(T) state
   saved = (m.num_layers * tokens * m.model_dim * act if m.remat != "none"
            else m.num_layers * layer)
   if (m.remat != "none" and m.remat_keeps_selection
-      and m.sparse.variant != "full"):
+      and m.sparse.is_sparse):
     # Each layer's bool block mask [B, K, T, N], kept by the remat policy.
     kv_local = (m.num_kv_heads // tp if m.num_kv_heads % tp == 0
                 else m.num_kv_heads)

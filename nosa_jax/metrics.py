@@ -96,7 +96,7 @@ def flops_per_token(cfg: config_lib.ModelConfig, seq_len: int,
   n = num_params - cfg.vocab_size * cfg.model_dim * (
       1 if cfg.tie_embeddings else 0)
   keys = seq_len / 2
-  if cfg.sparse.variant != "full":
+  if cfg.sparse.is_sparse:
     keys = min(keys, cfg.sparse.topk_blocks * cfg.sparse.block_size)
   attn = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * keys
   return 6.0 * n + attn

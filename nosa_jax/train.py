@@ -270,7 +270,7 @@ def train_and_evaluate(cfg: config_lib.ExperimentConfig,
           last["peak_memory_gib"] = mem
         writer.scalars(step, {f"train/{k}": v for k, v in last.items()})
         line = ""
-        if cfg.model.sparse.variant != "full" and tc.log_locality:
+        if cfg.model.sparse.is_sparse and tc.log_locality:
           tokens = jax.device_put(batch[:1, :-1], sharding_lib.replicated(mesh))
           stats = jax.device_get(stats_fn(state["params"], tokens))
           line = " | " + _log_locality(writer, step, stats)

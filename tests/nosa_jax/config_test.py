@@ -59,6 +59,16 @@ class ConfigTest(parameterized.TestCase):
          s.locality_weight),
         (64, 32, 16, 64, 33, 1, 16, 0.0))
 
+  def test_variant_predicates(self):
+    # (is_sparse, query_aware, has_eviction_head) of each variant (§2.5).
+    want = {"full": (False, False, False), "infllmv2": (True, True, False),
+            "dma": (True, False, True), "nosa": (True, True, True)}
+    self.assertEqual(set(want), set(config_lib.VARIANTS))
+    for variant, flags in want.items():
+      sp = config_lib.SparseConfig(variant=variant)
+      self.assertEqual((sp.is_sparse, sp.query_aware, sp.has_eviction_head),
+                       flags, variant)
+
   def test_configs_are_hashable_static_args(self):
     cfg = config_lib.ExperimentConfig.from_dict({})
     self.assertEqual(hash(cfg.model), hash(config_lib.ModelConfig()))

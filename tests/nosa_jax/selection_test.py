@@ -106,9 +106,9 @@ def np_select(sq, se, cfg):
         def top(s, m):
           return np.argsort(-s, kind="stable")[:min(m, n)]
 
-        if cfg.variant == "infllmv2":
+        if not cfg.has_eviction_head:  # query-aware only (infllmv2)
           sel = top(fix(sq[b, h, t]), cfg.topk_blocks)
-        elif cfg.variant == "dma":
+        elif not cfg.query_aware:  # eviction score only (dma)
           sel = top(fix(se[b, h]), cfg.topk_blocks)
         else:
           qset = top(fix(sq[b, h, t]), cfg.query_topk_blocks)
@@ -329,7 +329,7 @@ class MasksFromScoresTest(parameterized.TestCase):
     se_np[:, :, -1] = -np.inf  # a block without windows
     se = jnp.asarray(se_np, jnp.float32)
     pos = jnp.arange(t) + 5  # not starting at 0
-    if variant == "dma":
+    if not cfg.query_aware:
       sq = None
     idx, valid, pinned_want = selection.select_from_scores(sq, se, pos, cfg)
     want = selection._members_by_compare(idx, valid, n)  # pylint: disable=protected-access

@@ -89,7 +89,7 @@ class SparseAttentionTest(parameterized.TestCase):
     b, t, kh, g, d = 1, 90, 2, 2, 8
     q, k, v, bias = _inputs(7, b, t, kh * g, kh, d)
     cfg = dataclasses.replace(_CFG, variant=variant, topk_blocks=6)
-    att_bias = None if variant == "infllmv2" else bias
+    att_bias = bias if cfg.has_eviction_head else None
     out, aux = jax.jit(lambda *a: sa.nosa_attention(*a, cfg))(q, k, v, bias)
     np.testing.assert_allclose(out, _dense_causal(q, k, v, att_bias),
                                **tolerances.tol(np.float32))
@@ -209,7 +209,7 @@ class NosaAttentionTest(parameterized.TestCase):
     q, k, v, delta_w, cot = self._eviction_setup(1)
     bias = selection.eviction_bias(v, jnp.array([0.7, -0.4]), delta_w)
     cfg = dataclasses.replace(_CFG, variant=variant)
-    att_bias = None if variant == "infllmv2" else bias
+    att_bias = bias if cfg.has_eviction_head else None
     mask = jax.jit(lambda *a: selection.block_mask(*a, cfg))(q, k, att_bias)
     self.assertLess(float(mask.mean()), 0.5)  # genuinely sparse
 
