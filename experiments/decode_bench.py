@@ -18,11 +18,11 @@ Parts (--parts, all by default):
                                 the model's own selection, at --batch or
                                 its largest batch that fits if smaller
               <v>_offload       sparse, KV in pinned host memory, selection
-                                replaced by `offload.synthetic_selection` at
+                                replaced by `synthetic.SyntheticSelection` at
                                 the paper's gamma (--gamma_*), serial engine
               nosa_offload_cache  the same with --cache_factor x topk slots
               <v>_offload_fused  the same with the fetch fused into the
-                                decode attention kernel (OffloadOptions
+                                decode attention kernel (HostStore
                                 fetch="fused"): the PCIe reads overlap the
                                 attention's HBM reads and math, not the
                                 projections / MLP (those depend on the
@@ -64,11 +64,13 @@ from configs import nosa_1b
 from configs import nosa_8b
 from configs import tiny
 from experiments import timing
+from experiments.bench import synthetic
 from nosa_jax import config as config_lib
 from nosa_jax import cost_model
-from nosa_jax import decode
 from nosa_jax import model
-from nosa_jax import offload
+from nosa_jax.inference import engine
+from nosa_jax.inference import host_memory
+from nosa_jax.inference import stores
 import pallas_kernels
 
 _MODEL = flags.DEFINE_enum("model", "8b", ["1b", "8b", "tiny"],
@@ -146,7 +148,7 @@ def _largest_store_bytes(name: str, contexts: list[int]) -> int:
     return 0
   cfg = _shape_config(name, "nosa")  # the store does not depend on variant
   batches = [_BATCH.value] + [int(b) for b in _OFFLOAD_BATCHES.value]
-  return max(offload.host_store_bytes(
+  return max(host_memory.host_store_bytes(
       cfg, b, c + _WARMUP.value + _STEPS.value + 1)
              for b in batches for c in contexts)
 
@@ -230,7 +232,7 @@ class Run:
   context: int
   batch: int
   mode: str  # cost-model mode
-  options: offload.OffloadOptions | None = None
+  store: stores.HostStore | None = None  # None: the device store
   gamma_target: float | None = None
 
 
@@ -275,11 +277,11 @@ def _plan(cfg_full, cfg_sparse, contexts, runlocal) -> list[Run]:
                  else _GAMMA_INFLLM.value)
         cache = (_CACHE_FACTOR.value * cfg_sparse.sparse.topk_blocks
                  if system.endswith("_cache") else None)
-        opts = offload.OffloadOptions(
-            cache_blocks=cache, synthetic_gamma=gamma,
+        store = stores.HostStore(
+            cache_blocks=cache,
             fetch="fused" if system.endswith("_fused") else "auto")
         for bb in [b] + extra:
-          runs.append(Run(system, variant, ctx, bb, "offload", opts, gamma))
+          runs.append(Run(system, variant, ctx, bb, "offload", store, gamma))
   return runs
 
 
@@ -289,32 +291,28 @@ def run_decode(run: Run, cfg: config_lib.ModelConfig, params,
   tok = jnp.zeros((run.batch,), jnp.int32)
   t0 = time.perf_counter()
   fetched = selected = 0
-  if run.options is None:
-    state = decode.synthetic_cache(params, cfg, run.batch, run.context,
-                                   max_len)
-    step = lambda s: decode.decode_step(params, cfg, s, tok)[0]
-    host_bytes = 0
-  else:
-    state = offload.synthetic_state(params, cfg, run.batch, run.context,
-                                    max_len, run.options)
-    host_bytes = offload.host_store_bytes(cfg, run.batch, max_len)
-    state = offload.flush(cfg, state)  # compiles flush outside the timing
+  store = run.store or stores.DeviceStore()
+  override = (None if run.gamma_target is None else
+              synthetic.SyntheticSelection(cfg.sparse, run.gamma_target))
+  state = synthetic.synthetic_state(params, cfg, store, run.batch,
+                                    run.context, max_len, run.gamma_target)
+  host_bytes = 0
+  if store.writes_back:
+    host_bytes = host_memory.host_store_bytes(cfg, run.batch, max_len)
+    state = engine.write_back(cfg, state)  # compiles it outside the timing
+  counter = [0]
 
-    counter = [0]
-
-    def step(s):
-      s, _, stats = offload.decode_step(params, cfg, s, tok, run.options)
-      counter[0] += 1
-      if counter[0] % cfg.sparse.block_size == 0:  # timed, amortised
-        s = offload.flush(cfg, s)
-      return s, stats
+  def step(s):
+    s, _, info = engine.decode_step(params, cfg, s, tok, override=override)
+    counter[0] += 1
+    if store.writes_back and counter[0] % cfg.sparse.block_size == 0:
+      s = engine.write_back(cfg, s)  # timed, amortised
+    return s, info
   jax.block_until_ready(state)
   setup_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   for _ in range(_WARMUP.value):
-    state = step(state)
-    if run.options is not None:
-      state = state[0]
+    state = step(state)[0]
   jax.block_until_ready(state)
   warm_s = time.perf_counter() - t0
   stats_list = []
@@ -326,32 +324,31 @@ def run_decode(run: Run, cfg: config_lib.ModelConfig, params,
   with trace:
     t0 = time.perf_counter()
     for _ in range(_STEPS.value):
-      state = step(state)
-      if run.options is not None:
-        state, stats = state
-        stats_list.append(stats)  # summed after the timing
+      state, info = step(state)
+      if store.writes_back:
+        stats_list.append(info)  # summed after the timing
     jax.block_until_ready(state)
     dt = (time.perf_counter() - t0) / _STEPS.value
   mem = (jax.devices()[0].memory_stats() or {}).get("bytes_in_use", 0)
   rec = dataclasses.asdict(run)
-  rec.pop("options")
+  rec.pop("store")
   rec.update(model=_MODEL.value, step_ms=dt * 1e3,
              tokens_per_s=run.batch / dt, setup_s=setup_s,
              compile_and_warmup_s=warm_s, gpu_bytes_in_use=int(mem),
              host_store_bytes=int(host_bytes), implementation=(
-                 cfg.sparse.implementation if run.variant != "full"
+                 cfg.sparse.implementation if cfg.sparse.is_sparse
                  else "cudnn/xla"))
   gamma = 1.0
-  if run.options is not None:
+  if store.writes_back:
     fetched = int(sum(np.asarray(st["fetched"]).sum() for st in stats_list))
-    selected = int(sum(np.asarray(st["selected"]).sum()
+    selected = int(sum((np.asarray(st["selected"]) >= 0).sum()
                        for st in stats_list))
     gamma = 1.0 - fetched / max(selected, 1)
     tile = cfg.sparse.block_size * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
     pcie = 2 * tile * fetched / _STEPS.value
     rec.update(gamma=gamma, fetched_blocks=fetched, selected_blocks=selected,
                pcie_bytes_per_step=pcie,
-               cache_blocks=run.options.cache_blocks or cfg.sparse.topk_blocks)
+               cache_blocks=store.cache_blocks or cfg.sparse.topk_blocks)
   else:
     rec.update(gamma=None, pcie_bytes_per_step=0.0)
   cost = cost_model.decode_cost(cfg, run.batch, run.context, gamma, hw,
@@ -491,7 +488,7 @@ def main(argv):
   contexts = [400] if runlocal else [int(c) for c in _CONTEXTS.value]
   # Before JAX starts its GPU client: a pinned pool sized to the largest
   # store (a larger cap lets XLA's allocator pin most of the RAM).
-  offload.allow_pinned_host_memory(_largest_store_bytes(name, contexts))
+  host_memory.allow_pinned_host_memory(_largest_store_bytes(name, contexts))
   os.makedirs(_OUT.value, exist_ok=True)
   for part in _PARTS.value:
     if part not in ("ceilings", "gather", "decode"):
@@ -547,7 +544,7 @@ def main(argv):
       if time.perf_counter() - t_start > _TIME_BUDGET.value:
         print(f"time budget: skipped {run}", flush=True)
         results.setdefault("skipped", []).append(dataclasses.asdict(
-            dataclasses.replace(run, options=None)))
+            dataclasses.replace(run, store=None)))
         continue
       try:
         rec = run_decode(run, cfgs[run.variant], params[run.variant], hw)

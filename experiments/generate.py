@@ -24,11 +24,12 @@ from ml_collections import config_flags
 
 from nosa_jax import config as config_lib
 from nosa_jax import data
-from nosa_jax import decode
 from nosa_jax import hf_io
 from nosa_jax import model
-from nosa_jax import offload
 from nosa_jax import train
+from nosa_jax.inference import engine
+from nosa_jax.inference import host_memory
+from nosa_jax.inference import stores
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to load.")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -51,7 +52,7 @@ _CACHE_BLOCKS = flags.DEFINE_integer(
 
 def main(argv):
   del argv
-  offload.allow_pinned_host_memory()  # before JAX starts its GPU client
+  host_memory.allow_pinned_host_memory()  # before JAX starts its GPU client
   train.quiet_library_logs()
   try:
     if _WORKDIR.value:
@@ -70,18 +71,16 @@ def main(argv):
     tok = data.load_tokenizer(cfg.data.tokenizer)
     # Training documents start with BOS (nosa_jax.data), so prompts do too.
     prompt = [tok.bos_id] + tok.encode(_PROMPT.value).tolist()
-    kwargs = dict(temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
-                  eos_id=tok.eos_id, pad_id=tok.pad_id, seed=_SEED.value,
-                  return_stats=True)
-    if _OFFLOAD.value == "host":
-      options = offload.OffloadOptions(cache_blocks=_CACHE_BLOCKS.value)
-      (out,), stats = offload.generate(params, mcfg, [prompt], _MAX_NEW.value,
-                                       options=options, **kwargs)
-      label, per_layer = "block-cache hit rate", stats["hit_rate"]
-    else:
-      (out,), stats = decode.generate(params, mcfg, [prompt], _MAX_NEW.value,
-                                      **kwargs)
-      label, per_layer = "gamma", stats["gamma_per_layer"]
+    store = (stores.HostStore(cache_blocks=_CACHE_BLOCKS.value)
+             if _OFFLOAD.value == "host" else stores.DeviceStore())
+    (out,), stats = engine.generate(
+        params, mcfg, [prompt], _MAX_NEW.value, store=store,
+        temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
+        eos_id=tok.eos_id, pad_id=tok.pad_id, seed=_SEED.value,
+        return_stats=True)
+    label, per_layer = (("block-cache hit rate", stats["hit_rate"])
+                        if store.writes_back else
+                        ("gamma", stats["gamma_per_layer"]))
   except (OSError, ValueError) as e:  # ConfigError is a ValueError
     sys.exit(f"generate error: {e}")
   print(f"[{source}, {mcfg.sparse.variant}/{mcfg.sparse.implementation}, "

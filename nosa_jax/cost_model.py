@@ -14,9 +14,9 @@ selected blocks already on the GPU:
 
 Choices (each also said where it is made):
   * Values are `cfg.dtype` wide, weights and KV alike: a serving copy of the
-    fp32 master weights is cast once (the bytes a bf16 engine reads).
-    `decode.py` casts `param_dtype` weights inside each step, so with fp32
-    parameters it reads twice the weight bytes modelled here.
+    fp32 master weights is cast once (the bytes a bf16 engine reads;
+    `model.serving_params`). A step given fp32 parameters casts them at
+    every use, so it reads twice the weight bytes modelled here.
   * T_gpu is a roofline, max(HBM bytes / BW_hbm, FLOPs / peak): memory and
     math overlap inside the kernels of a step. Decode is memory-bound at the
     batches that fit, so the FLOP term only matters at very large B.
@@ -44,7 +44,7 @@ from nosa_jax import config as config_lib
 MODES = ("full", "sparse_resident", "offload")
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-_F32 = 4  # bias, compressed keys and window means are fp32 (decode.py)
+_F32 = 4  # bias, compressed keys and window means are fp32 (inference)
 _I32 = 4  # slot map entries
 
 

@@ -9,8 +9,9 @@ Three measurements, each a function of (params, ModelConfig, inputs):
   depths, on `nosa_jax.passkey` documents built offline, scored by teacher
   forcing (see `score_passkey` for why this equals greedy decoding).
 * `decode_gamma`: the mean step-to-step selection overlap gamma per layer
-  (NOSA_SPEC.md §3; `decode.selection_gamma`) while greedily decoding
-  held-out prompts with `decode.generate`. `full` selects nothing: None.
+  (NOSA_SPEC.md §3; `selection.selection_gamma`) while greedily decoding
+  held-out prompts with `inference.engine.generate`. `full` selects
+  nothing: None.
 
 `evaluate` runs all three from an `EvalConfig`; `load_model` reads a
 training workdir or an HF directory; `log_results` writes TensorBoard
@@ -33,10 +34,12 @@ import numpy as np
 from nosa_jax import analysis
 from nosa_jax import config as config_lib
 from nosa_jax import data as data_lib
-from nosa_jax import decode
 from nosa_jax import hf_io
 from nosa_jax import model as model_lib
 from nosa_jax import passkey
+from nosa_jax import selection
+from nosa_jax.inference import engine
+from nosa_jax.inference import sampling
 
 # predict(tokens_BT) -> (argmax_BT, nll_BT): at every position t the
 # greedy next token and -log p(tokens[t + 1] | tokens[:t + 1]) (the last
@@ -256,8 +259,9 @@ def score_passkey(predict: PredictFn,
   answer is never seen). With `digit_mask`, the greedy token after the
   answer must also not start with a digit, so "123456" does not match the
   key "12345". Caveats: exactness is up to float rounding of decode vs
-  forward logits (equal by construction, checked in decode_test); and the
-  match is on the answer's own token sequence, so with a subword tokenizer
+  forward logits (equal by construction, checked in
+  inference/engine_test); and the match is on the answer's own token
+  sequence, so with a subword tokenizer
   another segmentation of the same digits counts as a miss (never with the
   byte tokenizer).
 
@@ -397,7 +401,7 @@ def decode_gamma(params: Any, cfg: config_lib.ModelConfig,
   """Mean selection overlap gamma per layer during greedy decode.
 
   gamma(t) = |sel(t) & sel(t-1)| / |sel(t)| with a newly opened block
-  counted as a hit (`decode.selection_gamma`): the fraction of the blocks a
+  counted as a hit (`selection.selection_gamma`): the fraction of the blocks a
   step attends that an offloading engine holding sel(t-1) need not fetch.
   It is 1 by construction while the context fits the budget, so prompts
   should be longer than topk_blocks * block_size.
@@ -414,7 +418,7 @@ def decode_gamma(params: Any, cfg: config_lib.ModelConfig,
     logging.warning("gamma: contexts of %d tokens fit the %d-token budget; "
                     "gamma is 1 by construction", prompt_len + max_new_tokens,
                     budget)
-  generated, stats = decode.generate(params, cfg, prompts, max_new_tokens,
+  generated, stats = engine.generate(params, cfg, prompts, max_new_tokens,
                                      return_stats=True)
   per_layer = [float(g) for g in stats["gamma_per_layer"]]
   return {"per_layer": per_layer, "mean": float(np.mean(per_layer)),
@@ -431,7 +435,7 @@ def next_layer_prediction(params: Any, cfg: config_lib.ModelConfig,
   """Could a prefetch one layer ahead have fetched the misses? Per layer.
 
   Replays the greedy continuation (teacher-forced) with
-  `decode.decode_step(..., return_prediction=True)`: layer l's selection
+  `engine.decode_step(..., predict=True)`: layer l's selection
   guessed from layer l-1's input, as an offload engine would have to guess
   it to fetch beside layer l-1's matmuls. `coverage` = the fraction of
   the step's misses (blocks not selected at the previous step) that the
@@ -443,18 +447,18 @@ def next_layer_prediction(params: Any, cfg: config_lib.ModelConfig,
   n_l = cfg.num_layers
   misses, covered, extra = (np.zeros(n_l, np.int64) for _ in range(3))
   if steps >= 2:
-    tokens_BT, lengths_B, s, _, _ = decode.prepare_prompts(
+    tokens_BT, lengths_B, s, _, _ = sampling.prepare_prompts(
         prompts, steps + 1, cfg.sparse.block_size)
-    cache, _ = decode.prefill(params, cfg, tokens_BT, lengths_B, s)
+    state, _ = engine.prefill(params, cfg, tokens_BT, lengths_B, s)
     prev = None
     for t in range(steps):
       tok_B = jnp.asarray([g[t] for g in generated], jnp.int32)
-      cache, _, idx, pred = decode.decode_step(
-          params, cfg, cache, tok_B, return_selection=True,
-          return_prediction=True)
+      state, _, info = engine.decode_step(params, cfg, state, tok_B,
+                                          predict=True)
+      idx, pred = info["selected"], info["predicted"]
       if prev is not None:
         m, c, e = (np.asarray(x).reshape(n_l, -1).sum(-1)
-                   for x in decode.prefetch_coverage(prev, idx, pred))
+                   for x in selection.prefetch_coverage(prev, idx, pred))
         misses, covered, extra = misses + m, covered + c, extra + e
       prev = idx
   lanes = max(steps - 1, 1) * len(prompts) * cfg.num_kv_heads

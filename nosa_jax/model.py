@@ -19,21 +19,152 @@ from flax import nnx
 from nosa_jax import attention
 from nosa_jax import config as config_lib
 from nosa_jax import layers
+from nosa_jax import selection
 from nosa_jax import sparse_attention
 
 Aux = dict[str, Any]
+# attend(q_BTHD, k_BTKD, v_BTKD, bias_BTK or None) -> (out_BTHD, aux): the
+# attention proper of one layer, given its RoPE'd projections. Training
+# passes `training_attention`; decode passes its engine's (cache + selection).
+Attend = Callable[..., tuple[jax.Array, Any]]
 
 # Block parameters used only as `w.astype(cfg.dtype)` in a matmul.
 MATMUL_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+# The embedding and the LM head are, likewise, only used in cfg.dtype.
+EMBEDDINGS = ("embed", "lm_head")
+
+
+# ----------------------------------------------------------------------------
+# The layer math, once: pure functions over a parameter tree (an nnx.State,
+# or the same tree of plain arrays). The NNX modules below and the decode
+# engine (nosa_jax/inference) both call these.
+# ----------------------------------------------------------------------------
+
+
+def _w(p, dtype) -> jax.Array:
+  """A parameter (nnx.Param or plain array) in the compute dtype."""
+  return jnp.asarray(p[...]).astype(dtype)
+
+
+def embed(params: Any, cfg: config_lib.ModelConfig,
+          tokens_BT: jax.Array) -> jax.Array:
+  """Token embeddings x_BTM in the compute dtype."""
+  return jnp.take(params["embed"][...], tokens_BT, axis=0).astype(cfg.dtype)
+
+
+def attention_inputs(p_attn: Any, cfg: config_lib.ModelConfig,
+                     x_BTM: jax.Array, positions_BT: jax.Array):
+  """q, k (RoPE applied), v and, for dma / nosa, the eviction bias (§2.2).
+
+  Returns:
+    (q_BTHD, k_BTKD, v_BTKD, bias_BTK or None); bias is fp32.
+  """
+  dt = x_BTM.dtype
+  q_BTHD = jnp.einsum("BTM,MHD->BTHD", x_BTM, _w(p_attn["wq"], dt))
+  k_BTKD = jnp.einsum("BTM,MKD->BTKD", x_BTM, _w(p_attn["wk"], dt))
+  v_BTKD = jnp.einsum("BTM,MKD->BTKD", x_BTM, _w(p_attn["wv"], dt))
+  q_BTHD = layers.apply_rope(q_BTHD, positions_BT, cfg.rope_theta)
+  k_BTKD = layers.apply_rope(k_BTKD, positions_BT, cfg.rope_theta)
+  bias_BTK = None
+  if cfg.sparse.has_eviction_head:
+    # b = A * softplus(delta(concat_h v_h)), Eq. 4.
+    bias_BTK = selection.eviction_bias(v_BTKD, p_attn["evict_a"][...],
+                                       p_attn["evict_delta"][...])
+  return q_BTHD, k_BTKD, v_BTKD, bias_BTK
+
+
+def block(p_block: Any, cfg: config_lib.ModelConfig, x_BTM: jax.Array,
+          positions_BT: jax.Array, attend: Attend) -> tuple[jax.Array, Any]:
+  """One pre-norm decoder block: x + attn(norm(x)); x + mlp(norm(x)).
+
+  Args:
+    p_block: the block's parameters (params["blocks"][i]).
+    cfg: the model config.
+    x_BTM: the residual stream.
+    positions_BT: absolute positions of the T tokens.
+    attend: the attention proper (see `Attend`).
+
+  Returns:
+    (x_BTM leaving the block, attend's aux).
+  """
+  dt = x_BTM.dtype
+  h_BTM = layers.rms_norm(x_BTM, p_block["attn_norm"]["scale"][...],
+                          cfg.rms_eps)
+  out_BTHD, aux = attend(*attention_inputs(p_block["attn"], cfg, h_BTM,
+                                           positions_BT))
+  x_BTM = x_BTM + jnp.einsum("BTHD,HDM->BTM", out_BTHD,
+                             _w(p_block["attn"]["wo"], dt))
+  h_BTM = layers.rms_norm(x_BTM, p_block["mlp_norm"]["scale"][...],
+                          cfg.rms_eps)
+  m = p_block["mlp"]
+  return x_BTM + layers.swiglu(h_BTM, _w(m["w_gate"], dt), _w(m["w_up"], dt),
+                               _w(m["w_down"], dt)), aux
+
+
+def logits(params: Any, cfg: config_lib.ModelConfig,
+           x_BTM: jax.Array) -> jax.Array:
+  """Final RMSNorm and the (tied) LM head; fp32 logits [..., V]."""
+  x_BTM = layers.rms_norm(x_BTM, params["final_norm"]["scale"][...],
+                          cfg.rms_eps)
+  head_MV = (params["embed"][...].T if cfg.tie_embeddings
+             else params["lm_head"][...])
+  return jnp.einsum("...M,MV->...V", x_BTM, head_MV.astype(x_BTM.dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def training_attention(sp: config_lib.SparseConfig,
+                       collect_stats: bool = False) -> Attend:
+  """The causal attention of the training forward (and of prefill).
+
+  `full`: dense causal attention. Sparse variants: selection + block-sparse
+  attention (`sparse_attention.nosa_attention`). aux holds
+  `locality_penalty`, and with collect_stats the selection statistics and
+  the bias.
+  """
+  def attend(q_BTHD, k_BTKD, v_BTKD, bias_BTK):
+    if not sp.is_sparse:
+      return attention.causal_attention(q_BTHD, k_BTKD, v_BTKD), {}
+    out_BTHD, aux = sparse_attention.nosa_attention(q_BTHD, k_BTKD, v_BTKD,
+                                                    bias_BTK, sp)
+    if not collect_stats:
+      return out_BTHD, {"locality_penalty": aux["locality_penalty"]}
+    if bias_BTK is not None:
+      aux = dict(aux, bias_BTK=bias_BTK)
+    return out_BTHD, aux
+  return attend
+
+
+def serving_params(params: Any, cfg: config_lib.ModelConfig) -> Any:
+  """`params` with the MATMUL_WEIGHTS and EMBEDDINGS cast once to cfg.dtype.
+
+  The layer math casts exactly these to the compute dtype at every use, so
+  the results are bit-identical while a decode step reads half the weight
+  bytes of fp32 training parameters. Norm scales and the eviction head
+  (used in fp32) are kept.
+  """
+  dt = jnp.dtype(cfg.dtype)
+  cast_names = frozenset(MATMUL_WEIGHTS + EMBEDDINGS)
+
+  def cast(path, x):
+    names = {getattr(k, "key", None) for k in path}
+    if names & cast_names and jnp.issubdtype(x.dtype, jnp.floating):
+      return x.astype(dt)
+    return x
+
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
+# ----------------------------------------------------------------------------
+# Thin NNX shells: they own the parameters and call the functions above.
+# ----------------------------------------------------------------------------
 
 
 class Attention(nnx.Module):
-  """GQA attention with RoPE and, for dma/nosa, the eviction head (§2.2)."""
+  """GQA attention parameters with, for dma/nosa, the eviction head (§2.2)."""
 
   def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
     m, h, k, d = cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     std, pdt = cfg.init_std, jnp.dtype(cfg.param_dtype)
-    self.cfg = cfg
     self.wq = layers.normal_param(rngs, (m, h, d), std, pdt)
     self.wk = layers.normal_param(rngs, (m, k, d), std, pdt)
     self.wv = layers.normal_param(rngs, (m, k, d), std, pdt)
@@ -45,44 +176,13 @@ class Attention(nnx.Module):
       self.evict_a = nnx.Param(jnp.zeros((k,), pdt))
       self.evict_delta = layers.normal_param(rngs, (k * d, k), std, pdt)
 
-  def __call__(self, x_BTM: jax.Array, positions_BT: jax.Array,
-               collect_stats: bool = False) -> tuple[jax.Array, Aux]:
-    cfg = self.cfg
-    dt = x_BTM.dtype
-    q_BTHD = jnp.einsum("BTM,MHD->BTHD", x_BTM, self.wq[...].astype(dt))
-    k_BTKD = jnp.einsum("BTM,MKD->BTKD", x_BTM, self.wk[...].astype(dt))
-    v_BTKD = jnp.einsum("BTM,MKD->BTKD", x_BTM, self.wv[...].astype(dt))
-    q_BTHD = layers.apply_rope(q_BTHD, positions_BT, cfg.rope_theta)
-    k_BTKD = layers.apply_rope(k_BTKD, positions_BT, cfg.rope_theta)
-    if cfg.sparse.variant == "full":
-      out_BTHD = attention.causal_attention(q_BTHD, k_BTKD, v_BTKD)
-      aux: Aux = {}
-    else:
-      out_BTHD, aux = self._sparse(q_BTHD, k_BTKD, v_BTKD, collect_stats)
-    out_BTM = jnp.einsum("BTHD,HDM->BTM", out_BTHD, self.wo[...].astype(dt))
-    return out_BTM, aux
-
-  def _sparse(self, q_BTHD, k_BTKD, v_BTKD, collect_stats):
-    # Imported here so the dense path has no dependency on the sparse code.
-    from nosa_jax import selection, sparse_attention  # pylint: disable=g-import-not-at-top
-    bias_BTK = None
-    if self.cfg.sparse.has_eviction_head:
-      bias_BTK = selection.eviction_bias(
-          v_BTKD, self.evict_a[...], self.evict_delta[...])
-    out_BTHD, aux = sparse_attention.nosa_attention(
-        q_BTHD, k_BTKD, v_BTKD, bias_BTK, self.cfg.sparse)
-    if collect_stats and bias_BTK is not None:
-      aux = dict(aux, bias_BTK=bias_BTK)
-    if not collect_stats:
-      aux = {"locality_penalty": aux.get("locality_penalty", 0.0)}
-    return out_BTHD, aux
-
 
 class Block(nnx.Module):
-  """Pre-norm decoder block: x + attn(norm(x)); x + mlp(norm(x))."""
+  """Pre-norm decoder block; its forward is `block`."""
 
   def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
     pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+    self.cfg = cfg
     self.attn_norm = layers.RMSNorm(cfg.model_dim, cfg.rms_eps, pdt,
                                     rngs=rngs)
     self.attn = Attention(cfg, rngs=rngs)
@@ -92,9 +192,8 @@ class Block(nnx.Module):
 
   def __call__(self, x_BTM: jax.Array, positions_BT: jax.Array,
                collect_stats: bool = False) -> tuple[jax.Array, Aux]:
-    h_BTM, aux = self.attn(self.attn_norm(x_BTM), positions_BT, collect_stats)
-    x_BTM = x_BTM + h_BTM
-    return x_BTM + self.mlp(self.mlp_norm(x_BTM)), aux
+    return block(nnx.state(self, nnx.Param), self.cfg, x_BTM, positions_BT,
+                 training_attention(self.cfg.sparse, collect_stats))
 
 
 def _remat_policy(cfg: config_lib.ModelConfig):
@@ -149,31 +248,26 @@ class Transformer(nnx.Module):
       over layers) and, with collect_stats, `layers`: one dict per layer.
     """
     cfg = self.cfg
-    dt = jnp.dtype(cfg.dtype)
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]),
                                       tokens_BT.shape)
-    x_BTM = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt)
+    top = nnx.state(self, nnx.Param)
+    x_BTM = embed(top, cfg, tokens_BT)
     penalty = jnp.zeros((), jnp.float32)
     layer_stats = []
     if cfg.scan_layers and not collect_stats:
       x_BTM, penalty = self._scan_blocks(x_BTM, positions_BT)
     else:
-      for block in self.blocks:
+      for blk in self.blocks:
         if cfg.remat != "none" and not collect_stats:
-          run = nnx.remat(lambda blk, x, p: blk(x, p),
-                          policy=_remat_policy(cfg))
-          x_BTM, aux = run(block, x_BTM, positions_BT)
+          run = nnx.remat(lambda b, x, p: b(x, p), policy=_remat_policy(cfg))
+          x_BTM, aux = run(blk, x_BTM, positions_BT)
         else:
-          x_BTM, aux = block(x_BTM, positions_BT, collect_stats)
+          x_BTM, aux = blk(x_BTM, positions_BT, collect_stats)
         penalty = penalty + jnp.asarray(aux.pop("locality_penalty", 0.0),
                                         jnp.float32)
         layer_stats.append(aux)
-    x_BTM = self.final_norm(x_BTM)
-    head_MV = (self.embed[...].T if cfg.tie_embeddings
-               else self.lm_head[...])
-    logits_BTV = jnp.einsum("BTM,MV->BTV", x_BTM, head_MV.astype(dt),
-                            preferred_element_type=jnp.float32)
+    logits_BTV = logits(top, cfg, x_BTM)
     # Mean over layers, so `locality_weight` does not scale with depth.
     out: Aux = {"locality_penalty": penalty / cfg.num_layers}
     if collect_stats:
@@ -197,7 +291,7 @@ class Transformer(nnx.Module):
     Returns:
       (x_BTM after the last block, locality penalty summed over layers).
     """
-    splits = [nnx.split(block) for block in self.blocks]
+    splits = [nnx.split(blk) for blk in self.blocks]
     graphdef = splits[0][0]
     if any(g != graphdef for g, _ in splits):
       raise ValueError("model.scan_layers=True needs structurally identical "
@@ -214,9 +308,11 @@ class Transformer(nnx.Module):
 
     stacked = jax.tree.map_with_path(stack, *(state for _, state in splits))
 
-    def step(carry, state):
+    attend = training_attention(self.cfg.sparse)
+
+    def step(carry, p_block):
       x_BTM, penalty = carry
-      x_BTM, aux = nnx.merge(graphdef, state)(x_BTM, positions_BT)
+      x_BTM, aux = block(p_block, self.cfg, x_BTM, positions_BT, attend)
       penalty = penalty + jnp.asarray(aux.get("locality_penalty", 0.0),
                                       jnp.float32)
       return (x_BTM, penalty), None

@@ -730,3 +730,125 @@ def locality_penalty(q_BTHD: jax.Array, k_BTKD: jax.Array,
   sums = jax.lax.map(lambda i: chunk_tv(i, q_pad, kbar_BWKD),
                      jnp.arange(n_chunks))
   return jnp.sum(sums) / (b * kk * n_pairs)
+
+
+# ------------------------------------------------------------------------------
+# Decode: the same rule at one query per sequence, over incrementally kept
+# compressed keys and window means (NOSA_SPEC.md §4.3, project decisions 1-2).
+# ------------------------------------------------------------------------------
+
+
+def eviction_block_scores(ebar_KW: jax.Array, pos: jax.Array,
+                          cfg: config_lib.SparseConfig, n: int) -> jax.Array:
+  """Query-agnostic block scores [K, N] of one sequence at position pos.
+
+  Windows not complete at pos hold zeros: they rank as missing (-inf).
+  With window_blocks >= 1 (and kernel <= C + stride) they overlap only
+  forced blocks, so this is training's ranking. Training reads every window
+  of the sequence, so with window_blocks = 0 its eviction score sees
+  windows that end after t; decode cannot, and does not.
+  """
+  c_W = jnp.arange(ebar_KW.shape[-1])
+  done_W = cfg.compress_stride * c_W + cfg.compress_kernel - 1 <= pos
+  ebar_KW = jnp.where(done_W[None, :], ebar_KW, -_INF)
+  return block_pool(ebar_KW, num_blocks=n, block_size=cfg.block_size,
+                    kernel=cfg.compress_kernel, stride=cfg.compress_stride)
+
+
+def select_decode_blocks(q_BHD: jax.Array, kbar_BWKD: Optional[jax.Array],
+                         ebar_BKW: Optional[jax.Array], pos_B: jax.Array,
+                         cfg: config_lib.SparseConfig, n: int):
+  """The training selection (§2.5) of one query per sequence at pos_B.
+
+  kbar / ebar must already include the windows the token at pos_B
+  completes (its block is the query's own block).
+
+  Args:
+    q_BHD: the query (RoPE applied).
+    kbar_BWKD: compressed keys (query-aware variants) or None.
+    ebar_BKW: window means of the bias (eviction variants) or None.
+    pos_B: int32 positions of the queries.
+    cfg: the selection constants.
+    n: N, blocks in the cache's capacity.
+
+  Returns:
+    (idx_BKP, se_BKN): int32 block indices, ascending, invalid (-1) last,
+    P = min(topk_blocks, N), exactly min(topk_blocks, pos // C + 1) valid;
+    and the block eviction scores the selection ranked by
+    (`eviction_block_scores`; None without an eviction head).
+  """
+  def one(q_HD, kbar_WKD, ebar_KW, pos):
+    pos_T = pos[None]
+    sq_BKTN = se_BKN = None
+    if kbar_WKD is not None:
+      sq_BKTN = query_aware_scores(q_HD[None, None], kbar_WKD[None], pos_T,
+                                   cfg, n)
+    if ebar_KW is not None:
+      se_BKN = eviction_block_scores(ebar_KW, pos, cfg, n)[None]
+    idx_BKTP, _, _ = select_from_scores(sq_BKTN, se_BKN, pos_T, cfg)
+    return idx_BKTP[0, :, 0], None if se_BKN is None else se_BKN[0]
+
+  return jax.vmap(one)(q_BHD, kbar_BWKD, ebar_BKW, pos_B)
+
+
+def selection_gamma(prev_idx: jax.Array, cur_idx: jax.Array,
+                    new_block_hits: bool = True) -> jax.Array:
+  """gamma = |sel(t) & sel(t-1)| / |sel(t)| per (layer, sequence, KV head).
+
+  Args:
+    prev_idx: [..., P] selection at t-1 (-1 = unused).
+    cur_idx: [..., P] selection at t.
+    new_block_hits: count a block that did not exist at t-1 (the tail block
+      opened at t) as a hit: it is written on the device, never fetched
+      (§4.3 step 8a). Then gamma is the fraction of sel(t) that needs no
+      transfer, the gamma of the decode cost model (`cost_model`), and it
+      is 1.0 whenever the whole context fits the budget.
+
+  Returns:
+    [...] fp32 in [0, 1].
+  """
+  prev_ok = prev_idx >= 0
+  cur_ok = cur_idx >= 0
+  hit = _member(cur_idx, prev_idx)
+  if new_block_hits:
+    # The own block is always selected, so max(sel(t-1)) = j_{t-1}.
+    newest = jnp.max(jnp.where(prev_ok, prev_idx, -1), axis=-1)
+    hit = hit | (cur_ok & (cur_idx > newest[..., None]))
+  n = jnp.sum(cur_ok, axis=-1)
+  return (jnp.sum(hit, axis=-1) / jnp.maximum(n, 1)).astype(_F32)
+
+
+def _member(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a's valid entries (>= 0) that b's valid entries hold, per row."""
+  return jnp.any((a[..., :, None] == b[..., None, :])
+                 & (b >= 0)[..., None, :], axis=-1) & (a >= 0)
+
+
+def prefetch_coverage(prev_idx: jax.Array, cur_idx: jax.Array,
+                      pred_idx: jax.Array) -> tuple[jax.Array, ...]:
+  """How well a guessed selection covers a step's misses.
+
+  A miss is a block of sel(t) that sel(t-1) did not hold and that is not
+  the newly opened tail block (what `selection_gamma` counts as not hit):
+  what an offloading engine must fetch. Per (layer, sequence, KV head):
+
+    misses   the misses of sel(t);
+    covered  the misses that pred(t) also selects (a prefetch of pred(t)
+             would have fetched them ahead);
+    extra    blocks of pred(t) in neither sel(t-1) nor sel(t) (fetched
+             for nothing).
+
+  Args:
+    prev_idx, cur_idx, pred_idx: [..., P] selections (-1 = unused).
+
+  Returns:
+    (misses, covered, extra), int32 [...].
+  """
+  newest = jnp.max(jnp.where(prev_idx >= 0, prev_idx, -1), axis=-1)
+  miss = (~_member(cur_idx, prev_idx) & (cur_idx >= 0)
+          & (cur_idx <= newest[..., None]))
+  covered = miss & _member(cur_idx, pred_idx)
+  extra = (~_member(pred_idx, prev_idx) & ~_member(pred_idx, cur_idx)
+           & (pred_idx >= 0))
+  count = lambda x: jnp.sum(x, axis=-1).astype(jnp.int32)
+  return count(miss), count(covered), count(extra)

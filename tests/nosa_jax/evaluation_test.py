@@ -15,7 +15,7 @@ from configs import tiny as tiny_config
 
 from nosa_jax import config as config_lib
 from nosa_jax import data
-from nosa_jax import decode
+from nosa_jax.inference import engine
 from nosa_jax import evaluation
 from nosa_jax import hf_io
 from nosa_jax import passkey
@@ -179,7 +179,7 @@ class EvaluateTest(absltest.TestCase):
     # changing its last token makes it a miss.
     ds = data.load_datasets(cfg.data, 160, 0)
     prompts = evaluation.heldout_prompts(ds.eval, 2, 154)
-    greedy = decode.generate(params, cfg.model, prompts, 6)
+    greedy = engine.generate(params, cfg.model, prompts, 6)
     examples = []
     for prompt, cont in zip(prompts, greedy, strict=True):
       cont = np.array(cont)

@@ -1,0 +1,431 @@
+"""KV stores: where decode keeps K/V (NOSA_SPEC.md §4.1-§4.5, decisions 6-7).
+
+The engine (`engine.py`) owns the selection state and the layer math; a
+store owns only K/V. It is a frozen (hashable) dataclass, carried as static
+metadata of `engine.DecodeState`, so the jitted step is compiled per store.
+The engine calls it; it never calls back into the engine:
+
+  check(cfg, batch, max_len, host_memory_limit)   can it hold the batch?
+  prefill(k_BKSD, v_BKSD, lengths_B, sp) -> kv     one layer after the prompt
+                                                   (K/V at capacity S, padded
+                                                   rows zero; inside the jit)
+  empty(kv_shapes) -> kv                           zeros of prefill's type
+  attend(kv, q_BHD, k_BKD, v_BKD, bias_BKS, idx_BKP, se_BKN, pos_B, sp)
+      -> (kv, out_BHD, fetched_BK)                 writes the token at pos_B,
+                                                   attends over the selected
+                                                   blocks, says what moved
+  write_back(kv, lengths_B, sp) -> kv              (when `writes_back`)
+
+`DeviceStore`: the whole cache in device memory, slot-major [B, K, S, D]
+(block n of (b, k) is rows [nC, nC + C): already block-major). The decode
+kernel reads the selected blocks in place through a block table.
+
+`HostStore`: K/V in `pinned_host` memory, block-major [B, K, N, C, D], and a
+device block cache of P slots per (layer, sequence, KV head):
+
+  slot_map   [B, K, P] block held by each slot (-1 empty); a slot keeps its
+             block until another is loaded into it.
+  slot_last  [B, K, P] last position the slot was selected (LRU retention).
+
+A step diffs the selection against the slot map (§4.4: `diff_slots`),
+fetches the misses (serial copy before the attention, or fused into the
+decode kernel), writes the token into its own block's slot, and attends
+over the slots. The tail (partial) block is an ordinary slot: the token is
+written into it and it is never fetched; a completed block stays in its
+slot (it is in the forced window for window_blocks * C steps) until
+`write_back`, called every C steps by the loop, copies it to the host.
+Fetch modes (`HostStore.fetch`):
+
+  "loop"    a fori_loop of per-block dynamic_slice + device_put (XLA
+            rejects gathers on a pinned_host operand; its dynamic trip count
+            syncs the GPU with the host). The CPU default.
+  "pallas"  one launch of the zero-copy copy kernel
+            `pallas_kernels.gather_blocks` (reads the pinned store
+            directly).
+  "fused"   no separate copy: `pallas_kernels.sparse_decode_fetch` reads
+            each missing block from the store while attending and stores it
+            into its slot. The GPU default.
+
+Measured fetch and step times: experiments/results/ (decode notes).
+Not done: prefetch of a predicted selection beside the GEMMs (the overlap
+issue), sharding the store over devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from nosa_jax import config as config_lib
+from nosa_jax import sparse_attention
+from nosa_jax.inference import host_memory
+import pallas_kernels
+
+_F32 = jnp.float32
+_HOST = jax.memory.Space.Host  # pinned_host
+_DEVICE = jax.memory.Space.Device
+FETCH_MODES = ("auto", "pallas", "loop", "fused")
+
+
+def _slot_lengths(idx_BKP: jax.Array, pos_B: jax.Array, c: int):
+  """(block table j_BKP, valid tokens per slot): min(C, pos + 1 - C*j)."""
+  valid_BKP = idx_BKP >= 0
+  j_BKP = jnp.where(valid_BKP, idx_BKP, 0).astype(jnp.int32)
+  len_BKP = jnp.clip(pos_B[:, None, None] + 1 - c * j_BKP, 0, c)
+  return j_BKP, jnp.where(valid_BKP, len_BKP, 0).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _filled(shape, dtype, fill, host: bool):
+  x = jnp.full(shape, fill, dtype)
+  # device_put inside the jit: the result's type then carries the memory
+  # space (out_shardings alone give a pinned_host array typed as device
+  # memory, which the step rejects).
+  return jax.device_put(x, _HOST) if host else x
+
+
+def allocate(shapes: Any, fill: int = 0, host: bool = False) -> Any:
+  """Arrays of `shapes` (a tree of ShapeDtypeStructs) filled with `fill`,
+  one compiled program per distinct shape, committed to the first device
+  (like prefill's output: an uncommitted input would make the first step
+  compile a second time) or allocated in pinned host memory."""
+  out = jax.tree.map(lambda x: _filled(tuple(x.shape), jnp.dtype(x.dtype),
+                                       fill, host), shapes)
+  return out if host else jax.device_put(out, jax.devices()[0])
+
+
+# ------------------------------------------------------------------------------
+# The device-resident store.
+# ------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DeviceKV:
+  k_BKSD: jax.Array
+  v_BKSD: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceStore:
+  """The whole K/V cache in device memory (`--offload=none`)."""
+
+  writes_back = False
+
+  def check(self, cfg: config_lib.ModelConfig, batch: int, max_len: int,
+            host_memory_limit: Optional[int] = None) -> None:
+    del cfg, batch, max_len, host_memory_limit  # device OOM is XLA's to say
+
+  def prefill(self, k_BKSD, v_BKSD, lengths_B, sp) -> DeviceKV:
+    del lengths_B, sp
+    return DeviceKV(k_BKSD, v_BKSD)
+
+  def empty(self, shapes: DeviceKV) -> DeviceKV:
+    return allocate(shapes)
+
+  def attend(self, kv: DeviceKV, q_BHD, k_BKD, v_BKD, bias_BKS, idx_BKP,
+             se_BKN, pos_B, sp: config_lib.SparseConfig):
+    del se_BKN
+    b_B = jnp.arange(pos_B.shape[0])
+    kv = DeviceKV(kv.k_BKSD.at[b_B, :, pos_B].set(k_BKD),
+                  kv.v_BKSD.at[b_B, :, pos_B].set(v_BKD))
+    j_BKP, len_BKP = _slot_lengths(idx_BKP, pos_B, sp.block_size)
+    # Sparse: the kernel reads the selected blocks in place through the
+    # block table. Full: every block in order, no table needed.
+    out_BHD = sparse_attention.decode_attention(
+        q_BHD, kv.k_BKSD, kv.v_BKSD, bias_BKS, len_BKP, sp.block_size,
+        sp.implementation, block_idx_BKP=j_BKP if sp.is_sparse else None)
+    return kv, out_BHD, jnp.zeros(idx_BKP.shape[:2], jnp.int32)
+
+  def write_back(self, kv, lengths_B, sp):
+    del lengths_B, sp
+    return kv
+
+
+# ------------------------------------------------------------------------------
+# The pinned-host store with a device block cache.
+# ------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class HostKV:
+  k_host: jax.Array      # [B, K, N, C, D] pinned_host
+  v_host: jax.Array      # [B, K, N, C, D] pinned_host
+  k_slot: jax.Array      # [B, K, P, C, D] device
+  v_slot: jax.Array      # [B, K, P, C, D] device
+  slot_map: jax.Array    # [B, K, P] int32, -1 = empty
+  slot_last: jax.Array   # [B, K, P] int32, last position selected
+
+
+@dataclasses.dataclass(frozen=True)
+class HostStore:
+  """K/V in pinned host memory, selected blocks cached on the device.
+
+  Attributes:
+    fetch: see the module docstring; "auto" = "fused" on GPU, "loop"
+      elsewhere.
+    cache_blocks: device slots per (layer, sequence, KV head); None =
+      topk_blocks. Above topk_blocks, slots keep blocks that are no longer
+      selected; a miss overwrites first an empty slot, then the slot whose
+      block has the lowest block eviction score (dma / nosa: the score
+      query-agnostic selection ranks by, §2.4) or, for infllmv2, the least
+      recently selected one.
+    gather_programs: persistent grid of the Pallas copy kernel.
+  """
+
+  fetch: str = "auto"
+  cache_blocks: Optional[int] = None
+  gather_programs: int = 528
+  writes_back = True
+
+  def __post_init__(self):
+    if self.fetch not in FETCH_MODES:
+      raise ValueError(f"HostStore.fetch must be one of {FETCH_MODES}, "
+                       f"got {self.fetch!r}")
+    if self.gather_programs < 1:
+      raise ValueError("HostStore.gather_programs must be >= 1, got "
+                       f"{self.gather_programs}")
+    if self.cache_blocks is not None and self.cache_blocks < 1:
+      raise ValueError("HostStore.cache_blocks must be None or >= 1, got "
+                       f"{self.cache_blocks}")
+
+  def resolved_fetch(self) -> str:
+    if self.fetch == "auto":
+      return "fused" if jax.default_backend() == "gpu" else "loop"
+    return self.fetch
+
+  def num_slots(self, sp: config_lib.SparseConfig, n: int) -> int:
+    """P: device slots per (layer, sequence, KV head) for N blocks."""
+    want = self.cache_blocks or sp.topk_blocks
+    if want < sp.topk_blocks:
+      raise ValueError(f"HostStore.cache_blocks={want} is below "
+                       f"topk_blocks={sp.topk_blocks}; the cache must hold "
+                       "a whole selection")
+    return min(want, n)
+
+  def check(self, cfg: config_lib.ModelConfig, batch: int, max_len: int,
+            host_memory_limit: Optional[int] = None) -> None:
+    sp = cfg.sparse
+    if not sp.is_sparse:
+      raise ValueError(
+          "the host store needs a sparse variant (infllmv2, dma, nosa), not "
+          "'full': full attention has no selection to offload (use "
+          "--offload=none)")
+    if sp.window_blocks < 1:
+      raise ValueError(
+          "the host store needs sparse.window_blocks >= 1 (a completed "
+          "block stays in the forced window until write_back copies it to "
+          f"the host), got {sp.window_blocks}")
+    self.num_slots(sp, -(-max_len // sp.block_size))
+    host_memory.check_host_capacity(cfg, batch, max_len, host_memory_limit)
+
+  def prefill(self, k_BKSD, v_BKSD, lengths_B,
+              sp: config_lib.SparseConfig) -> HostKV:
+    """Block-major K/V sent to the host (an async copy inside the jit); the
+    partial tail block of each prompt in slot 0, the other slots empty, so
+    the first step fetches every selected block (cold start, §4.2)."""
+    b, kv, s, d = k_BKSD.shape
+    c = sp.block_size
+    n = s // c
+    p = self.num_slots(sp, n)
+    tail_B = lengths_B // c
+    map_BKP = jnp.full((b, kv, p), -1, jnp.int32).at[:, :, 0].set(
+        jnp.where(lengths_B % c != 0, tail_B, -1)[:, None])
+
+    def slots(x_BKNCD):
+      tail_BKCD = x_BKNCD[jnp.arange(b), :, jnp.minimum(tail_B, n - 1)]
+      return jnp.zeros((b, kv, p, c, d), x_BKNCD.dtype).at[:, :, 0].set(
+          tail_BKCD)  # zeros past the length
+
+    k_BKNCD = k_BKSD.reshape(b, kv, n, c, d)
+    v_BKNCD = v_BKSD.reshape(b, kv, n, c, d)
+    return HostKV(
+        k_host=jax.device_put(k_BKNCD, _HOST),
+        v_host=jax.device_put(v_BKNCD, _HOST),
+        k_slot=slots(k_BKNCD), v_slot=slots(v_BKNCD), slot_map=map_BKP,
+        slot_last=jnp.where(map_BKP >= 0, lengths_B[:, None, None] - 1,
+                            -1).astype(jnp.int32))
+
+  def empty(self, shapes: HostKV) -> HostKV:
+    """Zeros, every slot empty, the host arrays in pinned memory."""
+    return HostKV(
+        k_host=allocate(shapes.k_host, host=True),
+        v_host=allocate(shapes.v_host, host=True),
+        k_slot=allocate(shapes.k_slot), v_slot=allocate(shapes.v_slot),
+        slot_map=allocate(shapes.slot_map, -1),
+        slot_last=allocate(shapes.slot_last, -1))
+
+  def attend(self, kv: HostKV, q_BHD, k_BKD, v_BKD, bias_BKS, idx_BKP,
+             se_BKN, pos_B, sp: config_lib.SparseConfig):
+    b, nkv, p, c, d = kv.k_slot.shape
+    n = kv.k_host.shape[2]
+    if idx_BKP.shape[-1] > p:
+      raise AssertionError(f"selection width {idx_BKP.shape} > P={p}")
+    own_B = (pos_B // c).astype(jnp.int32)
+    keep_BKP = None
+    if p > idx_BKP.shape[-1]:  # room beyond the selection: retention order
+      keep_BKP = (kv.slot_last.astype(_F32) if se_BKN is None else
+                  jnp.take_along_axis(se_BKN, jnp.maximum(kv.slot_map, 0),
+                                      axis=-1))
+    new_map, load_BKP, fetch_BKP = diff_slots(kv.slot_map, idx_BKP, own_B,
+                                              keep_BKP)
+    fused = self.resolved_fetch() == "fused"
+    k_slot, v_slot = kv.k_slot, kv.v_slot
+    if not fused:
+      k_slot, v_slot = self._copy_misses(kv, load_BKP, fetch_BKP)
+    # The token goes into its own block's slot at row pos % C.
+    own_slot_BK = jnp.argmax(new_map == own_B[:, None, None], axis=-1)
+    b_ = jnp.arange(b)[:, None]
+    k_ = jnp.arange(nkv)[None, :]
+    row_B1 = (pos_B % c)[:, None]
+    k_slot = k_slot.at[b_, k_, own_slot_BK, row_B1].set(k_BKD)
+    v_slot = v_slot.at[b_, k_, own_slot_BK, row_B1].set(v_BKD)
+    # Attention over the slots holding a selected block (slot order does
+    # not matter); stale and empty slots get length 0.
+    sel_slot_BKP = _member(new_map, idx_BKP)
+    j_BKP, len_BKP = _slot_lengths(jnp.where(sel_slot_BKP, new_map, -1),
+                                   pos_B, c)
+    bias = None
+    if bias_BKS is not None:  # gathered from the device bias by slot
+      bias = bias_BKS.reshape(b, nkv, n, c)[
+          b_[..., None], k_[..., None], j_BKP].reshape(b, nkv, p * c)
+    if fused:  # the kernel fetches the missing blocks as it attends
+      out_BHD, k_slot, v_slot = pallas_kernels.sparse_decode_fetch(
+          q_BHD, k_slot, v_slot, bias, len_BKP, kv.k_host, kv.v_host,
+          jnp.where(fetch_BKP, load_BKP, -1).astype(jnp.int32),
+          interpret=jax.default_backend() != "gpu")
+    else:
+      out_BHD = sparse_attention.decode_attention(
+          q_BHD, k_slot.reshape(b, nkv, p * c, d),
+          v_slot.reshape(b, nkv, p * c, d), bias, len_BKP, c,
+          sp.implementation)
+    slot_last = jnp.where(sel_slot_BKP, pos_B[:, None, None], kv.slot_last)
+    kv = dataclasses.replace(kv, k_slot=k_slot, v_slot=v_slot,
+                             slot_map=new_map,
+                             slot_last=slot_last.astype(jnp.int32))
+    return kv, out_BHD, jnp.sum(fetch_BKP, -1).astype(jnp.int32)
+
+  def _copy_misses(self, kv: HostKV, load_BKP, fetch_BKP):
+    """Copies the missing blocks host -> device slots, one tile each."""
+    b, nkv, p = kv.slot_map.shape
+    n = kv.k_host.shape[2]
+    f_F = jnp.arange(b * nkv * p)
+    src_F = (f_F // p) * n + jnp.maximum(load_BKP.reshape(-1), 0)
+    order_F = jnp.argsort(~fetch_BKP.reshape(-1), stable=True)  # misses 1st
+    count = jnp.sum(fetch_BKP).astype(jnp.int32)
+    src_F, dst_F = src_F[order_F], f_F[order_F].astype(jnp.int32)
+    srcs, dsts = (kv.k_host, kv.v_host), (kv.k_slot, kv.v_slot)
+    if self.resolved_fetch() == "loop":
+      return _loop_copy(srcs, dsts, src_F, dst_F, count, _DEVICE)
+    tiles = lambda x: x.reshape((-1,) + x.shape[3:])
+    out = pallas_kernels.gather_blocks(
+        tuple(map(tiles, srcs)), tuple(map(tiles, dsts)), src_F, dst_F,
+        count, programs=self.gather_programs,
+        interpret=jax.default_backend() != "gpu")
+    return tuple(x.reshape(kv.k_slot.shape) for x in out)
+
+  def write_back(self, kv: HostKV, lengths_B,
+                 sp: config_lib.SparseConfig) -> HostKV:
+    """Copies each sequence's last completed block from its slot to the host.
+
+    Block j = lengths // C - 1 of every (b, k) (for a sequence without a
+    completed block, its partial own block, which the host never reads
+    before it is complete and written again). Each sequence completes one
+    block per C steps, so a call every C steps writes each block once. A
+    static loop of B * K tile copies: no data-dependent control flow.
+    """
+    b, nkv, p = kv.slot_map.shape
+    n = kv.k_host.shape[2]
+    own_B = (lengths_B // sp.block_size).astype(jnp.int32)
+    block_B = jnp.where(own_B > 0, own_B - 1, 0)
+    slot_BK = jnp.argmax(kv.slot_map == block_B[:, None, None], axis=-1)
+    bk = jnp.arange(b * nkv, dtype=jnp.int32)
+    k_host, v_host = _loop_copy(
+        (kv.k_slot, kv.v_slot), (kv.k_host, kv.v_host),
+        bk * p + slot_BK.reshape(-1).astype(jnp.int32),
+        bk * n + jnp.repeat(block_B, nkv), b * nkv, _HOST)
+    return dataclasses.replace(kv, k_host=k_host, v_host=v_host)
+
+
+def _member(a_BKP, b_BKQ):
+  """a's valid entries (>= 0) that b's valid entries hold."""
+  return jnp.any((a_BKP[..., :, None] == b_BKQ[..., None, :])
+                 & (b_BKQ >= 0)[..., None, :], axis=-1) & (a_BKP >= 0)
+
+
+def diff_slots(slot_map_BKP: jax.Array, idx_BKP: jax.Array,
+               own_B: jax.Array, keep_BKP: Optional[jax.Array] = None):
+  """The block-table diff of §4.4, per (b, k).
+
+  Args:
+    slot_map_BKP: block id held by each slot (-1 empty); P slots.
+    idx_BKP: the selection [B, K, P_sel], ascending, -1 (invalid) last;
+      P_sel <= P.
+    own_B: the query's own block (always selected; never fetched: it is
+      either resident or new).
+    keep_BKP: how much each slot's block is worth keeping (fp32); a miss
+      takes the free slot (not holding a selected block) with the lowest
+      value, empty slots first. None: free slots in ascending slot order.
+
+  Returns:
+    (new_map_BKP, load_BKP, fetch_BKP): the new slot map; the block loaded
+    into each slot (-1 = none, includes a new own block); fetch = load from
+    the host store (load minus the own block).
+  """
+  p_sel = idx_BKP.shape[-1]
+  miss_BKP = (idx_BKP >= 0) & ~jnp.any(
+      idx_BKP[..., :, None] == slot_map_BKP[..., None, :], axis=-1)
+  n_miss_BK = jnp.sum(miss_BKP, axis=-1)
+  big = jnp.iinfo(jnp.int32).max
+  miss_ids_BKP = jnp.sort(jnp.where(miss_BKP, idx_BKP, big), axis=-1)
+  free_BKP = ~_member(slot_map_BKP, idx_BKP)
+  if keep_BKP is None:
+    rank_BKP = jnp.cumsum(free_BKP, axis=-1) - 1
+  else:  # rank of each free slot by (non-empty, keep value, slot)
+    key_BKP = jnp.where(slot_map_BKP < 0, -jnp.inf, keep_BKP.astype(_F32))
+    key_BKP = jnp.where(free_BKP, key_BKP, jnp.inf)
+    rank_BKP = jnp.argsort(jnp.argsort(key_BKP, axis=-1, stable=True),
+                           axis=-1)
+  assign_BKP = free_BKP & (rank_BKP < n_miss_BK[..., None])
+  load_BKP = jnp.where(
+      assign_BKP,
+      jnp.take_along_axis(miss_ids_BKP, jnp.clip(rank_BKP, 0, p_sel - 1),
+                          axis=-1), -1).astype(jnp.int32)
+  new_map_BKP = jnp.where(assign_BKP, load_BKP, slot_map_BKP)
+  fetch_BKP = assign_BKP & (load_BKP != own_B[:, None, None])
+  return new_map_BKP, load_BKP, fetch_BKP
+
+
+def _loop_copy(src, dst, src_row_F, dst_row_F, count, memory_kind):
+  """XLA tile copies: tile src_row_F[i] of src -> tile dst_row_F[i] of dst.
+
+  Rows index the flattened (B, K, n) block axes of [B, K, n, C, D] arrays;
+  K and V are copied together. Each copy is a dynamic_slice, a device_put to
+  `memory_kind` and a dynamic_update_slice on the 5-D arrays (the
+  pinned_host store is indexed in place, never reshaped: XLA rejects gathers
+  on it). `count`: a Python int gives a static loop; a traced one a loop of
+  data-dependent trip count (on the GPU each iteration then syncs the host
+  on its predicate: keep those out of the GPU step).
+  """
+  tile = (1, 1, 1) + src[0].shape[3:]
+  zero = jnp.zeros((), jnp.int32)
+
+  def index(x, row):
+    k, n = x.shape[1], x.shape[2]
+    return (row // (k * n), (row // n) % k, row % n, zero, zero)
+
+  def body(i, carry):
+    return tuple(
+        jax.lax.dynamic_update_slice(
+            d_arr, jax.device_put(jax.lax.dynamic_slice(
+                s_arr, index(s_arr, src_row_F[i]), tile), memory_kind),
+            index(d_arr, dst_row_F[i]))
+        for s_arr, d_arr in zip(src, carry, strict=True))
+
+  return jax.lax.fori_loop(0, count, body, tuple(dst))
+

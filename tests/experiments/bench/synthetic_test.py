@@ -1,0 +1,68 @@
+"""Synthetic selections have the locality asked for; synthetic states have
+prefill's types and decode like a cold-started prefill."""
+
+from absl.testing import absltest
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.bench import synthetic
+from nosa_jax import config as config_lib
+from nosa_jax import testing
+from nosa_jax.inference import engine
+from nosa_jax.inference import stores
+
+
+class SyntheticTest(absltest.TestCase):
+
+  def test_synthetic_selection_locality(self):
+    sp = config_lib.SparseConfig(
+        variant="nosa", block_size=64, compress_kernel=32, compress_stride=16,
+        topk_blocks=64, query_topk_blocks=33, sink_blocks=1, window_blocks=16)
+    t0 = synthetic.synthetic_min_length(sp) + 3000
+    sel = jax.jit(lambda t, g: synthetic.synthetic_selection(t, 2, 600, sp, g),
+                  static_argnums=1)
+    for gamma in (0.944, 0.889, 0.5):
+      prev, new = None, []
+      for t in range(t0, t0 + 200):
+        idx = np.asarray(sel(jnp.array([t, t + 77]), gamma)).reshape(-1, 64)
+        for row, tt in zip(idx, (t, t, t + 77, t + 77), strict=True):
+          self.assertLen(set(row.tolist()), 64)  # distinct, all valid
+          own = tt // 64
+          self.assertContainsSubset({0, own} | set(range(own - 16, own)),
+                                    set(row.tolist()))
+          self.assertLessEqual(row.max(), own)
+        if prev is not None:
+          new += [len(set(a) - set(b)) for a, b in zip(idx, prev, strict=True)]
+        prev = idx
+      self.assertAlmostEqual(1 - np.mean(new) / 64, gamma, delta=0.01)
+
+  def test_synthetic_state_is_prefills_type(self):
+    cfg, _, params = testing.tiny_model_with_bias("nosa")
+    store = stores.HostStore(cache_blocks=10)
+    override = synthetic.SyntheticSelection(cfg.sparse, 0.9)
+    st = synthetic.synthetic_state(params, cfg, store, 2, 250, 300, 0.9)
+    real, _ = engine.prefill(params, cfg, jnp.zeros((2, 250), jnp.int32),
+                             jnp.array([250, 250]), 300, store=store)
+    kind = lambda x: (str(jax.typeof(x)), x.sharding.memory_kind)
+    self.assertEqual(jax.tree.map(kind, st), jax.tree.map(kind, real))
+    self.assertTrue(np.all(np.asarray(st.layers[0].kv.slot_map) == -1))
+    np.testing.assert_array_equal(st.lengths_B, [250, 250])
+    fetched, compiled = [], engine.decode_step._cache_size()
+    for _ in range(21):
+      st, _, info = engine.decode_step(params, cfg, st,
+                                       jnp.zeros(2, jnp.int32),
+                                       override=override)
+      fetched.append(int(np.sum(info["fetched"])))
+    # One compile for every step; cold start fetches all but the own
+    # block; afterwards about (1 - gamma) of the selection per step.
+    self.assertEqual(engine.decode_step._cache_size(), compiled + 1)
+    sel = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.sparse.topk_blocks
+    self.assertEqual(fetched[0], sel * 7 // 8)
+    self.assertAlmostEqual(1 - np.mean(fetched[1:]) / sel, 0.9, delta=0.03)
+    with self.assertRaisesRegex(ValueError, "too short for a synthetic"):
+      synthetic.synthetic_state(params, cfg, store, 2, 100, 300, 0.9)
+
+
+if __name__ == "__main__":
+  absltest.main()
