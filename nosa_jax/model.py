@@ -201,8 +201,9 @@ def _remat_policy(cfg: config_lib.ModelConfig):
 
   With `cfg.remat_keeps_selection` the block mask of the selection is saved
   (B*K*T*N bytes per layer): recomputing it in the backward repeats the
-  whole selection, its scores and both top-k, per layer (on the H200 ~4 ms
-  a layer at 16k, 12.7 ms at 32k), for a value that carries no gradient.
+  whole selection, its scores and both top-k, per layer (timed in
+  experiments/results/training/NOTES.md), for a value that carries no
+  gradient.
   """
   dots = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
   if not cfg.remat_keeps_selection:

@@ -213,9 +213,9 @@ def query_aware_scores(q_BTHD: jax.Array, kbar_BWKD: jax.Array,
   q_BTKGD = q_BTHD.astype(_F32).reshape(b, t, k, h // k, d)
   if t == 1:
     # Decode (one query). As the einsum below, XLA made two transposed fp32
-    # copies of kbar per layer for its batch-major GEMM layout (290 us per
-    # layer at L = 64k, B = 10, K = 8 on the H100), and a multiply-reduce
-    # re-read kbar once per G (140 us). Here kbar keeps its stored layout
+    # copies of kbar per layer for its batch-major GEMM layout, and a
+    # multiply-reduce re-read kbar once per G (both timed in
+    # experiments/results/decode/NOTES.md). Here kbar keeps its stored layout
     # as the [W, K*D] operand of one GEMM against a block-diagonal
     # [K*D, K*G] query matrix: kbar is read once; the zeros cost K-fold
     # FLOPs of a memory-bound step. Inputs stay in their dtype (bf16
@@ -255,9 +255,9 @@ def query_aware_scores_pallas(q_BTHD: jax.Array, kbar_BWKD: jax.Array,
   `experiments.kernel_bench --parts=scores` times it against the XLA path.
   Same arguments and result. The logit dot runs at "tf32" unless `tuning`
   says otherwise: that is what XLA's default precision does for the fp32
-  dots of `query_aware_scores` on the GPU (measured on the H100,
-  2026-11-24: 9.5e-7 from the XLA scores, and 1.6x faster at 16k-32k;
-  "highest" was 100x slower). On the CPU "tf32" is an fp32 dot. No
+  dots of `query_aware_scores` on the GPU (agreement and speed against
+  the XLA scores and "highest": experiments/results/kernels/NOTES.md).
+  On the CPU "tf32" is an fp32 dot. No
   gradient (the kernel has no VJP, so `locality_penalty` keeps the XLA
   path).
 
@@ -391,20 +391,20 @@ def select_from_scores(sq_BKTN: Optional[jax.Array],
   def with_forced(s_BKTN):
     return _with_forced(s_BKTN, forced, future, shape)
 
-  if cfg.variant == "infllmv2":
+  if not cfg.is_sparse:
+    raise ValueError(f"select_from_scores: unsupported variant "
+                     f"{cfg.variant!r}")
+  if not cfg.has_eviction_head:  # infllmv2: query-aware only
     final_BKTN = with_forced(sq_BKTN)
     pinned_BKTN = None
-  elif cfg.variant == "dma":
+  elif not cfg.query_aware:  # dma: eviction score only
     final_BKTN = with_forced(se_BKN[:, :, None, :])
     pinned_BKTN = jnp.broadcast_to(forced, shape)
-  elif cfg.variant == "nosa":
+  else:  # nosa: two phases
     pinned_BKTN = _query_picks(with_forced(sq_BKTN), jt, cfg)
     # Phase 2: query-aware picks always survive; the rest by eviction score.
     final_BKTN = jnp.where(pinned_BKTN, _INF,
                            with_forced(se_BKN[:, :, None, :]))
-  else:
-    raise ValueError(f"select_from_scores: unsupported variant "
-                     f"{cfg.variant!r}")
   _, idx = jax.lax.top_k(final_BKTN, min(cfg.topk_blocks, n))
   valid = idx <= jt
   # Sort ascending with invalid slots last (§2.5 "sort; entries > j_t -> -1").
@@ -434,7 +434,7 @@ def select_masks_from_scores(sq_BKTN: Optional[jax.Array],
   fp32 sums), instead of a sort of N values per query. infllmv2 (whose
   final scores depend on the query) keeps the top-k.
   """
-  if cfg.variant not in ("dma", "nosa"):
+  if not cfg.has_eviction_head:
     idx, valid, pinned_BKTN = select_from_scores(sq_BKTN, se_BKN,
                                                  positions_T, cfg)
     n = (se_BKN if sq_BKTN is None else sq_BKTN).shape[-1]
@@ -445,7 +445,7 @@ def select_masks_from_scores(sq_BKTN: Optional[jax.Array],
   forced = forced_TN[None, None]
   future = future_TN[None, None]
   shape = (b, k, t, n)
-  if cfg.variant == "nosa":
+  if cfg.query_aware:  # nosa (dma has no query-aware phase)
     jt = (positions_T // cfg.block_size)[None, None, :, None]
     pinned_BKTN = _query_picks(_with_forced(sq_BKTN, forced, future, shape),
                                jt, cfg)
@@ -504,10 +504,10 @@ def _selection_chunk_fn(q_BTHD, k_BTKD, bias_BTK, cfg, n_blocks,
   sg = jax.lax.stop_gradient
   kbar_BWKD = None
   se_BKN = None
-  if cfg.variant in ("infllmv2", "nosa"):
+  if cfg.query_aware:
     kbar_BWKD = compress_keys(sg(k_BTKD), cfg.compress_kernel,
                               cfg.compress_stride)
-  if cfg.variant in ("dma", "nosa"):
+  if cfg.has_eviction_head:
     if bias_BTK is None:
       raise ValueError(f"variant {cfg.variant!r} selects on the eviction "
                        "bias; bias_BTK must not be None")
@@ -563,7 +563,7 @@ def select_blocks(q_BTHD: jax.Array, k_BTKD: jax.Array,
   b, t = q_BTHD.shape[:2]
   k = k_BTKD.shape[2]
   n = num_blocks(t, cfg.block_size)
-  if cfg.variant == "full":
+  if not cfg.is_sparse:
     j_N = jnp.arange(n, dtype=jnp.int32)
     valid_TN = j_N[None, :] <= (jnp.arange(t) // cfg.block_size)[:, None]
     idx = jnp.where(valid_TN, j_N[None, :], -1)
@@ -591,7 +591,7 @@ def select_block_masks(q_BTHD: jax.Array, k_BTKD: jax.Array,
   _check_shapes(q_BTHD, k_BTKD, bias_BTK)
   t = q_BTHD.shape[1]
   n = num_blocks(t, cfg.block_size)
-  if cfg.variant == "full":
+  if not cfg.is_sparse:
     b, k = q_BTHD.shape[0], k_BTKD.shape[2]
     _, future_TN = forced_and_future(jnp.arange(t), n, cfg)
     mask = jnp.broadcast_to(~future_TN[None, None], (b, k, t, n))

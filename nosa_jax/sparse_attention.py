@@ -245,7 +245,7 @@ def nosa_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
         `selection.locality_statistics` of the mask (stop-gradient).
   """
   sg = jax.lax.stop_gradient
-  use_bias = cfg.variant in ("dma", "nosa")
+  use_bias = cfg.has_eviction_head
   if use_bias and bias_BTK is None:
     raise ValueError(f"variant {cfg.variant!r} needs the eviction bias")
   bias = bias_BTK if use_bias else None
@@ -261,7 +261,7 @@ def nosa_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
       query_chunk=cfg.query_chunk, implementation=cfg.implementation)
   aux = dict(selection.locality_statistics(mask_BKTN, pinned_BKTN,
                                            cfg.topk_blocks))
-  if cfg.locality_weight > 0 and cfg.variant in ("infllmv2", "nosa"):
+  if cfg.locality_weight > 0 and cfg.query_aware:
     aux["locality_penalty"] = selection.locality_penalty(q_BTHD, k_BTKD, cfg)
   else:
     aux["locality_penalty"] = jnp.zeros((), _F32)

@@ -475,6 +475,35 @@ class LocalityPenaltyTest(parameterized.TestCase):
     self.assertEqual(float(selection.locality_penalty(q, k, _CFG)), 0.0)
 
 
+class DecodeLocalityTest(absltest.TestCase):
+  """gamma and prefetch coverage of consecutive decode selections."""
+
+  def test_gamma(self):
+    prev = jnp.array([[0, 1, 2, -1], [0, 1, 2, 3]])
+    cur = jnp.array([[0, 1, 2, 3], [0, 2, 3, 4]])
+    # Row 0: block 3 is new (the tail opened), a hit unless asked not to.
+    np.testing.assert_allclose(selection.selection_gamma(prev, cur),
+                               [1.0, 1.0])
+    np.testing.assert_allclose(
+        selection.selection_gamma(prev, cur, new_block_hits=False),
+        [0.75, 0.75])
+    prev = jnp.array([[0, 1, 2, -1], [0, 2, 3, 4]])
+    cur = jnp.array([[0, 1, 2, -1], [0, 1, 3, 4]])  # row 1: block 1 missed
+    np.testing.assert_allclose(selection.selection_gamma(prev, cur),
+                               [1.0, 0.75])
+
+  def test_coverage_counts(self):
+    prev = jnp.array([[0, 2, 4, 5]])
+    cur = jnp.array([[0, 1, 3, 5]])    # misses: 1, 3
+    pred = jnp.array([[0, 1, 6, -1]])  # covers 1; 6 is extra
+    self.assertEqual(tuple(int(x[0]) for x in selection.prefetch_coverage(
+        prev, cur, pred)), (2, 1, 1))
+    # A newly opened tail block (beyond everything at t-1) is no miss.
+    cur = jnp.array([[0, 2, 5, 6]])
+    self.assertEqual(int(selection.prefetch_coverage(prev, cur, cur)[0][0]),
+                     0)
+
+
 if __name__ == "__main__":
   absltest.main()
 

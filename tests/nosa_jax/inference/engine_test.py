@@ -87,8 +87,8 @@ class DecodeMatchesForwardTest(parameterized.TestCase):
       # All causal blocks within the budget, else exactly the budget; the
       # own block is always in.
       own_B = (LENGTHS + i) // c
-      want_B = own_B + 1 if variant == "full" else np.minimum(own_B + 1,
-                                                              budget)
+      want_B = (np.minimum(own_B + 1, budget) if cfg.sparse.is_sparse
+                else own_B + 1)
       n_valid_LBK = (idx_LBKP >= 0).sum(-1)
       np.testing.assert_array_equal(n_valid_LBK, np.broadcast_to(
           want_B[None, :, None], n_valid_LBK.shape))
@@ -161,7 +161,7 @@ class DecodeMatchesForwardTest(parameterized.TestCase):
           self.assertLessEqual(fet_LBK[li, bi, k], len(new))
         within_B = own_B + 1 <= budget
         np.testing.assert_array_equal(fet_LBK[:, within_B], 0)
-        if variant == "nosa":
+        if sp.query_aware and sp.has_eviction_head:  # nosa
           # §3 instantiated: only the free query-aware picks and the block
           # leaving the window can miss.
           free = sp.query_topk_blocks - sp.sink_blocks - sp.window_blocks - 1

@@ -49,7 +49,9 @@ class HostMemoryTest(absltest.TestCase):
                                lambda: 60 * 10**9):
           self.assertEqual(hm._available_host_bytes(), 40 * 10**9)
       os.environ[env] = "0.001"  # 1 MB
-      with mock.patch.object(jax, "default_backend", lambda: "gpu"):
+      with mock.patch.object(jax, "default_backend", lambda: "gpu"), \
+          mock.patch.object(hm, "_pinned_high_water", [0]), \
+          mock.patch.object(hm, "_live_pinned_bytes", lambda: 0):
         self.assertEqual(hm._available_host_bytes(), 1_000_000)
         with self.assertRaisesRegex(ValueError, env):
           hm.check_host_capacity(cfg, 64, 4096)
