@@ -47,10 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
-import json
 import os
-import platform
 import time
 
 from absl import app
@@ -64,6 +61,7 @@ from configs import nosa_1b
 from configs import nosa_8b
 from configs import tiny
 from experiments import timing
+from experiments.bench import harness
 from experiments.bench import synthetic
 from nosa_jax import config as config_lib
 from nosa_jax import cost_model
@@ -472,12 +470,7 @@ def _plot(results: dict, path: str) -> None:
 
 
 def _write(results: dict, out_dir: str) -> None:
-  tmp = os.path.join(out_dir, "decode_bench.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(results, f, indent=1, default=float)
-  os.replace(tmp, os.path.join(out_dir, "decode_bench.json"))
-  with open(os.path.join(out_dir, "table.md"), "w") as f:
-    f.write(_table(results))
+  harness.write_results(out_dir, "decode_bench", results, _table(results))
 
 
 def main(argv):
@@ -499,17 +492,9 @@ def main(argv):
       raise app.UsageError(f"--systems: unknown {system!r}; allowed: "
                            f"{', '.join(SYSTEMS)}")
   _model_config(name, "full")  # checks --kv_heads / --num_layers up front
-  dev = jax.devices()[0]
-  results = {"meta": {
-      "command": "python -m experiments.decode_bench " + " ".join(
-          a for a in os.sys.argv[1:]),
-      "device": getattr(dev, "device_kind", dev.platform),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec="minutes"),
-      "host": platform.node(), "jax": jax.__version__, "model": name,
-      "steps": _STEPS.value, "warmup": _WARMUP.value,
-      "num_layers_override": _LAYERS.value,
-      "kv_heads_override": _KV_HEADS.value},
+  results = {"meta": harness.stamp(
+      "decode_bench", model=name, steps=_STEPS.value, warmup=_WARMUP.value,
+      num_layers_override=_LAYERS.value, kv_heads_override=_KV_HEADS.value),
              "records": []}
   t_start = time.perf_counter()
   hw = cost_model.H100
