@@ -65,11 +65,11 @@ from experiments.bench import harness
 from experiments.bench import synthetic
 from nosa_jax import config as config_lib
 from nosa_jax import cost_model
+from nosa_jax import implementations
 from nosa_jax import model
 from nosa_jax.inference import engine
 from nosa_jax.inference import host_memory
 from nosa_jax.inference import stores
-import pallas_kernels
 
 _MODEL = flags.DEFINE_enum("model", "8b", ["1b", "8b", "tiny"],
                            "Model shape (configs/nosa_<model>.py).")
@@ -191,14 +191,13 @@ def measure_gather(runlocal: bool, bulk: float) -> list[dict]:
   dst_rows = jnp.arange(f, dtype=jnp.int32)
   nbytes = 2 * f * c * d * 2
   out = []
-  interpret = jax.default_backend() != "gpu"
   sweep = ([(4, 4)] if runlocal else
            [(p, w) for p in (66, 264, 528, 1056) for w in (4, 8)])
   for programs, warps in sweep:
-    fn = jax.jit(lambda h, d_, p=programs, w=warps: (
-        pallas_kernels.gather_blocks(h, d_, src_rows, dst_rows, jnp.int32(f),
-                                     programs=p, num_warps=w,
-                                     interpret=interpret)))
+    gather = implementations.kernel("block_fetch", "pallas",
+                                    programs=programs, num_warps=warps)
+    fn = jax.jit(lambda h, d_, gather=gather: gather(
+        h, d_, src_rows, dst_rows, jnp.int32(f)))
     t = _timeit(fn, host, dst)
     out.append({"method": "pallas_gather", "programs": programs,
                 "num_warps": warps, "bytes": nbytes, "seconds": t,

@@ -79,6 +79,7 @@ import jax.numpy as jnp
 
 from experiments import timing
 from nosa_jax import config as config_lib
+from nosa_jax import implementations
 from nosa_jax import metrics as metrics_lib
 from nosa_jax import selection
 from nosa_jax import sparse_attention
@@ -277,8 +278,7 @@ def bench_train(rows):
           cfg=dataclasses.replace(PAPER, score_implementation="pallas")))
       same_mask = bool(jnp.all(select_pallas(q, kk, bias) == mask))
       t_select_pallas = timeit(select_pallas, q, kk, bias)
-      dense = _fwd_bwd(lambda q, kk, v, b, m: jax.nn.dot_product_attention(
-          q, kk, v, is_causal=True, implementation="cudnn"))
+      dense = _dense_fwd_bwd()
       pallas_fwd = jax.jit(lambda q, kk, v, b, m: sparse_attention.
                            sparse_attention(q, kk, v, b, m,
                                             block_size=PAPER.block_size,
@@ -365,11 +365,11 @@ def _bwd_tuning(name):
 
 
 def _dense_fwd_bwd():
-  """jit(grad) of dense causal attention: cuDNN on the GPU, XLA elsewhere
-  (so that the parts using it run as CPU smoke tests)."""
-  impl = "cudnn" if jax.default_backend() == "gpu" else None
+  """jit(grad) of dense causal attention: cuDNN on the GPU (bf16), XLA
+  elsewhere (so that the parts using it run as CPU smoke tests)."""
   return _fwd_bwd(lambda q, kk, v, b, m: jax.nn.dot_product_attention(
-      q, kk, v, is_causal=True, implementation=impl))
+      q, kk, v, is_causal=True, implementation=implementations.resolve(
+          "dense_attention", "auto", dtype=q.dtype)))
 
 
 def _max_rel_diff(grads, want):
@@ -680,19 +680,21 @@ def _decode_inputs(b, k=2, g=16, d=128, p=64, c=64, seed=0):
   return q, kc, vc, bias, jnp.full((b, k, p), c, jnp.int32)
 
 
-# The decode part's kernels, timed in one run: the Pallas one, then the
-# jax-triton one pipelined (cp.async K/V copies, as in the Pallas kernel),
-# unpipelined with plain loads (the baseline of the load options), and with
-# each load option (unpipelined: Triton's pipelining drops them).
+# The decode part's kernels (SparseConfig.decode_implementation, kernel
+# options), timed in one run: the Pallas one, then the jax-triton one
+# pipelined (cp.async K/V copies, as in the Pallas kernel), unpipelined with
+# plain loads (the baseline of the load options), and with each load option
+# (unpipelined: Triton's pipelining drops them). Rows before this commit
+# named the triton one "jax_triton".
 _DECODE_KERNELS = (
     ("pallas", {}),
-    ("jax_triton", {}),
-    ("jax_triton", {"num_stages": 3}),  # as the Pallas default since s8
-    ("jax_triton", {"num_stages": 1}),
-    ("jax_triton", {"cache_modifier": ".ca"}),
-    ("jax_triton", {"cache_modifier": ".cg"}),
-    ("jax_triton", {"eviction_policy": "evict_first"}),
-    ("jax_triton", {"eviction_policy": "evict_last"}),
+    ("triton", {}),
+    ("triton", {"num_stages": 3}),  # as the Pallas default since s8
+    ("triton", {"num_stages": 1}),
+    ("triton", {"cache_modifier": ".ca"}),
+    ("triton", {"cache_modifier": ".cg"}),
+    ("triton", {"eviction_policy": "evict_first"}),
+    ("triton", {"eviction_policy": "evict_last"}),
 )
 
 
@@ -729,10 +731,8 @@ def bench_decode(rows, sweep=False, save=lambda: None):
     want = (None if sweep else  # the xla path, once per B
             sparse_attention.decode_attention(*args, c).astype(jnp.float32))
     for kernel, tuning in configs:
-      kernel_tuning = {**tuning, **({"jax_triton": True}
-                                    if kernel == "jax_triton" else {})}
-      run = (lambda *a, t=kernel_tuning: sparse_attention.decode_attention(
-          *a, c, implementation="pallas", tuning=t))
+      run = (lambda *a, i=kernel, t=tuning: sparse_attention.decode_attention(
+          *a, c, implementation=i, tuning=t))
       options = {k: str(v) for k, v in tuning.items()}
       if sweep:
         row = {"part": "decode_sweep", "B": b,

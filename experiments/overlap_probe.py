@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import timing
-import pallas_kernels
+from nosa_jax import implementations
 
 _OUT = flags.DEFINE_string("out_dir", "/tmp/overlap_probe", "Output dir.")
 _BATCH = flags.DEFINE_integer("batch", 16, "GEMM rows M (decode batch).")
@@ -69,11 +69,12 @@ def _gemm_chain(x_BM, w_up_LMF, w_down_LFM):
   return jax.lax.scan(layer, x_BM, (w_up_LMF, w_down_LFM))[0]
 
 
-def _gather(src_RCD, rows_F, programs, interpret):
+def _gather(src_RCD, rows_F, programs):
   dst = jnp.zeros((rows_F.shape[0],) + src_RCD.shape[1:], src_RCD.dtype)
-  (out,) = pallas_kernels.gather_blocks(
+  gather = implementations.kernel("block_fetch", "pallas", programs=programs)
+  (out,) = gather(
       (src_RCD,), (dst,), rows_F, jnp.arange(rows_F.shape[0], dtype=jnp.int32),
-      rows_F.shape[0], programs=programs, interpret=interpret)
+      rows_F.shape[0])
   return out
 
 
@@ -98,7 +99,6 @@ def run(out_dir: str) -> dict:
   src = jax.device_put(jnp.asarray(rng.normal(size=(store, _C, _D)),
                                    jnp.bfloat16), jax.memory.Space.Host)
   rows = jnp.asarray(rng.choice(store, tiles, replace=False), jnp.int32)
-  interpret = jax.default_backend() != "gpu"
 
   res = {"meta": {
       "command": "python -m experiments.overlap_probe " + " ".join(
@@ -115,7 +115,7 @@ def run(out_dir: str) -> dict:
   t_gemm = timing.timeit(jax.jit(_gemm_chain), x, w_up, w_down, iters=iters)
   res["gemm_ms"] = t_gemm * 1e3
   for p in programs:
-    gather = lambda s, r, p=p: _gather(s, r, p, interpret)
+    gather = lambda s, r, p=p: _gather(s, r, p)
     t_gather = timing.timeit(jax.jit(gather), src, rows, iters=iters)
     arrangements = {
         "both": lambda *a, g=gather: (_gemm_chain(*a[:3]), g(*a[3:])),

@@ -31,6 +31,8 @@ Where each concept of the paper lives:
     host memory + device block cache, diff,
     fetch, write-back)
   decode cost model (T_gpu, T_pcie, gamma)     cost_model
+  which kernel runs (xla / pallas / triton,    implementations (the one
+    fetch mode, interpret off the GPU)           switch)
 
 Imports are one-way: experiments -> nosa_jax -> pallas_kernels.
 """

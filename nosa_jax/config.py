@@ -15,8 +15,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, Mapping
 
+from nosa_jax import implementations
+
 VARIANTS = ("full", "infllmv2", "dma", "nosa")
-IMPLEMENTATIONS = ("xla", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")
 
@@ -28,6 +29,11 @@ class ConfigError(ValueError):
 def _require(cond: bool, field: str, allowed: str, value: Any) -> None:
   if not cond:
     raise ConfigError(f"{field}={value!r} is invalid: {allowed}")
+
+
+def _one_of(value: Any, field: str, allowed: tuple[Any, ...]) -> None:
+  _require(value in allowed, field,
+           f"must be one of {', '.join(map(str, allowed))}", value)
 
 
 def _positive_int(obj: Any, prefix: str, *names: str) -> None:
@@ -57,7 +63,14 @@ class SparseConfig:
   Attributes:
     variant: `full` (dense causal), `infllmv2` (query-aware top-k),
       `dma` (eviction score only, with bias) or `nosa` (two-phase, §2.5).
-    implementation: `xla` (pure JAX) or `pallas` (GPU kernels).
+    implementation: `xla` (pure JAX) or `pallas` (GPU kernels) for the
+      block-sparse attention of training / prefill, and for decode
+      attention unless `decode_implementation` says otherwise. Kernels run
+      in Pallas interpret mode off the GPU (nosa_jax/implementations.py
+      resolves every kernel choice).
+    decode_implementation: decode attention over the cached blocks: `auto`
+      (the same as `implementation`), `xla`, `pallas` (split-K kernel) or
+      `triton` (the same kernel through jax-triton; GPU only).
     score_implementation: how training / prefill selection computes the
       query-aware block scores: `xla` (einsum + softmax + block max) or
       `pallas` (`pallas_kernels.block_scores`, no [T, W] matrix in HBM).
@@ -79,6 +92,7 @@ class SparseConfig:
 
   variant: Literal["full", "infllmv2", "dma", "nosa"] = "nosa"
   implementation: Literal["xla", "pallas"] = "xla"
+  decode_implementation: Literal["auto", "xla", "pallas", "triton"] = "auto"
   score_implementation: Literal["xla", "pallas"] = "xla"
   block_size: int = 64
   compress_kernel: int = 32
@@ -92,15 +106,14 @@ class SparseConfig:
 
   def __post_init__(self):
     p = "model.sparse"
-    _require(self.variant in VARIANTS, f"{p}.variant",
-             f"must be one of {', '.join(VARIANTS)}", self.variant)
-    _require(self.implementation in IMPLEMENTATIONS, f"{p}.implementation",
-             f"must be one of {', '.join(IMPLEMENTATIONS)}",
-             self.implementation)
-    _require(self.score_implementation in IMPLEMENTATIONS,
-             f"{p}.score_implementation",
-             f"must be one of {', '.join(IMPLEMENTATIONS)}",
-             self.score_implementation)
+    _one_of(self.variant, f"{p}.variant", VARIANTS)
+    impl = implementations.choices
+    _one_of(self.implementation, f"{p}.implementation",
+            impl("block_sparse_attention"))
+    _one_of(self.decode_implementation, f"{p}.decode_implementation",
+            impl("decode_attention"))
+    _one_of(self.score_implementation, f"{p}.score_implementation",
+            impl("block_scores"))
     _positive_int(self, p, "block_size", "compress_kernel", "compress_stride",
                   "topk_blocks", "query_topk_blocks", "query_chunk")
     for name in ("sink_blocks", "window_blocks"):

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nosa_jax import config as config_lib
+from nosa_jax import implementations
 from nosa_jax import sharding
 import pallas_kernels
 
@@ -263,18 +264,19 @@ def query_aware_scores_pallas(q_BTHD: jax.Array, kbar_BWKD: jax.Array,
 
   Args:
     q_BTHD, kbar_BWKD, positions_T, cfg, n_blocks: as `query_aware_scores`.
-    tuning: optional keyword arguments of `pallas_kernels.block_scores`
+    tuning: optional keyword options of `pallas_kernels.block_scores`
       (block_sizes, precision, num_warps, num_stages); off the GPU the
-      kernel runs in Pallas interpret mode (slow).
+      kernel runs in Pallas interpret mode (slow; `implementations`).
 
   Returns:
     sq_BKTN in fp32 (no forced or causal masking applied).
   """
-  return pallas_kernels.block_scores(
+  kernel = implementations.kernel("block_scores", "pallas",
+                                  **{"precision": "tf32", **(tuning or {})})
+  return kernel(
       jax.lax.stop_gradient(q_BTHD), jax.lax.stop_gradient(kbar_BWKD),
       positions_T, n_blocks, cfg.block_size, cfg.compress_kernel,
-      cfg.compress_stride, interpret=jax.default_backend() != "gpu",
-      **{"precision": "tf32", **(tuning or {})})
+      cfg.compress_stride)
 
 
 def query_agnostic_scores(bias_BTK: jax.Array, cfg: config_lib.SparseConfig,
@@ -513,9 +515,11 @@ def _selection_chunk_fn(q_BTHD, k_BTKD, bias_BTK, cfg, n_blocks,
                        "bias; bias_BTK must not be None")
     se_BKN = query_agnostic_scores(sg(bias_BTK), cfg, n_blocks)
 
+  scores = implementations.from_config("block_scores", cfg)
+
   def fn(q_chunk_BTHD, positions_T):
     sq_BKTN = None
-    if kbar_BWKD is not None and cfg.score_implementation == "pallas":
+    if kbar_BWKD is not None and scores == "pallas":
       # Batch-first arguments for `batch_parallel` (positions per row).
       pos_BT = jnp.broadcast_to(positions_T, q_chunk_BTHD.shape[:2])
       sq_BKTN = sharding.batch_parallel(

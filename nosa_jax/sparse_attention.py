@@ -6,7 +6,8 @@ selection. Logits are q.k / sqrt(D) + b[s, k] with the eviction bias at full
 strength (§2.7, project decision 1), softmax in fp32.
 
   sparse_attention_reference: dense masked attention, obviously correct.
-  sparse_attention:           the `implementation=` switch; `xla` loops over
+  sparse_attention:           `implementation=` (nosa_jax/implementations.py
+                              resolves it); `xla` loops over
                               query chunks under `jax.checkpoint` so forward
                               and backward memory are bounded by one chunk.
   nosa_attention:             selection + attention + locality statistics,
@@ -15,7 +16,6 @@ strength (§2.7, project decision 1), softmax in fp32.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Literal, Optional
 
@@ -24,6 +24,7 @@ from jax import ad_checkpoint
 import jax.numpy as jnp
 
 from nosa_jax import config as config_lib
+from nosa_jax import implementations
 from nosa_jax import selection
 from nosa_jax import sharding
 import pallas_kernels
@@ -154,27 +155,24 @@ def sparse_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
     mask_BKTN: selected blocks (bool), N = ceil(T / C); not differentiated.
     block_size: C.
     query_chunk: queries per chunk.
-    implementation: `xla`, or `pallas` (the Triton block-sparse kernel).
-    tuning: keyword arguments for the pallas kernel (`block_sizes` as a
+    implementation: `xla`, or `pallas` (the block-sparse kernel; resolved
+      by `implementations`, interpret mode off the GPU).
+    tuning: keyword options of the pallas kernel (`block_sizes` as a
       `KernelBlockSizes`, `num_warps`, `num_stages`); benchmarks sweep them.
 
   Returns:
     out_BTHD in q's dtype.
   """
-  if implementation == "pallas":
-    # The Triton kernel; off the GPU it runs in Pallas interpret mode (slow,
-    # exact), so the same config runs everywhere.
+  implementation = implementations.resolve("block_sparse_attention",
+                                           implementation)
+  if implementation != "xla":
     # Under a mesh the kernel runs per batch (and head) shard: XLA cannot
     # split it.
-    kernel = functools.partial(
-        pallas_kernels.block_sparse_attention, block_size=block_size,
-        interpret=jax.default_backend() != "gpu", **(tuning or {}))
+    kernel = implementations.kernel("block_sparse_attention", implementation,
+                                    block_size=block_size, **(tuning or {}))
     return sharding.batch_parallel(kernel, q_BTHD, k_BTKD, v_BTKD, bias_BTK,
                                    mask_BKTN, head_dims=(2, 2, 2, 2, 1),
                                    out_head_dim=2)
-  if implementation != "xla":
-    raise ValueError(f"implementation={implementation!r}: use 'xla' or "
-                     "'pallas'")
   _check(q_BTHD, k_BTKD, v_BTKD, bias_BTK, mask_BKTN, block_size)
   b, t, h, d = q_BTHD.shape
   mask_BKTN = jax.lax.stop_gradient(mask_BKTN)
@@ -271,7 +269,8 @@ def nosa_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
 def decode_attention(q_BHD: jax.Array, k_BKSD: jax.Array, v_BKSD: jax.Array,
                      bias_BKS: Optional[jax.Array], slot_len_BKP: jax.Array,
                      block_size: int,
-                     implementation: Literal["xla", "pallas"] = "xla",
+                     implementation: Literal["xla", "pallas",
+                                             "triton"] = "xla",
                      tuning: Optional[dict] = None,
                      block_idx_BKP: Optional[jax.Array] = None) -> jax.Array:
   """One query token per sequence against its cached KV blocks (slots).
@@ -283,12 +282,13 @@ def decode_attention(q_BHD: jax.Array, k_BKSD: jax.Array, v_BKSD: jax.Array,
     bias_BKS: per-key eviction bias (fp32, full strength) or None.
     slot_len_BKP: valid tokens at the start of each slot (0 = empty slot).
     block_size: C.
-    implementation: `xla` (dense masked jnp) or `pallas` (split-K kernel;
-      interpret mode off the GPU).
-    tuning: keyword arguments for the pallas kernel (`block_sizes` as a
-      `DecodeBlockSizes`, `num_warps`, `num_stages`); `jax_triton=True`
-      runs `pallas_kernels.sparse_decode_triton` instead (GPU only; it
-      also takes `cache_modifier` / `eviction_policy`).
+    implementation: `xla` (dense masked jnp), `pallas` (split-K kernel;
+      interpret mode off the GPU) or `triton` (the same kernel through
+      jax-triton; GPU only); the stores pass
+      `implementations.from_config("decode_attention", sp)`.
+    tuning: keyword options of the kernel (`block_sizes` as a
+      `DecodeBlockSizes`, `num_warps`, `num_stages`; triton also
+      `cache_modifier` / `eviction_policy`).
     block_idx_BKP: optional block table: slot p is block block_idx_BKP[...,
       p] of k/v/bias, which then hold the whole cache [B, K, N * C, ...]
       (read in place by the kernel; the xla path gathers).
@@ -296,19 +296,13 @@ def decode_attention(q_BHD: jax.Array, k_BKSD: jax.Array, v_BKSD: jax.Array,
   Returns:
     out_BHD in q's dtype; 0 for a row with no valid key.
   """
-  if implementation == "pallas":
-    tuning = dict(tuning or {})
-    if tuning.pop("jax_triton", False):  # the native Triton variant (GPU)
-      return pallas_kernels.sparse_decode_triton(
-          q_BHD, k_BKSD, v_BKSD, bias_BKS, slot_len_BKP, block_size,
-          block_idx_BKP=block_idx_BKP, **tuning)
-    return pallas_kernels.sparse_decode(
-        q_BHD, k_BKSD, v_BKSD, bias_BKS, slot_len_BKP, block_size,
-        block_idx_BKP=block_idx_BKP,
-        interpret=jax.default_backend() != "gpu", **tuning)
+  implementation = implementations.resolve("decode_attention",
+                                           implementation)
   if implementation != "xla":
-    raise ValueError(f"implementation={implementation!r}: use 'xla' or "
-                     "'pallas'")
+    kernel = implementations.kernel("decode_attention", implementation,
+                                    block_idx_BKP=block_idx_BKP,
+                                    **(tuning or {}))
+    return kernel(q_BHD, k_BKSD, v_BKSD, bias_BKS, slot_len_BKP, block_size)
   return pallas_kernels.sparse_decode_reference(
       q_BHD, k_BKSD, v_BKSD, bias_BKS, slot_len_BKP, block_size,
       block_idx_BKP=block_idx_BKP)

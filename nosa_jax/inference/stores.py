@@ -34,17 +34,21 @@ over the slots. The tail (partial) block is an ordinary slot: the token is
 written into it and it is never fetched; a completed block stays in its
 slot (it is in the forced window for window_blocks * C steps) until
 `write_back`, called every C steps by the loop, copies it to the host.
-Fetch modes (`HostStore.fetch`):
+Fetch modes (`HostStore.fetch`, resolved by `nosa_jax.implementations` with
+the decode attention; "auto" by default):
 
   "loop"    a fori_loop of per-block dynamic_slice + device_put (XLA
             rejects gathers on a pinned_host operand; its dynamic trip count
-            syncs the GPU with the host). The CPU default.
+            syncs the GPU with the host). The default off the GPU.
   "pallas"  one launch of the zero-copy copy kernel
             `pallas_kernels.gather_blocks` (reads the pinned store
-            directly).
+            directly), then the decode attention `sp` chooses. The GPU
+            default when that is not the Pallas kernel (xla, triton).
   "fused"   no separate copy: `pallas_kernels.sparse_decode_fetch` reads
             each missing block from the store while attending and stores it
-            into its slot. The GPU default.
+            into its slot; it is the attention (the Pallas decode kernel),
+            whatever `sp.decode_implementation` says, so "triton" is refused
+            with it. The GPU default when decode attention is "pallas".
 
 Measured fetch and step times: experiments/results/ (decode notes).
 Not done: prefetch of a predicted selection beside the GEMMs (the overlap
@@ -61,14 +65,13 @@ import jax
 import jax.numpy as jnp
 
 from nosa_jax import config as config_lib
+from nosa_jax import implementations
 from nosa_jax import sparse_attention
 from nosa_jax.inference import host_memory
-import pallas_kernels
 
 _F32 = jnp.float32
 _HOST = jax.memory.Space.Host  # pinned_host
 _DEVICE = jax.memory.Space.Device
-FETCH_MODES = ("auto", "pallas", "loop", "fused")
 
 
 def _slot_lengths(idx_BKP: jax.Array, pos_B: jax.Array, c: int):
@@ -138,7 +141,8 @@ class DeviceStore:
     # block table. Full: every block in order, no table needed.
     out_BHD = sparse_attention.decode_attention(
         q_BHD, kv.k_BKSD, kv.v_BKSD, bias_BKS, len_BKP, sp.block_size,
-        sp.implementation, block_idx_BKP=j_BKP if sp.is_sparse else None)
+        implementations.from_config("decode_attention", sp),
+        block_idx_BKP=j_BKP if sp.is_sparse else None)
     return kv, out_BHD, jnp.zeros(idx_BKP.shape[:2], jnp.int32)
 
   def write_back(self, kv, lengths_B, sp):
@@ -167,8 +171,8 @@ class HostStore:
   """K/V in pinned host memory, selected blocks cached on the device.
 
   Attributes:
-    fetch: see the module docstring; "auto" = "fused" on GPU, "loop"
-      elsewhere.
+    fetch: "auto", "loop", "pallas" or "fused" (the module docstring;
+      `implementations` resolves "auto").
     cache_blocks: device slots per (layer, sequence, KV head); None =
       topk_blocks. Above topk_blocks, slots keep blocks that are no longer
       selected; a miss overwrites first an empty slot, then the slot whose
@@ -184,9 +188,7 @@ class HostStore:
   writes_back = True
 
   def __post_init__(self):
-    if self.fetch not in FETCH_MODES:
-      raise ValueError(f"HostStore.fetch must be one of {FETCH_MODES}, "
-                       f"got {self.fetch!r}")
+    implementations.check("block_fetch", self.fetch)
     if self.gather_programs < 1:
       raise ValueError("HostStore.gather_programs must be >= 1, got "
                        f"{self.gather_programs}")
@@ -194,10 +196,17 @@ class HostStore:
       raise ValueError("HostStore.cache_blocks must be None or >= 1, got "
                        f"{self.cache_blocks}")
 
-  def resolved_fetch(self) -> str:
-    if self.fetch == "auto":
-      return "fused" if jax.default_backend() == "gpu" else "loop"
-    return self.fetch
+  def fetch_and_attention(self, sp: config_lib.SparseConfig):
+    """(fetch mode, decode attention) this store runs under `sp`."""
+    attention = implementations.from_config("decode_attention", sp)
+    fetch = implementations.resolve("block_fetch", self.fetch,
+                                    decode_attention=attention)
+    if fetch == "fused" and attention == "triton":
+      raise ValueError(
+          "HostStore.fetch='fused' is the Pallas decode kernel with the "
+          "fetch inside; SparseConfig.decode_implementation='triton' cannot "
+          "be fused (use fetch='pallas' or 'loop')")
+    return fetch, attention
 
   def num_slots(self, sp: config_lib.SparseConfig, n: int) -> int:
     """P: device slots per (layer, sequence, KV head) for N blocks."""
@@ -274,10 +283,10 @@ class HostStore:
                                       axis=-1))
     new_map, load_BKP, fetch_BKP = diff_slots(kv.slot_map, idx_BKP, own_B,
                                               keep_BKP)
-    fused = self.resolved_fetch() == "fused"
+    fetch, attention = self.fetch_and_attention(sp)
     k_slot, v_slot = kv.k_slot, kv.v_slot
-    if not fused:
-      k_slot, v_slot = self._copy_misses(kv, load_BKP, fetch_BKP)
+    if fetch != "fused":
+      k_slot, v_slot = self._copy_misses(kv, load_BKP, fetch_BKP, fetch)
     # The token goes into its own block's slot at row pos % C.
     own_slot_BK = jnp.argmax(new_map == own_B[:, None, None], axis=-1)
     b_ = jnp.arange(b)[:, None]
@@ -294,23 +303,21 @@ class HostStore:
     if bias_BKS is not None:  # gathered from the device bias by slot
       bias = bias_BKS.reshape(b, nkv, n, c)[
           b_[..., None], k_[..., None], j_BKP].reshape(b, nkv, p * c)
-    if fused:  # the kernel fetches the missing blocks as it attends
-      out_BHD, k_slot, v_slot = pallas_kernels.sparse_decode_fetch(
+    if fetch == "fused":  # the kernel fetches the misses as it attends
+      out_BHD, k_slot, v_slot = implementations.kernel("block_fetch", fetch)(
           q_BHD, k_slot, v_slot, bias, len_BKP, kv.k_host, kv.v_host,
-          jnp.where(fetch_BKP, load_BKP, -1).astype(jnp.int32),
-          interpret=jax.default_backend() != "gpu")
+          jnp.where(fetch_BKP, load_BKP, -1).astype(jnp.int32))
     else:
       out_BHD = sparse_attention.decode_attention(
           q_BHD, k_slot.reshape(b, nkv, p * c, d),
-          v_slot.reshape(b, nkv, p * c, d), bias, len_BKP, c,
-          sp.implementation)
+          v_slot.reshape(b, nkv, p * c, d), bias, len_BKP, c, attention)
     slot_last = jnp.where(sel_slot_BKP, pos_B[:, None, None], kv.slot_last)
     kv = dataclasses.replace(kv, k_slot=k_slot, v_slot=v_slot,
                              slot_map=new_map,
                              slot_last=slot_last.astype(jnp.int32))
     return kv, out_BHD, jnp.sum(fetch_BKP, -1).astype(jnp.int32)
 
-  def _copy_misses(self, kv: HostKV, load_BKP, fetch_BKP):
+  def _copy_misses(self, kv: HostKV, load_BKP, fetch_BKP, fetch: str):
     """Copies the missing blocks host -> device slots, one tile each."""
     b, nkv, p = kv.slot_map.shape
     n = kv.k_host.shape[2]
@@ -320,13 +327,13 @@ class HostStore:
     count = jnp.sum(fetch_BKP).astype(jnp.int32)
     src_F, dst_F = src_F[order_F], f_F[order_F].astype(jnp.int32)
     srcs, dsts = (kv.k_host, kv.v_host), (kv.k_slot, kv.v_slot)
-    if self.resolved_fetch() == "loop":
+    if fetch == "loop":
       return _loop_copy(srcs, dsts, src_F, dst_F, count, _DEVICE)
     tiles = lambda x: x.reshape((-1,) + x.shape[3:])
-    out = pallas_kernels.gather_blocks(
-        tuple(map(tiles, srcs)), tuple(map(tiles, dsts)), src_F, dst_F,
-        count, programs=self.gather_programs,
-        interpret=jax.default_backend() != "gpu")
+    gather = implementations.kernel("block_fetch", fetch,
+                                    programs=self.gather_programs)
+    out = gather(tuple(map(tiles, srcs)), tuple(map(tiles, dsts)), src_F,
+                 dst_F, count)
     return tuple(x.reshape(kv.k_slot.shape) for x in out)
 
   def write_back(self, kv: HostKV, lengths_B,

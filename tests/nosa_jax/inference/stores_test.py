@@ -75,7 +75,7 @@ class HostStoreTest(absltest.TestCase):
                                             False]]])
 
   def test_options_validation(self):
-    with self.assertRaisesRegex(ValueError, "fetch must be one of"):
+    with self.assertRaisesRegex(ValueError, "HostStore.fetch='dma'"):
       stores.HostStore(fetch="dma")
     with self.assertRaisesRegex(ValueError, "cache_blocks"):
       stores.HostStore(cache_blocks=0)
@@ -84,7 +84,6 @@ class HostStoreTest(absltest.TestCase):
     cfg, _, _ = testing.tiny_model_with_bias("nosa")
     with self.assertRaisesRegex(ValueError, "below topk_blocks"):
       stores.HostStore(cache_blocks=2).check(cfg, 1, 1024)
-    self.assertEqual(stores.HostStore(fetch="loop").resolved_fetch(), "loop")
 
 
 if __name__ == "__main__":
