@@ -79,8 +79,8 @@ class ForwardTest(parameterized.TestCase):
     graphdef_r, _ = model.init(testing.tiny_model_config("full", remat=policy),
                                0)
     batch = testing.random_tokens(jax.random.key(1), 2, 33)
-    grad = lambda g: jax.grad(lambda p: train.loss_fn(p, g, cfg, batch)[0])(
-        params)
+    grad = lambda g: jax.jit(jax.grad(
+        lambda p: train.loss_fn(p, g, cfg, batch)[0]))(params)
     for a, b in zip(jax.tree.leaves(grad(graphdef)),
                     jax.tree.leaves(grad(graphdef_r)), strict=True):
       np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
@@ -147,7 +147,8 @@ class OverfitTest(absltest.TestCase):
     self.assertGreater(first, 5.0)
     self.assertLess(last, 0.05)
     # Greedy next-token predictions reproduce the sequence.
-    logits, _ = model.apply(graphdef, params, jnp.asarray(seq[None, :-1]))
+    logits, _ = jax.jit(lambda p, t: model.apply(graphdef, p, t))(
+        params, jnp.asarray(seq[None, :-1]))
     np.testing.assert_array_equal(np.argmax(logits[0], -1), seq[1:])
 
 

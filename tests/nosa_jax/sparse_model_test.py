@@ -39,8 +39,8 @@ class EvictionHeadTest(parameterized.TestCase):
     step = jax.jit(lambda s, b: train.train_step(
         s, b, graphdef=graphdef, cfg=cfg.model, tx=tx))
     state, _ = step(state, batch)
-    grads = jax.grad(lambda p: train.loss_fn(p, graphdef, cfg.model,
-                                             batch)[0])(state["params"])
+    grads = jax.jit(jax.grad(lambda p: train.loss_fn(
+        p, graphdef, cfg.model, batch)[0]))(state["params"])
     for name in ("evict_a", "evict_delta"):
       for g in _leaves_named(grads, name):
         self.assertTrue(np.all(np.isfinite(g)), name)
@@ -60,7 +60,7 @@ class LocalityPenaltyTest(parameterized.TestCase):
       loss, metrics = train.loss_fn(p, graphdef, cfg, batch)
       return loss - metrics["loss"]  # = locality_weight * penalty
 
-    return jax.grad(weighted_penalty)(params)
+    return jax.jit(jax.grad(weighted_penalty))(params)
 
   def test_gradient_on_q_and_k_projections(self):
     grads = self._penalty_grads(0.5)
