@@ -35,9 +35,11 @@ The selection state stays on the device for both stores (§4.1), per layer
   bias_BKS     fp32 eviction bias per token (dma / nosa).
   kbar_BWKD    fp32 compressed keys (infllmv2 / nosa), W = windows in S.
   ebar_BKW     fp32 window means of the bias (dma / nosa).
-  keys_BKRD    the last R = compress_kernel keys, chronological (NOSI's
-               rolling buffer): a step whose token completes window c pools
-               that one window from it, so the K cache is never read back.
+
+kbar and ebar are kept incrementally: a step whose token completes window
+c pools that one window (its keys from `store.window_keys`: in place from
+the device cache, or from the host store's rolling buffer), instead of
+re-pooling the cache; windows not yet complete are zero and never read.
 
 Prefill streams each layer's K/V to the store as soon as the layer is done;
 an optimization barrier makes layer i's store finish before layer i + 2
@@ -79,7 +81,6 @@ class SelectionState:
   bias_BKS: Optional[jax.Array]
   kbar_BWKD: Optional[jax.Array]
   ebar_BKW: Optional[jax.Array]
-  keys_BKRD: Optional[jax.Array]
 
 
 @jax.tree_util.register_dataclass
@@ -126,18 +127,14 @@ def _prefill_selection(k_BTKD, bias_BTK, lengths_B, s: int,
     pad[axis] = (0, n_win - x_BW_.shape[axis])
     return jnp.pad(jnp.where(keep, x_BW_, 0.0), pad)
 
-  kbar = keys = bias = ebar = None
+  kbar = bias = ebar = None
   if sp.query_aware:
     kbar = windows(selection.compress_keys(k_BTKD, kern, stride), axis=1)
-    padded = jnp.pad(_to_cache(k_BTKD, lengths_B, s),
-                     ((0, 0), (0, 0), (kern, 0), (0, 0)))
-    keys = jax.vmap(lambda x, i: jax.lax.dynamic_slice_in_dim(
-        x, i, kern, axis=1))(padded, lengths_B)  # lengths - kern .. - 1
   if bias_BTK is not None:
     bias = _to_cache(bias_BTK, lengths_B, s)
     ebar = windows(jnp.moveaxis(
         selection.window_means(bias_BTK, kern, stride), 2, 1), axis=2)
-  return SelectionState(bias, kbar, ebar, keys)
+  return SelectionState(bias, kbar, ebar)
 
 
 def _to_cache(x_BTK_, lengths_B, s: int):
@@ -304,22 +301,21 @@ def prefill(params: Any, cfg: config_lib.ModelConfig, tokens_BT: jax.Array,
 # ------------------------------------------------------------------------------
 
 
-def _append(sel: SelectionState, k_BKD, bias_BK, pos_B,
+def _append(sel: SelectionState, keys_BKRD, bias_BK, pos_B,
             sp: config_lib.SparseConfig) -> SelectionState:
-  """Appends the token at pos_B and the window mean it completes, if any."""
+  """Appends the token's bias and the window means it completes, if any
+  (keys_BKRD: the keys of the window ending at pos_B, query-aware only)."""
   b_B = jnp.arange(pos_B.shape[0])
   kern, stride = sp.compress_kernel, sp.compress_stride
-  bias, kbar, ebar, keys = sel.bias_BKS, sel.kbar_BWKD, sel.ebar_BKW, None
+  bias, kbar, ebar = sel.bias_BKS, sel.kbar_BWKD, sel.ebar_BKW
   if bias is not None:
     bias = bias.at[b_B, :, pos_B].set(bias_BK)
-  if sel.keys_BKRD is not None:
-    keys = jnp.concatenate([sel.keys_BKRD[:, :, 1:], k_BKD[:, :, None]], 2)
   # Window c = [stride*c, stride*c + kern) completes at its last token.
   first_B = pos_B + 1 - kern
   done_B = (first_B >= 0) & (first_B % stride == 0)
   if kbar is not None:
     c_B = jnp.clip(first_B // stride, 0, kbar.shape[1] - 1)
-    new_BKD = selection.compress_keys(jnp.moveaxis(keys, 2, 1), kern,
+    new_BKD = selection.compress_keys(jnp.moveaxis(keys_BKRD, 2, 1), kern,
                                       stride)[:, 0]
     kbar = kbar.at[b_B, c_B].set(
         jnp.where(done_B[:, None, None], new_BKD, kbar[b_B, c_B]))
@@ -332,7 +328,7 @@ def _append(sel: SelectionState, k_BKD, bias_BK, pos_B,
                                     stride)[:, 0]
     ebar = ebar.at[b_B, :, c_B].set(
         jnp.where(done_B[:, None], new_BK, ebar[b_B, :, c_B]))
-  return SelectionState(bias, kbar, ebar, keys)
+  return SelectionState(bias, kbar, ebar)
 
 
 def _select(q_BHD, sel: SelectionState, pos_B, sp: config_lib.SparseConfig,
@@ -364,15 +360,19 @@ def _decode_step(params, cfg: config_lib.ModelConfig, state: DecodeState,
       x_prev_B1M = x_B1M
 
     def attend(q_B1HD, k_B1KD, v_B1KD, bias_B1K, layer=layer, i=i):
-      sel = _append(layer.sel, k_B1KD[:, 0],
+      k_BKD, v_BKD = k_B1KD[:, 0], v_B1KD[:, 0]
+      kv = store.append(layer.kv, k_BKD, v_BKD, pos_B)
+      keys_BKRD = (store.window_keys(kv, pos_B, sp.compress_kernel)
+                   if sp.query_aware else None)
+      sel = _append(layer.sel, keys_BKRD,
                     None if bias_B1K is None else bias_B1K[:, 0], pos_B, sp)
       idx_BKP, se_BKN = _select(q_B1HD[:, 0], sel, pos_B, sp, n,
                                 cfg.num_kv_heads)
       if override is not None:
         idx_BKP = override(idx_BKP, pos_B, n, i)
       kv, out_BHD, fetched_BK = store.attend(
-          layer.kv, q_B1HD[:, 0], k_B1KD[:, 0], v_B1KD[:, 0], sel.bias_BKS,
-          idx_BKP, se_BKN, pos_B, sp)
+          kv, q_B1HD[:, 0], k_BKD, v_BKD, sel.bias_BKS, idx_BKP, se_BKN,
+          pos_B, sp)
       return out_BHD[:, None], (LayerState(sel, kv), idx_BKP, fetched_BK)
 
     x_B1M, (layer, idx_BKP, fetched_BK) = model.block(

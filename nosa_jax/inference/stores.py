@@ -10,9 +10,12 @@ The engine calls it; it never calls back into the engine:
                                                    (K/V at capacity S, padded
                                                    rows zero; inside the jit)
   empty(kv_shapes) -> kv                           zeros of prefill's type
+  append(kv, k_BKD, v_BKD, pos_B) -> kv            takes the token at pos_B
+  window_keys(kv, pos_B, r) -> keys_BKRD           the keys at pos_B - r + 1
+                                                   .. pos_B (the compressed
+                                                   window the token closes)
   attend(kv, q_BHD, k_BKD, v_BKD, bias_BKS, idx_BKP, se_BKN, pos_B, sp)
-      -> (kv, out_BHD, fetched_BK)                 writes the token at pos_B,
-                                                   attends over the selected
+      -> (kv, out_BHD, fetched_BK)                 attends over the selected
                                                    blocks, says what moved
   write_back(kv, lengths_B, sp) -> kv              (when `writes_back`)
 
@@ -26,6 +29,9 @@ device block cache of P slots per (layer, sequence, KV head):
   slot_map   [B, K, P] block held by each slot (-1 empty); a slot keeps its
              block until another is loaded into it.
   slot_last  [B, K, P] last position the slot was selected (LRU retention).
+  keys_BKRD  the last R = compress_kernel keys, chronological (NOSI's
+             rolling buffer, query-aware variants): the device pools a
+             completed window from it, never reading the host store back.
 
 A step diffs the selection against the slot map (§4.4: `diff_slots`),
 fetches the misses (serial copy before the attention, or fused into the
@@ -130,12 +136,21 @@ class DeviceStore:
   def empty(self, shapes: DeviceKV) -> DeviceKV:
     return allocate(shapes)
 
+  def append(self, kv: DeviceKV, k_BKD, v_BKD, pos_B) -> DeviceKV:
+    b_B = jnp.arange(pos_B.shape[0])
+    return DeviceKV(kv.k_BKSD.at[b_B, :, pos_B].set(k_BKD),
+                    kv.v_BKSD.at[b_B, :, pos_B].set(v_BKD))
+
+  def window_keys(self, kv: DeviceKV, pos_B, r: int) -> jax.Array:
+    # Read in place from the cache (before the token completes a window
+    # the start is clipped; the engine then discards the result).
+    start_B = jnp.clip(pos_B + 1 - r, 0, kv.k_BKSD.shape[2] - r)
+    return jax.vmap(lambda x, i: jax.lax.dynamic_slice_in_dim(
+        x, i, r, axis=1))(kv.k_BKSD, start_B)
+
   def attend(self, kv: DeviceKV, q_BHD, k_BKD, v_BKD, bias_BKS, idx_BKP,
              se_BKN, pos_B, sp: config_lib.SparseConfig):
-    del se_BKN
-    b_B = jnp.arange(pos_B.shape[0])
-    kv = DeviceKV(kv.k_BKSD.at[b_B, :, pos_B].set(k_BKD),
-                  kv.v_BKSD.at[b_B, :, pos_B].set(v_BKD))
+    del k_BKD, v_BKD, se_BKN  # the token is in the cache (append)
     j_BKP, len_BKP = _slot_lengths(idx_BKP, pos_B, sp.block_size)
     # Sparse: the kernel reads the selected blocks in place through the
     # block table. Full: every block in order, no table needed.
@@ -164,6 +179,7 @@ class HostKV:
   v_slot: jax.Array      # [B, K, P, C, D] device
   slot_map: jax.Array    # [B, K, P] int32, -1 = empty
   slot_last: jax.Array   # [B, K, P] int32, last position selected
+  keys_BKRD: Optional[jax.Array]  # [B, K, compress_kernel, D] device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,6 +267,12 @@ class HostStore:
       return jnp.zeros((b, kv, p, c, d), x_BKNCD.dtype).at[:, :, 0].set(
           tail_BKCD)  # zeros past the length
 
+    keys = None
+    if sp.query_aware:  # keys at lengths - R .. lengths - 1
+      r = sp.compress_kernel
+      padded = jnp.pad(k_BKSD, ((0, 0), (0, 0), (r, 0), (0, 0)))
+      keys = jax.vmap(lambda x, i: jax.lax.dynamic_slice_in_dim(
+          x, i, r, axis=1))(padded, lengths_B)
     k_BKNCD = k_BKSD.reshape(b, kv, n, c, d)
     v_BKNCD = v_BKSD.reshape(b, kv, n, c, d)
     return HostKV(
@@ -258,7 +280,7 @@ class HostStore:
         v_host=jax.device_put(v_BKNCD, _HOST),
         k_slot=slots(k_BKNCD), v_slot=slots(v_BKNCD), slot_map=map_BKP,
         slot_last=jnp.where(map_BKP >= 0, lengths_B[:, None, None] - 1,
-                            -1).astype(jnp.int32))
+                            -1).astype(jnp.int32), keys_BKRD=keys)
 
   def empty(self, shapes: HostKV) -> HostKV:
     """Zeros, every slot empty, the host arrays in pinned memory."""
@@ -267,7 +289,21 @@ class HostStore:
         v_host=allocate(shapes.v_host, host=True),
         k_slot=allocate(shapes.k_slot), v_slot=allocate(shapes.v_slot),
         slot_map=allocate(shapes.slot_map, -1),
-        slot_last=allocate(shapes.slot_last, -1))
+        slot_last=allocate(shapes.slot_last, -1),
+        keys_BKRD=allocate(shapes.keys_BKRD))
+
+  def append(self, kv: HostKV, k_BKD, v_BKD, pos_B) -> HostKV:
+    # The token enters its slot in `attend`, once the diff has given its
+    # block one; here only the rolling key buffer moves.
+    del v_BKD, pos_B
+    if kv.keys_BKRD is None:
+      return kv
+    return dataclasses.replace(kv, keys_BKRD=jnp.concatenate(
+        [kv.keys_BKRD[:, :, 1:], k_BKD[:, :, None]], axis=2))
+
+  def window_keys(self, kv: HostKV, pos_B, r: int) -> jax.Array:
+    del pos_B, r
+    return kv.keys_BKRD
 
   def attend(self, kv: HostKV, q_BHD, k_BKD, v_BKD, bias_BKS, idx_BKP,
              se_BKN, pos_B, sp: config_lib.SparseConfig):

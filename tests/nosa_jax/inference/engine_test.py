@@ -28,10 +28,12 @@ from tests import tolerances
 
 _model = testing.tiny_model_with_bias
 DEVICE = stores.DeviceStore()
-# Prompts of 1 token, one full block, a partial block, and 100 tokens that
-# decode past the budget (8 blocks of 16 = 128 tokens) to 10 blocks.
-LENGTHS = np.array([1, 16, 45, 100])
-STEPS = 50
+# Prompts of 1 token, one full block and a partial block, which fill their
+# tail blocks and go on into the next, and 120 tokens that decode past the
+# budget (8 blocks of 16 = 128 tokens, passed at step 8) to 9 whole blocks.
+# STEPS = 24 > C: the host store writes back once inside the loop.
+LENGTHS = np.array([1, 16, 45, 120])
+STEPS = 24
 
 
 def _sets(idx_BKP):
@@ -101,15 +103,16 @@ class DecodeMatchesForwardTest(parameterized.TestCase):
       prev = idx_LBKP
     np.testing.assert_array_equal(state.lengths_B, LENGTHS + STEPS)
 
+  # Each fetch mode with and without an eviction bias (nosa / infllmv2);
+  # dma's host store runs nosa's code (a bias, no query-aware picks).
   @parameterized.named_parameters(
-      ("infllmv2", "infllmv2", stores.HostStore(fetch="loop")),
       ("nosa", "nosa", stores.HostStore(fetch="loop")),
-      ("dma", "dma", stores.HostStore(fetch="loop")),
       # The Pallas copy kernel (interpreted on CPU) and a cache that holds
       # every block of the sequence: after a block's first fetch it is
       # never fetched again.
       ("nosa_pallas_all_cached", "nosa", stores.HostStore(
           fetch="pallas", gather_programs=3, cache_blocks=64)),
+      # A cache larger than the budget: least recently used blocks leave.
       ("infllmv2_cache_lru", "infllmv2", stores.HostStore(
           fetch="loop", cache_blocks=9)),
       # The decode attention kernel fetches the misses itself.
@@ -204,8 +207,11 @@ class PrefillTest(parameterized.TestCase):
                                   ("host", stores.HostStore(fetch="loop")))
   def test_grouped_prefill_is_the_whole_prefill(self, store):
     # Variable lengths: two below the 128-token budget (7 is a partial
-    # block, 16 a whole one), one past it; B = 5 in groups of 2 covers a
-    # full group and a smaller last one.
+    # block, 16 a whole one), one past it; B = 5 in groups of 3 covers a
+    # full group and a smaller last one. (Groups of one, whose [1, M] x
+    # [M, V] head is a matrix-vector product that XLA's CPU backend rounds
+    # differently at optimization level 0, are GenerateTest's
+    # prefill_batch=1.)
     cfg, _, params = _model("nosa")
     # Bit-identical on the CPU; on the GPU the programs fuse differently.
     same = (np.testing.assert_array_equal if jax.default_backend() == "cpu"
@@ -220,21 +226,21 @@ class PrefillTest(parameterized.TestCase):
                                     store=store)
     compiled = engine._prefill._cache_size()
     grouped, got_BV = engine.prefill(params, cfg, prompt, lengths, max_len,
-                                     store=store, prefill_batch=2)
-    self.assertEqual(engine._prefill._cache_size(), compiled + 2)  # 2, 1
+                                     store=store, prefill_batch=3)
+    self.assertEqual(engine._prefill._cache_size(), compiled + 2)  # 3, 2
     # Rows never interact: a group's numbers are the whole batch's.
     same(got_BV, want_BV)
     kind = lambda x: (str(jax.typeof(x)), x.sharding.memory_kind)
     self.assertEqual(jax.tree.map(kind, grouped), jax.tree.map(kind, whole))
     jax.tree.map(same, grouped, whole)
     same(grouped.lengths_B, lengths)
-    for lay in grouped.layers:  # the rolling key buffer: the last kern keys
-      k_BKSD = (lay.kv.k_BKSD if isinstance(lay.kv, stores.DeviceKV) else
-                np.reshape(lay.kv.k_host, (b, cfg.num_kv_heads, -1,
-                                           cfg.head_dim)))
-      k_BKSD = np.pad(np.asarray(k_BKSD), ((0, 0), (0, 0), (kern, 0), (0, 0)))
-      for bi, n in enumerate(lengths):
-        same(lay.sel.keys_BKRD[bi], k_BKSD[bi, :, n:n + kern])
+    if isinstance(store, stores.HostStore):  # the rolling key buffer
+      for lay in grouped.layers:
+        k_BKSD = np.reshape(lay.kv.k_host, (b, cfg.num_kv_heads, -1,
+                                            cfg.head_dim))
+        k_BKSD = np.pad(k_BKSD, ((0, 0), (0, 0), (kern, 0), (0, 0)))
+        for bi, n in enumerate(lengths):
+          same(lay.kv.keys_BKRD[bi], k_BKSD[bi, :, n:n + kern])
     if isinstance(store, stores.HostStore):
       tail = np.where(lengths % c != 0, lengths // c, -1)
       for lay in grouped.layers:
@@ -342,11 +348,11 @@ class GenerateTest(parameterized.TestCase):
     gamma = np.array(stats["gamma_per_layer"])
     self.assertTrue(np.all((gamma > 0) & (gamma <= 1)), gamma)
     np.testing.assert_array_equal(stats["fetched_blocks"], 0)
-    # The host store: the same tokens, whole or one prompt per prefill.
-    host = stores.HostStore()
-    got, host_stats = run(store=host, return_stats=True)
+    # The host store, one prompt per prefill: the same tokens (PrefillTest
+    # checks that a grouped prefill is the whole one).
+    got, host_stats = run(store=stores.HostStore(), prefill_batch=1,
+                          return_stats=True)
     self.assertEqual(got, greedy)
-    self.assertEqual(run(store=host, prefill_batch=1), greedy)
     self.assertEqual(host_stats["gamma_per_layer"], stats["gamma_per_layer"])
     hit = np.array(host_stats["hit_rate"])
     self.assertTrue(np.all((hit > 0) & (hit < 1)), hit)
