@@ -78,6 +78,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments import timing
+from experiments.bench import harness
 from nosa_jax import config as config_lib
 from nosa_jax import implementations
 from nosa_jax import metrics as metrics_lib
@@ -826,13 +827,11 @@ def main(argv):
   del argv
   os.makedirs(_OUT.value, exist_ok=True)
   rows = []
-  info = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-          "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+  info = harness.stamp("kernel_bench")
   print(info, flush=True)
 
   def save():
-    with open(os.path.join(_OUT.value, "results.json"), "w") as f:
-      json.dump({"info": info, "rows": rows}, f, indent=2)
+    harness.write_results(_OUT.value, "results", {"info": info, "rows": rows})
 
   unknown = set(_BWD.value) - set(_BWD_VARIANTS)
   if unknown:
