@@ -29,11 +29,16 @@ class NotebooksTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.cache = tempfile.mkdtemp(prefix="nosa_nb_jax_cache_")
+    # The test session's cache (tests/conftest.py), else one of our own.
+    cls.cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    cls.own_cache = not cls.cache
+    if cls.own_cache:
+      cls.cache = tempfile.mkdtemp(prefix="nosa_nb_jax_cache_")
 
   @classmethod
   def tearDownClass(cls):
-    shutil.rmtree(cls.cache, ignore_errors=True)
+    if cls.own_cache:
+      shutil.rmtree(cls.cache, ignore_errors=True)
     super().tearDownClass()
 
   def _run(self, name, **extra_env):

@@ -21,6 +21,12 @@ from nosa_jax import testing
 REPO = __file__.rsplit("/tests/", 1)[0]
 
 
+def _xla_flags(devices: int) -> str:
+  """The test session's XLA_FLAGS (conftest.py) plus the device count."""
+  return (f"{os.environ.get('XLA_FLAGS', '')} "
+          f"--xla_force_host_platform_device_count={devices}").strip()
+
+
 def _losses(workdir):
   events = glob.glob(os.path.join(workdir, "tensorboard", "events.*"))
   out = {}
@@ -60,7 +66,7 @@ class BatchParallelTest(absltest.TestCase):
         [sys.executable, "-m", "tests.nosa_jax.batch_parallel_worker"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
         env=dict(os.environ, JAX_PLATFORMS="cpu",
-                 XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+                 XLA_FLAGS=_xla_flags(4)))
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     self.assertEqual(got["sharded"], 2)  # batch 8 over data 2 x fsdp 2
@@ -88,7 +94,7 @@ class MeshTrajectoryTest(absltest.TestCase):
            variant="full"):
     workdir = workdir or self.create_tempdir().full_path
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=_xla_flags(devices))
     args = [workdir, self.cache, mesh, variant, str(steps)]
     args += [str(stop)] if stop else []
     proc = subprocess.run(
@@ -140,7 +146,7 @@ class MeshTrajectoryTest(absltest.TestCase):
     procs = []
     for pid in range(2):
       env = dict(os.environ, JAX_PLATFORMS="cpu",
-                 XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                 XLA_FLAGS=_xla_flags(4),
                  NOSA_COORDINATOR=f"localhost:{port}", NOSA_NUM_PROCESSES="2",
                  NOSA_PROCESS_ID=str(pid))
       procs.append(subprocess.Popen(
