@@ -6,6 +6,7 @@ Llama forward pass checks that they really are the HF layout: torch Linear
 [out, in], rotate-half RoPE without permutation, `repeat_kv` head order.
 """
 
+import functools
 import json
 import os
 import struct
@@ -120,9 +121,14 @@ def _hf_llama_forward(sd, cfg, tokens_BT):
   return x @ sd.get("lm_head.weight", sd["model.embed_tokens.weight"]).T
 
 
-def _logits(cfg, params, tokens_BT):
+@functools.partial(jax.jit, static_argnums=0)
+def _logits_jit(cfg, params, tokens_BT):
   graphdef, _ = model.abstract_params(cfg)
-  return np.asarray(model.apply(graphdef, params, tokens_BT)[0])
+  return model.apply(graphdef, params, tokens_BT)[0]
+
+
+def _logits(cfg, params, tokens_BT):
+  return np.asarray(_logits_jit(cfg, params, tokens_BT))
 
 
 def _assert_params_equal(test, a, b):
