@@ -11,6 +11,7 @@ from unittest import mock
 
 from absl.testing import absltest
 import jax
+import pytest
 import numpy as np
 
 from nosa_jax import checkpoint
@@ -67,7 +68,14 @@ class TrainTest(absltest.TestCase):
         train.train_and_evaluate(cfg, resumed)
     state3, meta3 = _final_params(resumed, cfg)
     self.assertEqual((int(state3["step"]), meta3["data_position"]), (3, 3 * b))
-    train.train_and_evaluate(cfg, resumed)
+    # What a save cut short by a kill leaves behind (KillTest, slow, kills
+    # a real run) is ignored by the restore.
+    ckdir = os.path.join(resumed, "checkpoints")
+    os.makedirs(os.path.join(ckdir, "999999.orbax-checkpoint-tmp", "state"))
+    with self.assertLogs(level="INFO") as logs:
+      train.train_and_evaluate(cfg, resumed)
+    self.assertIn("Resumed from step 3", "\n".join(logs.output))
+    self.assertEqual(checkpoint.Checkpointer(ckdir).latest_step(), 6)
 
     a, meta_a = _final_params(straight, cfg)
     r, meta_r = _final_params(resumed, cfg)
@@ -96,6 +104,7 @@ class TrainTest(absltest.TestCase):
     self.assertEqual(int(state["step"]), bad - 1)
 
 
+@pytest.mark.slow  # two CLI runs; TrainTest resumes past a cut-short save
 class KillTest(absltest.TestCase):
   """kill -9 mid-run leaves a usable checkpoint; the rerun resumes."""
 
