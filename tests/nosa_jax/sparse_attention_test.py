@@ -262,9 +262,9 @@ class TwoPassTest(absltest.TestCase):
 
   def test_exp_delayed_two_pass_equals_additive_bias(self):
     q, k, v, bias = _inputs(7, 2, 53, 4, 2, 8)
-    mask = selection.block_mask(q, k, bias, _CFG)
-    attend = lambda vals, b: sa.sparse_attention_reference(
-        q, k, vals, b, mask, _C)
+    mask = jax.jit(lambda *a: selection.block_mask(*a, _CFG))(q, k, bias)
+    attend = jax.jit(lambda vals, b: sa.sparse_attention_reference(
+        q, k, vals, b, mask, _C))
     e_BTK = jnp.exp(bias)
     numer = attend(v * e_BTK[..., None], None)            # sum p e v
     denom = attend(jnp.broadcast_to(e_BTK[..., None], v.shape), None)[..., :1]
