@@ -301,12 +301,16 @@ class PredictionTest(parameterized.TestCase):
     for var in (params["blocks"][0]["attn"]["wo"],
                 params["blocks"][0]["mlp"]["w_down"]):
       var.set_value(jnp.zeros_like(var.get_value()))
-    lengths, steps, rows = np.array([150, 170]), 24, np.arange(2)
-    tokens = testing.random_tokens(jax.random.key(3), 2, 194)
-    states = [engine.prefill(params, cfg, tokens[:, :170],
-                             jnp.asarray(lengths), 194)[0] for _ in range(2)]
+    # Prompts that pass the budget within the steps; the shapes (and so the
+    # prefill and plain decode programs) are DecodeMatchesForwardTest's.
+    lengths, rows = np.array([120, 113, 106, 117]), np.arange(len(LENGTHS))
+    width, max_len = LENGTHS.max(), LENGTHS.max() + STEPS
+    tokens = testing.random_tokens(jax.random.key(3), len(LENGTHS), max_len)
+    states = [engine.prefill(params, cfg, tokens[:, :width],
+                             jnp.asarray(lengths), max_len)[0]
+              for _ in range(2)]
     runs = []
-    for i in range(steps):
+    for i in range(STEPS):
       tok = tokens[rows, lengths + i]
       states[0], logits_BV, info = engine.decode_step(params, cfg, states[0],
                                                       tok, predict=True)
