@@ -61,6 +61,10 @@ class NotebooksTest(absltest.TestCase):
                      f"{proc.stderr[-4000:]}")
     return sorted(os.listdir(out)), proc.stdout
 
+  # 33 s on 2 cores (two tiny nosa trainings): its pieces are unit-tested
+  # (train_and_evaluate with the locality statistics in sparse_model_test,
+  # the readers and plots in analysis_test).
+  @pytest.mark.slow
   def test_01_selection_locality_ablation(self):
     files, _ = self._run(NAMES[0])
     self.assertEqual(files, ["01_ablation.png", "01_curves.png"])

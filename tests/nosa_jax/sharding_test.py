@@ -17,6 +17,7 @@ from nosa_jax import config as config_lib
 from nosa_jax import model
 from nosa_jax import sharding
 from nosa_jax import testing
+from tests.nosa_jax import spmd_worker
 
 REPO = __file__.rsplit("/tests/", 1)[0]
 
@@ -83,7 +84,8 @@ class BatchParallelTest(absltest.TestCase):
 
 
 class MeshTrajectoryTest(absltest.TestCase):
-  """Each run is its own process (the device count is fixed at JAX start)."""
+  """Each multi-device run is its own process (the device count is fixed at
+  JAX start); one-device runs are in this one."""
 
   @classmethod
   def setUpClass(cls):
@@ -93,10 +95,13 @@ class MeshTrajectoryTest(absltest.TestCase):
   def _run(self, devices, mesh, steps=6, stop=None, workdir=None,
            variant="full"):
     workdir = workdir or self.create_tempdir().full_path
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=_xla_flags(devices))
     args = [workdir, self.cache, mesh, variant, str(steps)]
     args += [str(stop)] if stop else []
+    if devices == 1 and stop is None:  # this process has one CPU device
+      spmd_worker.main(*args)
+      return workdir
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=_xla_flags(devices))
     proc = subprocess.run(
         [sys.executable, "-m", "tests.nosa_jax.spmd_worker", *args], cwd=REPO,
         env=env, capture_output=True, text=True, timeout=600)
