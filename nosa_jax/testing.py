@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -91,3 +93,28 @@ def tiny_model_with_bias(variant: str, a_K=(1.5, -1.0)):
         lambda p, x: x + a if "evict_a" in jax.tree_util.keystr(p) else x,
         params)
   return cfg, graphdef, params
+
+
+@contextlib.contextmanager
+def training_interrupted_at(position: int):
+  """Training in this block gets a Ctrl-C (KeyboardInterrupt) when it reads
+  the training batch at data position `position`, as if stopped there:
+  `train.train_and_evaluate` saves a checkpoint and re-raises. (Patches
+  `data.load_datasets`; position 0 stops it before its first step.)"""
+  from nosa_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  real = data_lib.load_datasets
+
+  def load(*args, **kwargs):
+    ds = real(*args, **kwargs)
+    stream = ds.train
+
+    class Stream:
+      def batch_at(self, pos, batch_size):
+        if pos == position:
+          raise KeyboardInterrupt
+        return stream.batch_at(pos, batch_size)
+
+    return dataclasses.replace(ds, train=Stream())
+
+  with mock.patch.object(data_lib, "load_datasets", load):
+    yield

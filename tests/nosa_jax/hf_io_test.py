@@ -425,7 +425,12 @@ class ExportTest(absltest.TestCase):
     cfg = testing.tiny_config("nosa", cache_dir=self.create_tempdir().full_path,
                               num_steps=2, checkpoint_every=0)
     workdir = self.create_tempdir().full_path
-    train.train_and_evaluate(cfg, workdir)
+    # The workdir of a run stopped before its first step (a checkpoint of
+    # step 0): the export reads any trainer workdir the same way, and no
+    # train step is compiled. (evaluation_test loads a trained workdir.)
+    with testing.training_interrupted_at(0), self.assertRaises(
+        KeyboardInterrupt):
+      train.train_and_evaluate(cfg, workdir)
     out = os.path.join(self.create_tempdir().full_path, "export")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     run = subprocess.run(
@@ -433,7 +438,7 @@ class ExportTest(absltest.TestCase):
          f"--out={out}", "--dtype=float32"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     self.assertEqual(run.returncode, 0, run.stderr[-2000:])
-    self.assertIn("Exported step 2", run.stdout)
+    self.assertIn("Exported step 0", run.stdout)
     self.assertIn(os.path.join(out, "model.safetensors"), run.stdout)
 
     # The reference: the full train state restored the trainer's way.

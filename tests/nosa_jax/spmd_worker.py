@@ -11,11 +11,9 @@ run (CPU collectives over gloo), as `experiments.pretrain` does with flags.
 
 import os
 import sys
-from unittest import mock
 
 import jax
 
-from nosa_jax import data as data_lib
 from nosa_jax import testing
 from nosa_jax import train
 
@@ -28,21 +26,7 @@ def main(workdir, cache, mesh, variant, steps, stop=None):
   if stop is None:
     train.train_and_evaluate(cfg, workdir)
     return
-  real, stop_pos = data_lib.load_datasets, int(stop) * cfg.train.batch_size
-
-  def load(*args, **kwargs):
-    ds = real(*args, **kwargs)
-    stream = ds.train
-
-    class Stream:
-      def batch_at(self, pos, batch_size):
-        if pos == stop_pos:
-          raise KeyboardInterrupt
-        return stream.batch_at(pos, batch_size)
-
-    return ds.__class__(**{**ds.__dict__, "train": Stream()})
-
-  with mock.patch.object(data_lib, "load_datasets", load):
+  with testing.training_interrupted_at(int(stop) * cfg.train.batch_size):
     try:
       train.train_and_evaluate(cfg, workdir)
     except KeyboardInterrupt:

@@ -1,13 +1,11 @@
 """Training loop: resume == uninterrupted, divergence stops, kill -9 safety."""
 
-import dataclasses
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-from unittest import mock
 
 from absl.testing import absltest
 import jax
@@ -15,7 +13,6 @@ import pytest
 import numpy as np
 
 from nosa_jax import checkpoint
-from nosa_jax import data as data_lib
 from nosa_jax import testing
 from nosa_jax import train
 
@@ -27,26 +24,6 @@ def _final_params(workdir, cfg):
   state, meta = checkpoint.Checkpointer(
       os.path.join(workdir, "checkpoints")).restore(None, like)
   return state, meta
-
-
-class _InterruptAt:
-  """Wraps load_datasets so the stream raises Ctrl-C at a data position."""
-
-  def __init__(self, position):
-    self.position = position
-    self.real = data_lib.load_datasets
-
-  def __call__(self, *args, **kwargs):
-    ds = self.real(*args, **kwargs)
-    stream, position = ds.train, self.position
-
-    class Stream:
-      def batch_at(self, pos, batch_size):
-        if pos == position:
-          raise KeyboardInterrupt
-        return stream.batch_at(pos, batch_size)
-
-    return dataclasses.replace(ds, train=Stream())
 
 
 class TrainTest(absltest.TestCase):
@@ -63,7 +40,7 @@ class TrainTest(absltest.TestCase):
 
     resumed = self.create_tempdir().full_path
     b = cfg.train.batch_size
-    with mock.patch.object(data_lib, "load_datasets", _InterruptAt(3 * b)):
+    with testing.training_interrupted_at(3 * b):
       with self.assertRaises(KeyboardInterrupt):
         train.train_and_evaluate(cfg, resumed)
     state3, meta3 = _final_params(resumed, cfg)
