@@ -103,6 +103,9 @@ _GRID = (
     # the static bound on the work items is reached exactly.
     ("g2_segment1_dense_bf16", 1, 100, 1, 2, 16, 16, 1.0, True, _BF16,
      (8, 8, 8, 1)),
+    # One-token tiles (16 rows with G = 16) and 3-tile segments.
+    ("g16_tile1_bias_bf16", 1, 40, 2, 16, 16, 16, 0.6, True, _BF16,
+     (1, 1, 2, 3)),
 )
 
 
@@ -120,8 +123,13 @@ _BWD_SHAPES = (
 # The default backward is transposed and unfused; the others stay options.
 _BWD_OPTIONS = (("untransposed", False, False), ("fused", True, False),
                 ("transposed", False, True), ("fused_transposed", True, True))
+# The kernel-vs-reference cases of the other three: the default's are
+# test_forward_and_grads' grid (the same GQA ratios, ragged lengths, dtypes,
+# one-token tiles and dk/dv segments) and test_full_fast_path (empty rows,
+# segments).
+_BWD_OTHER_OPTIONS = tuple(o for o in _BWD_OPTIONS if o[1:] != (False, True))
 _BWD_GRID = tuple((f"{opt}_{shape[0]}", fused_dq, transpose_bwd, *shape[1:])
-                  for opt, fused_dq, transpose_bwd in _BWD_OPTIONS
+                  for opt, fused_dq, transpose_bwd in _BWD_OTHER_OPTIONS
                   for shape in _BWD_SHAPES)
 
 
@@ -197,7 +205,7 @@ class BlockSparseAttentionTest(parameterized.TestCase):
     self._compare(q, k, v, bias, mask, c, cot, block_sizes,
                   fused_dq=fused_dq, transpose_bwd=transpose_bwd)
 
-  @parameterized.named_parameters(*_BWD_OPTIONS)
+  @parameterized.named_parameters(*_BWD_OTHER_OPTIONS)
   def test_backward_options_empty_rows_and_dense(self, fused_dq,
                                                  transpose_bwd):
     # Tokens with no selected block (zero output, zero dq rows) next to a
