@@ -87,7 +87,8 @@ class BlockScoresTest(parameterized.TestCase):
     pos = jnp.arange(t)
     got = self._scores(q, kbar, pos, n, geometry)
     ref = bs.block_scores_reference(q, kbar, pos, n, c, kernel, stride)
-    lib = selection.query_aware_scores(q, kbar, pos, _cfg(geometry), n)
+    lib = jax.jit(selection.query_aware_scores, static_argnums=(3, 4))(
+        q, kbar, pos, _cfg(geometry), n)
     self.assertEqual(got.shape, (1, _K, t, n))
     self.assertEqual(got.dtype, jnp.float32)
     _assert_scores_equal(ref, lib, **_TOL)
