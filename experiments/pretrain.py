@@ -81,6 +81,9 @@ def main(argv):
     sys.exit(f"config error: {e}")
   except train.TrainingDiverged as e:
     sys.exit(f"training stopped: {e}")
+  except KeyboardInterrupt:
+    sys.exit(f"interrupted: checkpoint saved in {_WORKDIR.value}; the same "
+             "command resumes")
 
 
 if __name__ == "__main__":

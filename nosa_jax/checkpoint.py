@@ -6,6 +6,10 @@ config). orbax writes a step into a temporary directory and renames it into
 place only when complete, so a process killed mid-save leaves the previous
 checkpoint as the latest usable one; leftover temporary directories are
 removed on the next start (`cleanup_tmp_directories`).
+
+A checkpoint found bad (one a diverging run wrote, or one that fails to
+restore) is never deleted: `set_aside` moves it to `<workdir>/set_aside/`,
+out of orbax's sight, so the newest remaining step is the one resumed.
 """
 
 from __future__ import annotations
@@ -34,6 +38,25 @@ class Checkpointer:
 
   def all_steps(self) -> list[int]:
     return list(self._mgr.all_steps())
+
+  def set_aside(self, step: int, reason: str) -> str:
+    """Moves checkpoint `step` out of the directory; returns where to.
+
+    It goes to `set_aside/<step>.<reason>` beside the checkpoint directory
+    (a suffix `.2`, `.3`, ... if that exists), so nothing is lost and the
+    newest remaining step becomes the latest.
+    """
+    self.wait()
+    dest_dir = os.path.join(os.path.dirname(self.directory), "set_aside")
+    os.makedirs(dest_dir, exist_ok=True)
+    dest = base = os.path.join(dest_dir, f"{step}.{reason}")
+    n = 1
+    while os.path.exists(dest):
+      n += 1
+      dest = f"{base}.{n}"
+    os.replace(os.path.join(self.directory, str(step)), dest)
+    self._mgr.reload()
+    return dest
 
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
     """Starts saving (asynchronously); `wait()` blocks until committed."""

@@ -316,6 +316,12 @@ class TrainConfig:
     mesh_shape: device mesh (data, fsdp, tensor); one entry may be -1 to
       take the remaining devices. (-1, 1, 1) is plain data parallelism and
       works unchanged on one device.
+    on_divergence: what a non-finite loss does: `stop` (set aside the
+      checkpoints that are not good, name the last good one, exit) or
+      `rollback` (the same, then resume from it with the learning rate
+      times `rollback_lr_scale`, at most `max_rollbacks` times).
+    rollback_lr_scale: learning-rate factor of each rollback, in (0, 1).
+    max_rollbacks: rollbacks before a diverging run stops anyway.
   """
 
   seq_len: int = 128
@@ -338,6 +344,9 @@ class TrainConfig:
   keep_checkpoints: int = 3
   peak_tflops: float = 0.0
   mesh_shape: tuple[int, int, int] = (-1, 1, 1)
+  on_divergence: Literal["stop", "rollback"] = "stop"
+  rollback_lr_scale: float = 0.5
+  max_rollbacks: int = 3
 
   def __post_init__(self):
     p = "train"
@@ -370,6 +379,12 @@ class TrainConfig:
              self.peak_tflops)
     _require(self.warmup_steps < self.num_steps, f"{p}.warmup_steps",
              f"must be < num_steps={self.num_steps}", self.warmup_steps)
+    _one_of(self.on_divergence, f"{p}.on_divergence", ("stop", "rollback"))
+    _require(0.0 < self.rollback_lr_scale < 1.0, f"{p}.rollback_lr_scale",
+             "must be in (0, 1)", self.rollback_lr_scale)
+    _require(isinstance(self.max_rollbacks, int) and self.max_rollbacks >= 0,
+             f"{p}.max_rollbacks", "must be a non-negative integer",
+             self.max_rollbacks)
 
 
 @dataclasses.dataclass(frozen=True)

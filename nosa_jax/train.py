@@ -34,7 +34,17 @@ State = dict[str, Any]
 
 
 class TrainingDiverged(RuntimeError):
-  """The loss became NaN/inf; the last good checkpoint is kept."""
+  """A loss or the state became NaN/inf; the last good checkpoint is kept.
+
+  `first_bad` is the first step whose state is not good: state s is good
+  when it is finite and the loss and gradient computed from it (at step
+  s + 1, or an evaluation at step s) are finite. Checkpoints from
+  `first_bad` on are set aside, so a rerun resumes from the last good one.
+  """
+
+  def __init__(self, message: str, first_bad: int):
+    super().__init__(message)
+    self.first_bad = first_bad
 
 
 class _DropLibraryInfo(pylogging.Filter):
@@ -98,6 +108,9 @@ def train_step(state: State, batch_BT1: jax.Array, *, graphdef,
   params = optax.apply_updates(state["params"], updates)
   rng, _ = jax.random.split(jax.random.wrap_key_data(state["rng"]))
   metrics["grad_norm"] = optax.tree.norm(grads)
+  # A checkpoint of the new state is good only if it is finite.
+  metrics["state_finite"] = jnp.all(jnp.stack([
+      jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((params, opt_state))]))
   new_state = {"params": params, "opt_state": opt_state,
                "step": state["step"] + 1, "rng": jax.random.key_data(rng)}
   return new_state, metrics
@@ -144,8 +157,31 @@ def train_and_evaluate(cfg: config_lib.ExperimentConfig,
                        workdir: str) -> dict[str, float]:
   """Trains `cfg` in `workdir`, resuming from its latest checkpoint.
 
+  On divergence (`TrainingDiverged`) the checkpoints that are not good are
+  set aside; with `train.on_divergence=rollback` the run resumes from the
+  last good one with a scaled learning rate, up to `max_rollbacks` times.
+
   Returns the last logged metrics (train loss, eval loss when evaluated).
   """
+  for rollback in range(cfg.train.max_rollbacks + 1):
+    try:
+      return _train(cfg, workdir)
+    except TrainingDiverged as e:
+      if (cfg.train.on_divergence != "rollback"
+          or rollback == cfg.train.max_rollbacks):
+        raise
+      lr = cfg.train.learning_rate
+      cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+          cfg.train, learning_rate=lr * cfg.train.rollback_lr_scale))
+      logging.warning("%s\nRollback %d/%d: learning rate %.3g -> %.3g", e,
+                      rollback + 1, cfg.train.max_rollbacks, lr,
+                      cfg.train.learning_rate)
+  raise AssertionError("unreachable")
+
+
+def _train(cfg: config_lib.ExperimentConfig, workdir: str
+           ) -> dict[str, float]:
+  """One attempt of `train_and_evaluate`."""
   tc = cfg.train
   os.makedirs(workdir, exist_ok=True)
 
@@ -245,14 +281,9 @@ def train_and_evaluate(cfg: config_lib.ExperimentConfig,
                      metrics_lib.format_duration(first_s))
         t_window, uncounted = time.time(), 1
 
-      if step % tc.log_every == 0 or step == tc.num_steps:
-        host = jax.device_get(window)
+      if step % tc.log_every == 0 or step == tc.num_steps or step == start + 1:
+        host = _check_finite(window, step)
         losses = np.array([w["loss"] for w in host])
-        if not np.all(np.isfinite(losses)):
-          bad = step - len(window) + 1 + int(np.argmin(np.isfinite(losses)))
-          raise TrainingDiverged(
-              f"non-finite loss at step {bad}; stopping. Last good "
-              f"checkpoint: step {ckpt.latest_step()} in {ckpt.directory}")
         dt = time.time() - t_window
         counted = len(window) - uncounted
         last = {"loss": float(losses.mean()),
@@ -292,28 +323,28 @@ def train_and_evaluate(cfg: config_lib.ExperimentConfig,
                             or step == tc.num_steps):
         t_eval = time.time()
         last["eval_loss"] = evaluate()
+        if not np.isfinite(last["eval_loss"]):
+          raise TrainingDiverged(f"non-finite eval loss at step {step}", step)
         writer.scalars(step, {"eval/loss": last["eval_loss"]})
         logging.info("step %d | eval loss %.4f", step, last["eval_loss"])
         t_window += time.time() - t_eval  # keep eval out of tokens/s
       if tc.checkpoint_every and step % tc.checkpoint_every == 0:
-        _check_finite(window, step, ckpt)
+        _check_finite(window, step)
         save(step)
       writer.flush()
-  except TrainingDiverged:
-    ckpt.wait()  # let an in-flight (good) save finish; keep it
-    raise
+    if ckpt.latest_step() != int(state["step"]):
+      _check_finite(window, int(state["step"]))
+      save(int(state["step"]))
+  except TrainingDiverged as e:
+    raise _set_aside_diverged(e, ckpt) from None
   except KeyboardInterrupt:
     logging.warning("Interrupted at step %d; saving a checkpoint.", step)
-    _check_finite(window, step, ckpt)
+    _check_finite(window, int(state["step"]))
     save(int(state["step"]))
     ckpt.wait()
     raise
   finally:
     writer.close()
-
-  if ckpt.latest_step() != int(state["step"]):
-    _check_finite(window, step, ckpt)
-    save(int(state["step"]))
   ckpt.wait()
   ckpt.close()
   logging.info("Done: %d steps in %s; final %s", tc.num_steps - start,
@@ -322,10 +353,40 @@ def train_and_evaluate(cfg: config_lib.ExperimentConfig,
   return last
 
 
-def _check_finite(window: list[dict], step: int, ckpt) -> None:
-  """Refuses to checkpoint a state whose recent losses were not finite."""
-  losses = np.array([float(w["loss"]) for w in window])
-  if losses.size and not np.all(np.isfinite(losses)):
-    raise TrainingDiverged(
-        f"non-finite loss before step {step}; not saving. Last good "
-        f"checkpoint: step {ckpt.latest_step()} in {ckpt.directory}")
+def _check_finite(window: list[dict], step: int) -> list[dict]:
+  """The window's metrics on the host (its last step is `step`); raises
+  TrainingDiverged at its first state that is not good."""
+  host = jax.device_get(window)
+  first = step - len(host) + 1
+  for i, m in enumerate(host):
+    for key in ("loss", "grad_norm"):
+      if not np.isfinite(m[key]):
+        # Step s's loss and gradient come from the state of step s - 1.
+        raise TrainingDiverged(
+            f"non-finite {key.replace('_', ' ')} at step {first + i}",
+            first + i - 1)
+    if not m["state_finite"]:
+      raise TrainingDiverged(
+          f"non-finite parameters after step {first + i}", first + i)
+  return host
+
+
+def _set_aside_diverged(e: TrainingDiverged,
+                        ckpt: checkpoint_lib.Checkpointer) -> TrainingDiverged:
+  """Sets aside the checkpoints from `e.first_bad` on; names the last good."""
+  ckpt.wait()  # an in-flight save finishes before it is judged
+  bad = [s for s in ckpt.all_steps() if s >= e.first_bad]
+  for s in bad:
+    ckpt.set_aside(s, "diverged")
+  good = ckpt.latest_step()
+  msg = f"{e}; stopping."
+  if bad:
+    msg += (f" Set aside checkpoint(s) {', '.join(map(str, bad))} (not good) "
+            f"in {os.path.dirname(ckpt.directory)}/set_aside.")
+  if good is None:
+    msg += " No good checkpoint is left: a rerun starts from step 0."
+  else:
+    msg += (f" Last good checkpoint: step {good} in {ckpt.directory}; a "
+            "rerun (e.g. with a lower train.learning_rate) resumes from it, "
+            "or set train.on_divergence=rollback.")
+  return TrainingDiverged(msg, e.first_bad)

@@ -1,7 +1,6 @@
 """Training loop: resume == uninterrupted, divergence stops, kill -9 safety."""
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -13,6 +12,9 @@ import pytest
 import numpy as np
 
 from nosa_jax import checkpoint
+from nosa_jax import data
+from nosa_jax import evaluation
+from nosa_jax import hf_io
 from nosa_jax import testing
 from nosa_jax import train
 
@@ -64,21 +66,65 @@ class TrainTest(absltest.TestCase):
     self.assertFalse(np.array_equal(jax.tree.leaves(a["params"])[0],
                                     jax.tree.leaves(state3["params"])[0]))
 
-  def test_divergence_stops_and_keeps_last_good_checkpoint(self):
-    # warmup 1: step 1 has lr 0, step 2 applies lr 1e30; a few steps later
-    # the loss is inf/nan.
+  def test_divergence_keeps_a_checkpoint_that_evaluates_finite(self):
+    # warmup 1: step 1 has lr 0, step 2 applies lr 1e30; a step or two
+    # later the parameters or the loss are inf/nan.
     cfg = testing.tiny_config("full", cache_dir=self.cache, num_steps=8,
                               learning_rate=1e30, warmup_steps=1,
                               log_every=1, checkpoint_every=1, grad_clip=0.0)
     workdir = self.create_tempdir().full_path
     with self.assertRaisesRegex(train.TrainingDiverged,
-                                r"non-finite loss at step (\d)") as cm:
+                                "Last good checkpoint: step") as cm:
       train.train_and_evaluate(cfg, workdir)
-    bad = int(re.search(r"step (\d)", str(cm.exception)).group(1))
-    self.assertBetween(bad, 3, 6)
-    # The checkpoint of the last step with a finite loss survives, restorable.
-    state, _ = _final_params(workdir, cfg)
-    self.assertEqual(int(state["step"]), bad - 1)
+    good = cm.exception.first_bad - 1
+    self.assertBetween(good, 1, 5)
+    # The kept checkpoint is the newest, finite, and evaluates finite.
+    run_cfg, params, step = hf_io.load_workdir(workdir)
+    self.assertEqual(step, good)
+    for x in jax.tree.leaves(params):
+      self.assertTrue(np.all(np.isfinite(x)))
+    batches = data.eval_batches(data.load_datasets(cfg.data, 64, 0).eval,
+                                64, 4, 1)
+    nll = evaluation.heldout_perplexity(params, run_cfg.model, batches)
+    self.assertTrue(np.isfinite(nll["nll"]), nll)
+
+  def test_rollback_resumes_with_a_scaled_learning_rate(self):
+    cfg = testing.tiny_config(
+        "full", cache_dir=self.cache, num_steps=4, learning_rate=1e30,
+        warmup_steps=1, log_every=1, checkpoint_every=1, grad_clip=0.0,
+        on_divergence="rollback", rollback_lr_scale=1e-32, max_rollbacks=1)
+    workdir = self.create_tempdir().full_path
+    with self.assertLogs(level="WARNING") as logs:
+      last = train.train_and_evaluate(cfg, workdir)
+    self.assertIn("Rollback 1/1: learning rate 1e+30 -> 0.01",
+                  "\n".join(logs.output))
+    self.assertTrue(np.isfinite(last["loss"]), last)
+    self.assertEqual(checkpoint.Checkpointer(
+        os.path.join(workdir, "checkpoints")).latest_step(), 4)
+
+  def test_checkpoints_from_the_first_bad_state_are_set_aside(self):
+    ok = {"loss": np.float32(2.0), "grad_norm": np.float32(1.0),
+          "state_finite": np.bool_(True)}
+    nan = dict(ok, loss=np.float32(np.nan))
+    # A non-finite loss at step 5 condemns the state it came from (step 4);
+    # non-finite parameters after step 5 condemn step 5.
+    with self.assertRaises(train.TrainingDiverged) as cm:
+      train._check_finite([ok, ok, nan], 5)
+    self.assertEqual(cm.exception.first_bad, 4)
+    with self.assertRaises(train.TrainingDiverged) as cm:
+      train._check_finite([ok, dict(ok, state_finite=np.bool_(False))], 5)
+    self.assertEqual(cm.exception.first_bad, 5)
+
+    ckdir = os.path.join(self.create_tempdir().full_path, "checkpoints")
+    ckpt = checkpoint.Checkpointer(ckdir, keep=5)
+    for step in (2, 4, 5):
+      ckpt.save(step, {"x": np.zeros(2)}, {"step": step})
+    e = train._set_aside_diverged(train.TrainingDiverged("boom", 4), ckpt)
+    self.assertRegex(str(e), r"boom; stopping\. Set aside checkpoint\(s\) "
+                     r"4, 5 .*Last good checkpoint: step 2")
+    self.assertEqual(ckpt.all_steps(), [2])
+    self.assertEqual(sorted(os.listdir(os.path.join(
+        os.path.dirname(ckdir), "set_aside"))), ["4.diverged", "5.diverged"])
 
 
 @pytest.mark.slow  # two CLI runs; TrainTest resumes past a cut-short save
