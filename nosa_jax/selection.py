@@ -475,20 +475,24 @@ def select_masks_from_scores(sq_BKTN: Optional[jax.Array],
 # ------------------------------------------------------------------------------
 
 
-def _map_query_chunks(fn: Callable, q_BTHD: jax.Array, chunk: int):
+def _map_query_chunks(fn: Callable, q_BTHD: jax.Array, chunk: int,
+                      positions_T: Optional[jax.Array] = None):
   """Applies fn(q_chunk, positions) to query chunks; concatenates along T.
 
   `fn` returns a pytree of [B, K, Tc, ...] arrays. T is padded up to a
-  multiple of the chunk (padded queries are sliced off again).
+  multiple of the chunk (padded queries, at the last query's position, are
+  sliced off again). positions_T: the queries' positions (default 0..T-1).
   """
   b, t, h, d = q_BTHD.shape
+  if positions_T is None:
+    positions_T = jnp.arange(t)
   tc = min(chunk, t)
   n = -(-t // tc)
   if n == 1:
-    return fn(q_BTHD, jnp.arange(t))
+    return fn(q_BTHD, positions_T)
   q_pad = jnp.pad(q_BTHD, ((0, 0), (0, n * tc - t), (0, 0), (0, 0)))
   q_nBTHD = jnp.moveaxis(q_pad.reshape(b, n, tc, h, d), 1, 0)
-  pos_nT = jnp.arange(n * tc).reshape(n, tc)
+  pos_nT = jnp.pad(positions_T, (0, n * tc - t), mode="edge").reshape(n, tc)
   out = jax.lax.map(lambda args: fn(*args), (q_nBTHD, pos_nT))
 
   def merge(x):  # [n, B, K, Tc, ...] -> [B, K, T, ...]
@@ -537,86 +541,107 @@ def _selection_chunk_fn(q_BTHD, k_BTKD, bias_BTK, cfg, n_blocks,
   return fn
 
 
-def _check_shapes(q_BTHD, k_BTKD, bias_BTK):
+def _check_shapes(q_BTHD, k_BSKD, bias_BSK, positions_T=None):
+  """Shapes of a selection call; returns positions_T (default 0..T-1)."""
   b, t, h, _ = q_BTHD.shape
-  if k_BTKD.shape[:2] != (b, t) or h % k_BTKD.shape[2]:
-    raise ValueError(f"q {q_BTHD.shape} and k {k_BTKD.shape} do not match "
-                     "(need the same B, T and H divisible by K)")
-  if bias_BTK is not None and bias_BTK.shape != k_BTKD.shape[:3]:
-    raise ValueError(f"bias {bias_BTK.shape} != {k_BTKD.shape[:3]}")
+  s = k_BSKD.shape[1]
+  if positions_T is None and s != t:
+    raise ValueError(f"q {q_BTHD.shape} and k {k_BSKD.shape} have different "
+                     "lengths: pass positions_T, the queries' positions")
+  if k_BSKD.shape[0] != b or h % k_BSKD.shape[2]:
+    raise ValueError(f"q {q_BTHD.shape} and k {k_BSKD.shape} do not match "
+                     "(need the same B and H divisible by K)")
+  if bias_BSK is not None and bias_BSK.shape != k_BSKD.shape[:3]:
+    raise ValueError(f"bias {bias_BSK.shape} != {k_BSKD.shape[:3]}")
+  if positions_T is None:
+    return jnp.arange(t)
+  if positions_T.shape != (t,):
+    raise ValueError(f"positions_T {positions_T.shape} != ({t},)")
+  return positions_T
 
 
-def select_blocks(q_BTHD: jax.Array, k_BTKD: jax.Array,
-                  bias_BTK: Optional[jax.Array],
-                  cfg: config_lib.SparseConfig):
+def select_blocks(q_BTHD: jax.Array, k_BSKD: jax.Array,
+                  bias_BSK: Optional[jax.Array],
+                  cfg: config_lib.SparseConfig,
+                  positions_T: Optional[jax.Array] = None):
   """Selected blocks per (query, KV head) (§2.5), no gradient.
+
+  The keys are the sequence from its first token: key s sits at position s
+  and block j covers positions [j*C, (j+1)*C). The queries may be any
+  positions of that sequence (a chunk of a chunked prefill: queries
+  p..p+Tc-1 against the keys 0..S-1, S >= p + Tc); each selects exactly as
+  it would in a pass over the whole sequence.
 
   Args:
     q_BTHD: queries (RoPE applied).
-    k_BTKD: keys (RoPE applied), same T (training / prefill).
-    bias_BTK: eviction bias; required for dma / nosa, ignored otherwise.
+    k_BSKD: keys (RoPE applied) at positions 0..S-1.
+    bias_BSK: eviction bias of the keys; required for dma / nosa, ignored
+      otherwise.
     cfg: selection constants and variant.
+    positions_T: int positions of the queries, each < S; default 0..T-1
+      (then S must equal T).
 
   Returns:
     idx_BKTP int32 (ascending, invalid slots last and -1) and valid_BKTP
-    bool, with N = ceil(T / C) and P = min(topk_blocks, N). For `full`,
-    P = N and every causal block is valid. Query t always gets exactly
-    min(topk_blocks, t // C + 1) valid blocks.
+    bool, with N = ceil(S / C) and P = min(topk_blocks, N). For `full`,
+    P = N and every causal block is valid. The query at position t always
+    gets exactly min(topk_blocks, t // C + 1) valid blocks.
   """
-  _check_shapes(q_BTHD, k_BTKD, bias_BTK)
+  positions_T = _check_shapes(q_BTHD, k_BSKD, bias_BSK, positions_T)
   b, t = q_BTHD.shape[:2]
-  k = k_BTKD.shape[2]
-  n = num_blocks(t, cfg.block_size)
+  k = k_BSKD.shape[2]
+  n = num_blocks(k_BSKD.shape[1], cfg.block_size)
   if not cfg.is_sparse:
     j_N = jnp.arange(n, dtype=jnp.int32)
-    valid_TN = j_N[None, :] <= (jnp.arange(t) // cfg.block_size)[:, None]
+    valid_TN = j_N[None, :] <= (positions_T // cfg.block_size)[:, None]
     idx = jnp.where(valid_TN, j_N[None, :], -1)
     return (jnp.broadcast_to(idx[None, None], (b, k, t, n)),
             jnp.broadcast_to(valid_TN[None, None], (b, k, t, n)))
-  fn = _selection_chunk_fn(q_BTHD, k_BTKD, bias_BTK, cfg, n)
+  fn = _selection_chunk_fn(q_BTHD, k_BSKD, bias_BSK, cfg, n)
   return _map_query_chunks(lambda q, p: fn(q, p)[:2], q_BTHD,
-                           cfg.query_chunk)
+                           cfg.query_chunk, positions_T)
 
 
-def select_block_masks(q_BTHD: jax.Array, k_BTKD: jax.Array,
-                       bias_BTK: Optional[jax.Array],
-                       cfg: config_lib.SparseConfig):
+def select_block_masks(q_BTHD: jax.Array, k_BSKD: jax.Array,
+                       bias_BSK: Optional[jax.Array],
+                       cfg: config_lib.SparseConfig,
+                       positions_T: Optional[jax.Array] = None):
   """Block masks of the selection and of its query-position part.
 
   Args: as `select_blocks`.
 
   Returns:
-    mask_BKTN: True iff query t attends block j through KV head k; never
-      True for j > t // C.
+    mask_BKTN: True iff the query at position t attends block j through KV
+      head k; never True for j > t // C. N = ceil(S / C).
     pinned_BKTN: the subset ranked +inf before the final top-k: the forced
       blocks plus, for nosa, the phase-1 query-aware picks Q(t). For
       infllmv2 and full it equals mask_BKTN; for dma it is the forced set.
   """
-  _check_shapes(q_BTHD, k_BTKD, bias_BTK)
-  t = q_BTHD.shape[1]
-  n = num_blocks(t, cfg.block_size)
+  positions_T = _check_shapes(q_BTHD, k_BSKD, bias_BSK, positions_T)
+  n = num_blocks(k_BSKD.shape[1], cfg.block_size)
   if not cfg.is_sparse:
-    b, k = q_BTHD.shape[0], k_BTKD.shape[2]
-    _, future_TN = forced_and_future(jnp.arange(t), n, cfg)
+    b, t, k = q_BTHD.shape[0], q_BTHD.shape[1], k_BSKD.shape[2]
+    _, future_TN = forced_and_future(positions_T, n, cfg)
     mask = jnp.broadcast_to(~future_TN[None, None], (b, k, t, n))
     return mask, mask
-  fn = _selection_chunk_fn(q_BTHD, k_BTKD, bias_BTK, cfg, n, masks=True)
-  return _map_query_chunks(fn, q_BTHD, cfg.query_chunk)
+  fn = _selection_chunk_fn(q_BTHD, k_BSKD, bias_BSK, cfg, n, masks=True)
+  return _map_query_chunks(fn, q_BTHD, cfg.query_chunk, positions_T)
 
 
-def block_mask(q_BTHD: jax.Array, k_BTKD: jax.Array,
-               bias_BTK: Optional[jax.Array],
-               cfg: config_lib.SparseConfig) -> jax.Array:
+def block_mask(q_BTHD: jax.Array, k_BSKD: jax.Array,
+               bias_BSK: Optional[jax.Array],
+               cfg: config_lib.SparseConfig,
+               positions_T: Optional[jax.Array] = None) -> jax.Array:
   """mask_BKTN bool of the selected blocks (§2.6), no gradient.
 
   Args: as `select_blocks`.
 
   Returns:
-    mask_BKTN with N = ceil(T / C): True iff query t attends block j through
-    KV head k (all G query heads of the group share it); never True for
-    j > t // C. For `full`, every causal block is True.
+    mask_BKTN with N = ceil(S / C): True iff the query at position t attends
+    block j through KV head k (all G query heads of the group share it);
+    never True for j > t // C. For `full`, every causal block is True.
   """
-  return select_block_masks(q_BTHD, k_BTKD, bias_BTK, cfg)[0]
+  return select_block_masks(q_BTHD, k_BSKD, bias_BSK, cfg, positions_T)[0]
 
 
 # ------------------------------------------------------------------------------

@@ -58,10 +58,16 @@ def _masked_softmax(logits, mask):
   return e / jnp.where(z > 0, z, 1.0)
 
 
-def _check(q_BTHD, k_BTKD, v_BTKD, bias_BTK, mask_BKTN, block_size):
+def _check(q_BTHD, k_BTKD, v_BTKD, bias_BTK, mask_BKTN, block_size,
+           positions_T=None):
   b, t, h, d = q_BTHD.shape
   s, k = k_BTKD.shape[1], k_BTKD.shape[2]
   n = -(-s // block_size)
+  if positions_T is None and s != t:
+    raise ValueError(f"q {q_BTHD.shape} and k {k_BTKD.shape} have different "
+                     "lengths: pass positions_T, the queries' positions")
+  if positions_T is not None and positions_T.shape != (t,):
+    raise ValueError(f"positions_T {positions_T.shape} != ({t},)")
   if k_BTKD.shape != (b, s, k, d) or v_BTKD.shape != (b, s, k, d):
     raise ValueError(f"k {k_BTKD.shape} / v {v_BTKD.shape} do not match "
                      f"q {q_BTHD.shape}")
@@ -78,25 +84,29 @@ def sparse_attention_reference(q_BTHD: jax.Array, k_BTKD: jax.Array,
                                v_BTKD: jax.Array,
                                bias_BTK: Optional[jax.Array],
                                mask_BKTN: jax.Array,
-                               block_size: int) -> jax.Array:
+                               block_size: int,
+                               positions_T: Optional[jax.Array] = None
+                               ) -> jax.Array:
   """Dense masked block-sparse attention with the eviction bias (§2.7).
 
   out[t, g] = softmax_s(q[t, g].k[s] / sqrt(D) + bias[s, k]) v[s] over
-  s <= t with mask[k, t, s // C], everything in fp32.
+  s <= pos[t] with mask[k, t, s // C], everything in fp32.
 
   Args:
-    q_BTHD: queries; query t sits at position t.
-    k_BTKD: keys, positions 0..T-1.
+    q_BTHD: queries; query t sits at position positions_T[t].
+    k_BTKD: keys, positions 0..S-1.
     v_BTKD: values.
     bias_BTK: additive per-key logit bias (None means 0).
-    mask_BKTN: selected blocks per (KV head, query), N = ceil(T / C).
+    mask_BKTN: selected blocks per (KV head, query), N = ceil(S / C).
     block_size: C.
+    positions_T: the queries' positions (default 0..T-1, then S = T).
 
   Returns:
     out_BTHD in q's dtype; a row with no attended key (cannot happen with a
     NOSA selection, which always holds the query's own block) is 0.
   """
-  _check(q_BTHD, k_BTKD, v_BTKD, bias_BTK, mask_BKTN, block_size)
+  _check(q_BTHD, k_BTKD, v_BTKD, bias_BTK, mask_BKTN, block_size,
+         positions_T)
   b, t, h, d = q_BTHD.shape
   s, k = k_BTKD.shape[1], k_BTKD.shape[2]
   q_BTKGD = q_BTHD.astype(_F32).reshape(b, t, k, h // k, d)
@@ -105,14 +115,16 @@ def sparse_attention_reference(q_BTHD: jax.Array, k_BTKD: jax.Array,
   if bias_BTK is not None:
     bias_BKS = jnp.transpose(bias_BTK.astype(_F32), (0, 2, 1))
     logits_BKGTS = logits_BKGTS + bias_BKS[:, :, None, None, :]
-  tok_BKTS = _token_mask(mask_BKTN, jnp.arange(t), s, block_size)
+  pos_T = jnp.arange(t) if positions_T is None else positions_T
+  tok_BKTS = _token_mask(mask_BKTN, pos_T, s, block_size)
   p_BKGTS = _masked_softmax(logits_BKGTS, tok_BKTS[:, :, None])
   out_BTKGD = jnp.einsum("BKGTS,BSKD->BTKGD", p_BKGTS, v_BTKD.astype(_F32))
   return out_BTKGD.reshape(b, t, h, d).astype(q_BTHD.dtype)
 
 
-def _attend_chunk(q_BTHD, k_BSKD, v_BSKD, bias_BSK, mask_BKTN, t0, block_size):
-  """Queries t0..t0+Tc-1 against the key prefix 0..S-1, fp32 softmax.
+def _attend_chunk(q_BTHD, k_BSKD, v_BSKD, bias_BSK, mask_BKTN, pos_T,
+                  block_size):
+  """Queries at positions pos_T against the key prefix 0..S-1, fp32 softmax.
 
   q.k takes the input dtype with fp32 accumulation. p.v runs in fp32: with
   bf16 p the backward's dp is rounded to bf16 and the softmax backward
@@ -126,7 +138,7 @@ def _attend_chunk(q_BTHD, k_BSKD, v_BSKD, bias_BSK, mask_BKTN, t0, block_size):
   if bias_BSK is not None:
     bias_BKS = jnp.transpose(bias_BSK.astype(_F32), (0, 2, 1))
     logits_BKGTS = logits_BKGTS + bias_BKS[:, :, None, None, :]
-  tok_BKTS = _token_mask(mask_BKTN, t0 + jnp.arange(tc), s, block_size)
+  tok_BKTS = _token_mask(mask_BKTN, pos_T, s, block_size)
   p_BKGTS = _masked_softmax(logits_BKGTS, tok_BKTS[:, :, None])
   out_BTKGD = jnp.einsum("BKGTS,BSKD->BTKGD", p_BKGTS, v_BSKD.astype(_F32))
   return out_BTKGD.reshape(b, tc, h, d).astype(q_BTHD.dtype)
@@ -136,7 +148,8 @@ def sparse_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
                      bias_BTK: Optional[jax.Array], mask_BKTN: jax.Array, *,
                      block_size: int, query_chunk: int,
                      implementation: Literal["xla", "pallas"] = "xla",
-                     tuning: Optional[dict] = None) -> jax.Array:
+                     tuning: Optional[dict] = None,
+                     positions_T: Optional[jax.Array] = None) -> jax.Array:
   """Block-sparse causal attention with the eviction bias (§2.6-§2.7).
 
   Same semantics as `sparse_attention_reference`. The `xla` implementation
@@ -159,12 +172,28 @@ def sparse_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
       by `implementations`, interpret mode off the GPU).
     tuning: keyword options of the pallas kernel (`block_sizes` as a
       `KernelBlockSizes`, `num_warps`, `num_stages`); benchmarks sweep them.
+    positions_T: the queries' positions when they are not 0..T-1 (a chunk
+      of queries against the keys 0..S-1 of its sequence, as
+      `selection.select_blocks` takes them); `xla` only. Every chunk then
+      attends the whole key range.
 
   Returns:
     out_BTHD in q's dtype.
   """
   implementation = implementations.resolve("block_sparse_attention",
                                            implementation)
+  if positions_T is not None:
+    if implementation != "xla":
+      raise ValueError(
+          f"implementation={implementation!r}: the kernel takes queries at "
+          "positions 0..T-1 over the same T keys; positions_T needs 'xla'")
+    _check(q_BTHD, k_BTKD, v_BTKD, bias_BTK, mask_BKTN, block_size,
+           positions_T)
+    attend = jax.checkpoint(_attend_chunk, static_argnums=(6,))
+    return _map_chunks(
+        lambda q_c, m_c, p_c: attend(q_c, k_BTKD, v_BTKD, bias_BTK, m_c,
+                                     p_c, block_size),
+        q_BTHD, jax.lax.stop_gradient(mask_BKTN), positions_T, query_chunk)
   if implementation != "xla":
     # Under a mesh the kernel runs per batch (and head) shard: XLA cannot
     # split it.
@@ -197,17 +226,34 @@ def sparse_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
     q_g = q_pad[:, c0 * tc:c1 * tc].reshape(b, c1 - c0, tc, h, d)
     m_g = mask_pad[:, :, c0 * tc:c1 * tc]
     m_g = m_g.reshape(m_g.shape[:2] + (c1 - c0, tc) + m_g.shape[3:])
-    t0_g = jnp.arange(c0, c1) * tc
+    pos_g = jnp.arange(c0 * tc, c1 * tc).reshape(c1 - c0, tc)
 
     def body(args, k_g=k_g, v_g=v_g, bias_g=bias_g):
-      q_c, m_c, t0 = args
-      return attend(q_c, k_g, v_g, bias_g, m_c, t0, block_size)
+      q_c, m_c, pos_T = args
+      return attend(q_c, k_g, v_g, bias_g, m_c, pos_T, block_size)
 
     out_g = jax.lax.map(body, (jnp.moveaxis(q_g, 1, 0),
-                               jnp.moveaxis(m_g, 2, 0), t0_g))
+                               jnp.moveaxis(m_g, 2, 0), pos_g))
     outs.append(jnp.moveaxis(out_g, 0, 1).reshape(b, (c1 - c0) * tc, h, d))
   out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
   return out[:, :t]
+
+
+def _map_chunks(fn, q_BTHD, mask_BKTN, positions_T, chunk):
+  """fn(q_chunk, mask_chunk, positions_chunk) over query chunks, along T."""
+  b, t, h, d = q_BTHD.shape
+  tc = min(chunk, t)
+  n = -(-t // tc)
+  pad = n * tc - t
+  # Padded rows select nothing (zero mask) and are sliced off.
+  q_n = jnp.moveaxis(jnp.pad(q_BTHD, ((0, 0), (0, pad), (0, 0), (0, 0))
+                             ).reshape(b, n, tc, h, d), 1, 0)
+  m_pad = jnp.pad(mask_BKTN, ((0, 0), (0, 0), (0, pad), (0, 0)))
+  m_n = jnp.moveaxis(m_pad.reshape(m_pad.shape[:2] + (n, tc)
+                                   + m_pad.shape[3:]), 2, 0)
+  p_n = jnp.pad(positions_T, (0, pad), mode="edge").reshape(n, tc)
+  out = jax.lax.map(lambda a: fn(*a), (q_n, m_n, p_n))
+  return jnp.moveaxis(out, 0, 1).reshape(b, n * tc, h, d)[:, :t]
 
 
 # The `ad_checkpoint.checkpoint_name` of the block mask in
@@ -217,7 +263,8 @@ SELECTION_CHECKPOINT_NAME = "nosa_block_mask"
 
 def nosa_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
                    bias_BTK: Optional[jax.Array],
-                   cfg: config_lib.SparseConfig):
+                   cfg: config_lib.SparseConfig,
+                   positions_T: Optional[jax.Array] = None):
   """Selection + sparse attention for one layer (§2.9), what the model calls.
 
   The block mask comes from `selection.select_block_masks` on
@@ -232,6 +279,9 @@ def nosa_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
     bias_BTK: eviction bias from `selection.eviction_bias`; required for
       dma / nosa, may be None for infllmv2 / full.
     cfg: variant, selection constants, `query_chunk`, `implementation`.
+    positions_T: the queries' positions when q is a chunk of the sequence
+      whose keys 0..S-1 are k / v / bias (as `selection.select_blocks`);
+      needs implementation `xla` and locality_weight 0. Default 0..T-1.
 
   Returns:
     out_BTHD in q's dtype, and aux, a dict of fp32 scalars:
@@ -247,8 +297,12 @@ def nosa_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
   if use_bias and bias_BTK is None:
     raise ValueError(f"variant {cfg.variant!r} needs the eviction bias")
   bias = bias_BTK if use_bias else None
+  if positions_T is not None and cfg.locality_weight > 0:
+    raise ValueError("the locality penalty pairs consecutive queries of a "
+                     "whole sequence; positions_T needs locality_weight=0")
   mask_BKTN, pinned_BKTN = selection.select_block_masks(
-      sg(q_BTHD), sg(k_BTKD), None if bias is None else sg(bias), cfg)
+      sg(q_BTHD), sg(k_BTKD), None if bias is None else sg(bias), cfg,
+      positions_T)
   # Named so that the model's remat policies save it: under remat the
   # backward would otherwise recompute the whole selection (scores, two
   # top-k) only to rebuild this mask. It is B*K*T*N bytes per layer.
@@ -256,7 +310,8 @@ def nosa_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
                                             SELECTION_CHECKPOINT_NAME)
   out_BTHD = sparse_attention(
       q_BTHD, k_BTKD, v_BTKD, bias, mask_BKTN, block_size=cfg.block_size,
-      query_chunk=cfg.query_chunk, implementation=cfg.implementation)
+      query_chunk=cfg.query_chunk, implementation=cfg.implementation,
+      positions_T=positions_T)
   aux = dict(selection.locality_statistics(mask_BKTN, pinned_BKTN,
                                            cfg.topk_blocks))
   if cfg.locality_weight > 0 and cfg.query_aware:

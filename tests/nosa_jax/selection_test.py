@@ -289,6 +289,46 @@ class SelectionTest(parameterized.TestCase):
       selection.block_mask(q, k, None, _cfg(variant="dma"))
 
 
+class PositionsTest(parameterized.TestCase):
+  """A chunk of queries at positions p.. against the keys 0..S-1 selects as
+  the same queries do in a pass over the whole sequence (chunked prefill)."""
+
+  @parameterized.parameters(
+      ("nosa", "xla"), ("nosa", "pallas"), ("infllmv2", "xla"),
+      ("dma", "xla"), ("full", "xla"))
+  def test_chunk_selects_as_whole(self, variant, scores):
+    cfg = _cfg(variant=variant, query_chunk=16, score_implementation=scores)
+    q, k, bias = (jnp.asarray(x) for x in _inputs(5, 2, 100, 4, 2, 8))
+    masks = jax.jit(lambda *a: selection.select_block_masks(*a, cfg))
+    want_mask, want_pinned = masks(q, k, bias)
+    want_idx, want_valid = jax.jit(
+        lambda *a: selection.select_blocks(*a, cfg))(q, k, bias)
+
+    @jax.jit
+    def chunk(q_c, k_s, b_s, pos):
+      return (selection.select_block_masks(q_c, k_s, b_s, cfg, pos),
+              selection.select_blocks(q_c, k_s, b_s, cfg, pos))
+
+    for p, tc in ((0, 30), (37, 27), (64, 36)):
+      s = p + tc
+      n = -(-s // cfg.block_size)
+      (mask, pinned), (idx, valid) = chunk(
+          q[:, p:s], k[:, :s], bias[:, :s], jnp.arange(p, s))
+      rows = slice(p, s)
+      np.testing.assert_array_equal(mask, want_mask[:, :, rows, :n])
+      np.testing.assert_array_equal(pinned, want_pinned[:, :, rows, :n])
+      self.assertFalse(np.any(want_mask[:, :, rows, n:]))
+      np.testing.assert_array_equal(valid, want_valid[:, :, rows, :n])
+      np.testing.assert_array_equal(
+          np.where(valid, idx, -1),
+          np.where(want_valid[:, :, rows, :n], want_idx[:, :, rows, :n], -1))
+
+  def test_different_lengths_need_positions(self):
+    q, k, bias = _inputs(0, 1, 40, 2, 1, 4)
+    with self.assertRaisesRegex(ValueError, "positions_T"):
+      selection.block_mask(q[:, 20:], k, bias, _CFG)
+
+
 class MembersTest(absltest.TestCase):
 
   def test_scatter_equals_compare(self):

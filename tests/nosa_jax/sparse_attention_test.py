@@ -252,6 +252,27 @@ class NosaAttentionTest(parameterized.TestCase):
       self.assertTrue(np.all(np.isfinite(g)))
       self.assertGreater(float(jnp.abs(g).sum()), 1e-4)
 
+  @parameterized.parameters("nosa", "infllmv2")
+  def test_chunk_attends_as_whole(self, variant):
+    # Queries p..p+Tc-1 against the keys 0..S-1 (a chunked prefill) give
+    # the rows of the whole-sequence pass: same selection, same keys.
+    q, k, v, delta_w, _ = self._eviction_setup(3)
+    bias = selection.eviction_bias(v, jnp.array([0.7, -0.4]), delta_w)
+    cfg = dataclasses.replace(_CFG, variant=variant, query_chunk=16)
+    whole = jax.jit(lambda *a: sa.nosa_attention(*a, cfg)[0])(q, k, v, bias)
+    chunk = jax.jit(lambda q_c, k_s, v_s, b_s, pos: sa.nosa_attention(
+        q_c, k_s, v_s, b_s, cfg, pos)[0])
+    for p, s in ((0, 40), (50, 83), (83, 120)):
+      got = chunk(q[:, p:s], k[:, :s], v[:, :s], bias[:, :s],
+                  jnp.arange(p, s))
+      np.testing.assert_allclose(got, whole[:, p:s],
+                                 **tolerances.tol(np.float32))
+    with self.assertRaisesRegex(ValueError, "xla"):
+      sa.sparse_attention(
+          q[:, 50:], k, v, bias, jnp.ones((1, 2, 70, 8), bool),
+          block_size=_C, query_chunk=16, implementation="pallas",
+          positions_T=jnp.arange(50, 120))
+
 
 if __name__ == "__main__":
   absltest.main()
