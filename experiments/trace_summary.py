@@ -17,7 +17,7 @@ import os
 from absl import app
 from absl import flags
 
-from experiments import timing
+from experiments.bench import timing
 
 _DIR = flags.DEFINE_string("trace_dir", None, "Directory a trace was "
                            "written to (searched recursively).")

@@ -1,4 +1,5 @@
-"""experiments/decode_bench.py: the verdict lines, and a CPU smoke run."""
+"""experiments/decode_bench.py and its report: the verdict lines, and a CPU
+smoke run."""
 
 import json
 import os
@@ -6,7 +7,7 @@ import subprocess
 import sys
 
 from absl.testing import absltest
-from experiments import decode_bench
+from experiments.bench import decode_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -28,7 +29,7 @@ class VerdictTest(absltest.TestCase):
             _rec("infllmv2_offload", 100, 4, 100.0, pcie_ms=40.0),
             _rec("infllmv2_gpu", 100, 4, 50.0),
             _rec("full_gpu_max", 100, 9, 400.0)]
-    got = decode_bench.verdicts(recs)
+    got = decode_report.verdicts(recs)
     self.assertEqual(got, [
         "infllmv2_offload, L=100, B=4: offloaded beats GPU-resident (2.00x).",
         "infllmv2_offload, L=100, B=4: step 40.00 ms = 0.50 x max(T_gpu "
@@ -48,7 +49,7 @@ class VerdictTest(absltest.TestCase):
         "gives 3.20 x.",
         "NOSA offload_fused (B=4) / FullAttn at its largest batch (B=9), "
         "L=100: 0.62x."])
-    self.assertEqual(decode_bench.verdicts([_rec("full_gpu", 1, 1, 1.0)]),
+    self.assertEqual(decode_report.verdicts([_rec("full_gpu", 1, 1, 1.0)]),
                      [])
 
 
@@ -86,6 +87,7 @@ class SmokeTest(absltest.TestCase):
     self.assertTrue(0.0 < res["records"][0]["gamma"] < 1.0)
     self.assertGreater(off["fetched_blocks"], 0)
     self.assertTrue(0.0 < off["gamma"] < 1.0)
+    self.assertEqual((off["fetch"], fused["fetch"]), ("loop", "fused"))
     # Same synthetic selection, so the same blocks move either way.
     self.assertEqual(fused["fetched_blocks"], off["fetched_blocks"])
     self.assertGreater(res["ceilings"]["pcie_bulk_bytes_per_s"], 0)
@@ -98,7 +100,7 @@ class SmokeTest(absltest.TestCase):
          f"--out_dir={out}", "--systems=nosa_warp"], cwd=REPO, env=env,
         capture_output=True, text=True, timeout=300)
     self.assertNotEqual(bad.returncode, 0)
-    self.assertIn("--systems: unknown 'nosa_warp'", bad.stderr)
+    self.assertIn("--systems: unknown ['nosa_warp']", bad.stderr)
 
 
 if __name__ == "__main__":

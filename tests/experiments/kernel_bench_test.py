@@ -1,4 +1,4 @@
-"""experiments/kernel_bench.py: CPU smoke runs of the session-7 parts.
+"""experiments/kernel_bench.py: CPU smoke runs of its parts.
 
 The kernels run in the Pallas interpreter on CPU, so the figures mean
 nothing; what is checked is that each part runs end to end, writes its rows
@@ -18,19 +18,23 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 
 
+def _kernel_bench(*flags, timeout=600):
+  return subprocess.run(
+      [sys.executable, "-m", "experiments.kernel_bench", *flags], cwd=REPO,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+      text=True, timeout=timeout)
+
+
 @pytest.mark.slow
 class KernelBenchTest(absltest.TestCase):
 
   def test_profile_bwd_sweep_and_scores_sweep(self):
     out = self.create_tempdir().full_path
-    run = subprocess.run(
-        [sys.executable, "-m", "experiments.kernel_bench", f"--out={out}",
-         "--parts=bwd_sweep,train_profile,scores_sweep", "--lengths=256",
-         "--score_lengths=256", "--masks=local", "--iters=1",
-         "--bwd_variants=transposed_dq64rows_dkv64rows,"
-         "transposed_dq64rows_dkv64rows_masked"], cwd=REPO,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
-        text=True, timeout=600)
+    run = _kernel_bench(
+        f"--out={out}", "--parts=bwd_sweep,train_profile,scores_sweep",
+        "--lengths=256", "--score_lengths=256", "--masks=local", "--iters=1",
+        "--bwd_variants=transposed_dq64rows_dkv64rows,"
+        "transposed_dq64rows_dkv64rows_masked")
     self.assertEqual(run.returncode, 0, run.stderr[-3000:])
     rows = json.load(open(os.path.join(out, "results.json")))["rows"]
     errors = [r for r in rows if "error" in r]
@@ -46,6 +50,34 @@ class KernelBenchTest(absltest.TestCase):
     self.assertLen(scores, 16)  # 8 tilings, chunked and whole-T
     for r in scores:
       self.assertLess(r["max_abs_diff_vs_first"], 1e-5, r)
+
+  def test_train_and_selection_parts(self):
+    out = self.create_tempdir().full_path
+    run = _kernel_bench(
+        f"--out={out}", "--parts=train,scores,selection_profile",
+        "--lengths=256", "--score_lengths=256", "--masks=local", "--iters=1",
+        "--xla_max_len=256")
+    self.assertEqual(run.returncode, 0, run.stderr[-3000:])
+    rows = json.load(open(os.path.join(out, "results.json")))["rows"]
+    self.assertEqual([r for r in rows if "error" in r], [])
+    self.assertEqual([r["part"] for r in rows],
+                     ["train", "scores"] + 3 * ["selection_profile"])
+    train = rows[0]
+    self.assertTrue(train["selection_pallas_scores_same_mask"])
+    self.assertIn("xla_sparse_s", train)
+    self.assertTrue(all(r["same_masks_as_library"] for r in rows[2:]))
+    self.assertLess(rows[1]["pallas_tf32_max_abs_diff_vs_xla"], 1e-4)
+
+
+class FlagsTest(absltest.TestCase):
+
+  def test_unknown_part_is_one_line_error(self):
+    run = _kernel_bench("--parts=trian",
+                        f"--out={self.create_tempdir().full_path}",
+                        timeout=120)
+    self.assertEqual(run.returncode, 1)
+    self.assertIn("--parts: unknown ['trian']", run.stderr)
+    self.assertNotIn("Traceback", run.stderr)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Tests for the trace summary of experiments.timing (trace_summary's CLI
+"""Tests for the trace summary of experiments.bench.timing (trace_summary's CLI
 defines absl flags, so the test imports the flag-free module)."""
 
 import gzip
@@ -7,7 +7,7 @@ import os
 
 from absl.testing import absltest
 
-from experiments import timing
+from experiments.bench import timing
 
 
 def _events():

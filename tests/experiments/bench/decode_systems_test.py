@@ -1,0 +1,51 @@
+"""experiments/bench/decode_systems.py: which store each system runs, and the
+plan of runs."""
+
+from unittest import mock
+
+from absl.testing import absltest
+import jax
+
+from experiments.bench import decode_systems
+from nosa_jax import testing
+
+
+class OffloadStoreTest(absltest.TestCase):
+
+  def test_serial_systems_copy_then_attend(self):
+    # "<v>_offload" is the serial engine on every backend; only "_fused"
+    # fuses the fetch into the attention kernel.
+    for backend, serial in (("gpu", "pallas"), ("cpu", "loop")):
+      with mock.patch.object(jax, "default_backend", return_value=backend):
+        self.assertEqual(
+            decode_systems.offload_store("nosa_offload", 64, 2).fetch, serial)
+        self.assertEqual(decode_systems.offload_store(
+            "infllmv2_offload_fused", 64, 2).fetch, "fused")
+    cache = decode_systems.offload_store("nosa_offload_cache", 64, 2)
+    self.assertEqual(cache.cache_blocks, 128)
+    self.assertIsNone(
+        decode_systems.offload_store("nosa_offload", 64, 2).cache_blocks)
+
+
+class PlanTest(absltest.TestCase):
+
+  def test_runs_per_system(self):
+    cfg = testing.tiny_model_config("nosa")
+    proto = decode_systems.Protocol(batch=4, offload_batches=(8,),
+                                    gamma=(("nosa", 0.9), ("infllmv2", 0.8)))
+    runs = decode_systems.plan(
+        ["full_gpu", "full_gpu_max", "nosa_gpu", "infllmv2_offload",
+         "nosa_offload_fused"], cfg, cfg, [100, 200], proto, small=True)
+    got = [(r.system, r.context, r.batch, r.gamma_target) for r in runs]
+    self.assertEqual(got[:7], [
+        ("full_gpu", 100, 4, None), ("full_gpu_max", 100, 8, None),
+        ("nosa_gpu", 100, 4, None), ("infllmv2_offload", 100, 4, 0.8),
+        ("infllmv2_offload", 100, 8, 0.8), ("nosa_offload_fused", 100, 4, 0.9),
+        ("nosa_offload_fused", 100, 8, 0.9)])
+    self.assertLen(runs, 14)
+    self.assertEqual(proto.max_len(100), 100 + 6 + 32 + 1)
+    self.assertNotIn("store", runs[3].describe())
+
+
+if __name__ == "__main__":
+  absltest.main()
