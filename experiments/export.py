@@ -17,6 +17,7 @@ import sys
 from absl import app
 from absl import flags
 
+from nosa_jax import checkpoint
 from nosa_jax import hf_io
 from nosa_jax import train
 
@@ -32,8 +33,15 @@ def main(argv):
   del argv
   train.quiet_library_logs()
   try:
-    cfg, params, step = hf_io.load_workdir(_WORKDIR.value, _STEP.value)
-    out = _OUT.value
+    workdir = os.path.abspath(_WORKDIR.value)
+    out = os.path.abspath(_OUT.value)
+    ckpts = os.path.join(workdir, "checkpoints")
+    if out == workdir or os.path.commonpath([out, ckpts]) == ckpts:
+      raise ValueError(f"--out={out} clashes with the training workdir (its "
+                       "config.json or checkpoints would be overwritten); "
+                       "choose another directory")
+    cfg, params, step = hf_io.load_workdir(workdir, _STEP.value)
+    checkpoint.writable_dir(out, "--out")
     written = [hf_io.export_orbax_params(
         params, os.path.join(out, "orbax_params"))]
     written += hf_io.export_hf(params, cfg.model, out, _DTYPE.value)
@@ -45,7 +53,10 @@ def main(argv):
       if os.path.abspath(tok) != os.path.abspath(dest):
         written.append(shutil.copy(tok, dest))
   except (OSError, ValueError) as e:
-    sys.exit(f"export error: {e}")
+    print(f"export error: {e}", file=sys.stderr, flush=True)
+    # A failed orbax save leaves threads waiting for a signal that never
+    # comes, which would block the interpreter's exit for many minutes.
+    os._exit(1)
   print(f"Exported step {step} of {_WORKDIR.value} "
         f"({cfg.model.sparse.variant}, {_DTYPE.value}):")
   for path in written:

@@ -82,6 +82,30 @@ class Checkpointer:
     self._mgr.close()
 
 
+def writable_dir(path: str, flag: str) -> str:
+  """Creates directory `path` if needed and checks a file can be written in
+  it, before any slow or threaded writer touches it; returns its absolute
+  path.
+
+  Raises:
+    OSError: one line naming `flag` and the cause (a file in the way, a
+      missing or read-only parent, no permission).
+  """
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise OSError(f"{flag}={path} is a file, not a directory")
+  try:
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f".write-probe-{os.getpid()}")
+    with open(probe, "w"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise OSError(f"{flag}={path} is not a writable directory: "
+                  f"{e.strerror or type(e).__name__}") from None
+  return path
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
   """Writes JSON through a temp file + rename, never leaving half a file."""
   tmp = f"{path}.tmp-{os.getpid()}"

@@ -452,14 +452,22 @@ class ExportTest(absltest.TestCase):
         self, hf_io.load_orbax_params(os.path.join(out, "orbax_params"),
                                       cfg.model), state["params"])
 
-    bad = subprocess.run(
-        [sys.executable, "-m", "experiments.export", f"--workdir={out}/no",
-         f"--out={out}2"], cwd=REPO, env=env, capture_output=True,
-        text=True, timeout=120)
-    self.assertEqual(bad.returncode, 1)
-    self.assertEqual(bad.stderr.strip().splitlines()[-1],
+    def error(workdir, out):
+      run = subprocess.run(
+          [sys.executable, "-m", "experiments.export", f"--workdir={workdir}",
+           f"--out={out}"], cwd=REPO, env=env, capture_output=True,
+          text=True, timeout=60)  # an unwritable --out once hung here
+      self.assertEqual(run.returncode, 1, run.stderr[-2000:])
+      return run.stderr.strip().splitlines()[-1]
+
+    self.assertEqual(error(f"{out}/no", f"{out}2"),
                      f"export error: no config.json in {out}/no: not a "
                      "training workdir")
+    in_the_way = os.path.join(out, "model.safetensors")
+    self.assertEqual(error(workdir, in_the_way), f"export error: --out="
+                     f"{in_the_way} is a file, not a directory")
+    self.assertRegex(error(workdir, workdir), "clashes with the training "
+                     "workdir")
 
 
 if __name__ == "__main__":
