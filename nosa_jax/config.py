@@ -405,3 +405,72 @@ class ExperimentConfig:
     # Keys outside model/data/train (e.g. the config file's `arg`) are
     # bookkeeping for configs/*.py and are ignored here.
     return cls(model=model, data=data, train=train)
+
+
+# ----------------------------------------------------------------------------
+# Resuming a run under a changed config.
+# ----------------------------------------------------------------------------
+
+# Fields a resumed run may change: none of them touches a parameter or
+# optimizer shape, the state tree or the data order. Every other field is
+# fixed by the run's checkpoints (model shape and variant, selection
+# constants, parameter dtype, data source and tokenizer, seq_len, batch
+# size, seed).
+RESUME_MUTABLE = frozenset({
+    "model.dtype", "model.remat", "model.remat_keeps_selection",
+    "model.scan_layers", "model.sparse.implementation",
+    "model.sparse.decode_implementation", "model.sparse.score_implementation",
+    "model.sparse.query_chunk", "data.cache_dir", "train.num_steps",
+    "train.learning_rate", "train.min_lr_ratio", "train.warmup_steps",
+    "train.weight_decay", "train.b1", "train.b2", "train.eps",
+    "train.grad_clip", "train.log_every", "train.log_locality",
+    "train.eval_every", "train.eval_batches", "train.checkpoint_every",
+    "train.keep_checkpoints", "train.peak_tflops", "train.mesh_shape",
+    "train.on_divergence", "train.rollback_lr_scale", "train.max_rollbacks"})
+
+
+class ResumeRefused(ConfigError):
+  """A resumed run's config changes a field its checkpoints fix."""
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def config_diff(stored: Mapping[str, Any], cfg: ExperimentConfig
+                ) -> dict[str, tuple[Any, Any]]:
+  """{dotted field: (stored value, new value)} for the fields that differ.
+
+  `stored` is a run's config.json; fields it lacks (written by older code)
+  count as their defaults.
+  """
+  try:
+    stored = dataclasses.asdict(ExperimentConfig.from_dict(stored))
+  except (ConfigError, TypeError):
+    pass  # a field since removed: compare as written
+  old = _flat({k: stored[k] for k in ("model", "data", "train")
+               if k in stored})
+  new = _flat(dataclasses.asdict(cfg))
+  return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+          if old.get(k) != new.get(k)}
+
+
+def resume_conflicts(changes: Mapping[str, tuple[Any, Any]]) -> list[str]:
+  """The changed fields a resumed run may not change."""
+  fixed = [k for k in changes if k not in RESUME_MUTABLE]
+  if "train.grad_clip" in changes:
+    old, new = changes["train.grad_clip"]
+    if ((old or 0) > 0) != (new > 0):  # clipping on/off changes the tree
+      fixed.append("train.grad_clip")
+  return fixed
+
+
+def format_changes(changes: Mapping[str, tuple[Any, Any]]) -> str:
+  return ", ".join(f"{k} {old!r} -> {new!r}"
+                   for k, (old, new) in changes.items())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging as pylogging
 import os
 import time
@@ -183,7 +184,18 @@ def _train(cfg: config_lib.ExperimentConfig, workdir: str
            ) -> dict[str, float]:
   """One attempt of `train_and_evaluate`."""
   tc = cfg.train
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f"workdir {workdir} is a file, not a directory")
   os.makedirs(workdir, exist_ok=True)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                     keep=tc.keep_checkpoints)
+  _check_resume(cfg, workdir, ckpt.latest_step())
+  if (ckpt.latest_step() or 0) >= tc.num_steps:
+    logging.info("Nothing to do: the checkpoint is at step %d and "
+                 "train.num_steps=%d; raise train.num_steps to train on.",
+                 ckpt.latest_step(), tc.num_steps)
+    ckpt.close()
+    return {}
 
   # ----------------------------------------------------------------------
   # Data.
@@ -201,17 +213,12 @@ def _train(cfg: config_lib.ExperimentConfig, workdir: str
   is_main = jax.process_index() == 0
   graphdef, state, tx = init_state(cfg, mesh)
   num_params = model_lib.count_params(state["params"])
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                     keep=tc.keep_checkpoints)
   position = 0
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(None, state)
     position = int(meta["data_position"])
     logging.info("Resumed from step %d (data position %d) in %s",
                  int(state["step"]), position, ckpt.directory)
-  if is_main:
-    checkpoint_lib.write_json_atomic(
-        os.path.join(workdir, "config.json"), dataclasses.asdict(cfg))
   start = int(state["step"])
   logging.info("Model: %s parameters, variant %s, %d layers; %d x %s, mesh "
                "(data, fsdp, tensor) = %s", f"{num_params:,}",
@@ -351,6 +358,42 @@ def _train(cfg: config_lib.ExperimentConfig, workdir: str
                metrics_lib.format_duration(time.time() - t_start),
                {k: round(v, 4) for k, v in last.items()})
   return last
+
+
+def _check_resume(cfg: config_lib.ExperimentConfig, workdir: str,
+                  step: int | None) -> None:
+  """Refuses to resume checkpoints under a config that changes a field they
+  fix; logs the allowed changes. config.json holds the config in use and,
+  under "history", each start's step and changes."""
+  path = os.path.join(workdir, "config.json")
+  stored = None
+  if os.path.isfile(path):
+    with open(path) as f:
+      stored = json.load(f)
+  elif step is not None:
+    raise config_lib.ResumeRefused(
+        f"cannot resume {workdir}: it has checkpoints but no config.json to "
+        "check the config against; restore it, or start fresh with another "
+        "--workdir")
+  changes = {} if stored is None else config_lib.config_diff(stored, cfg)
+  fixed = config_lib.resume_conflicts(changes) if step is not None else []
+  if fixed:
+    raise config_lib.ResumeRefused(
+        f"cannot resume {workdir} at step {step}: "
+        f"{config_lib.format_changes({k: changes[k] for k in fixed})} "
+        "differ from its config.json and are fixed by its checkpoints "
+        "(shapes, parameter or optimizer tree, data order); pass the stored "
+        "values, or start fresh with another --workdir (or move "
+        f"{workdir}/checkpoints away)")
+  if changes:
+    logging.info("Config changed since the last start (step %d): %s",
+                 step or 0, config_lib.format_changes(changes))
+  history = (stored or {}).get("history", [])
+  history.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "step": step or 0, "changes": changes})
+  if jax.process_index() == 0:
+    checkpoint_lib.write_json_atomic(
+        path, {**dataclasses.asdict(cfg), "history": history})
 
 
 def _check_finite(window: list[dict], step: int) -> list[dict]:

@@ -1,5 +1,7 @@
 """Training loop: resume == uninterrupted, divergence stops, kill -9 safety."""
 
+import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +14,7 @@ import pytest
 import numpy as np
 
 from nosa_jax import checkpoint
+from nosa_jax import config as config_lib
 from nosa_jax import data
 from nosa_jax import evaluation
 from nosa_jax import hf_io
@@ -65,6 +68,44 @@ class TrainTest(absltest.TestCase):
     # ...and the run really moved: step-6 params differ from step-3 params.
     self.assertFalse(np.array_equal(jax.tree.leaves(a["params"])[0],
                                     jax.tree.leaves(state3["params"])[0]))
+
+    # num_steps at or below the checkpoint's step: nothing to do, no error;
+    # the changed (allowed) fields are logged and kept in the history.
+    fewer = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, num_steps=4, log_every=1))
+    with self.assertLogs(level="INFO") as logs:
+      self.assertEqual(train.train_and_evaluate(fewer, straight), {})
+    self.assertIn("train.log_every 2 -> 1, train.num_steps 6 -> 4",
+                  "\n".join(logs.output))
+    self.assertIn("Nothing to do: the checkpoint is at step 6",
+                  "\n".join(logs.output))
+    with open(os.path.join(straight, "config.json")) as f:
+      history = json.load(f)["history"]
+    self.assertEqual([(h["step"], h["changes"]) for h in history],
+                     [(0, {}), (6, {"train.log_every": [2, 1],
+                                    "train.num_steps": [6, 4]})])
+
+  def test_resume_refuses_fields_the_checkpoints_fix(self):
+    cfg = testing.tiny_config("nosa", cache_dir=self.cache)
+    workdir = self.create_tempdir().full_path
+    with testing.training_interrupted_at(0), self.assertRaises(
+        KeyboardInterrupt):
+      train.train_and_evaluate(cfg, workdir)  # a checkpoint of step 0
+    with open(os.path.join(workdir, "config.json")) as f:
+      stored = f.read()
+    changed = dataclasses.replace(
+        cfg, model=testing.tiny_model_config("full", num_layers=3),
+        train=dataclasses.replace(cfg.train, seq_len=32, grad_clip=0.0,
+                                  learning_rate=1e-3))
+    with self.assertRaisesRegex(
+        config_lib.ResumeRefused,
+        r"^cannot resume .* at step 0: model.num_layers 2 -> 3, "
+        r"model.sparse.variant 'nosa' -> 'full', train.seq_len 64 -> 32, "
+        r"train.grad_clip 1.0 -> 0.0 differ from its config.json .* start "
+        r"fresh with another --workdir"):
+      train.train_and_evaluate(changed, workdir)
+    with open(os.path.join(workdir, "config.json")) as f:
+      self.assertEqual(f.read(), stored)  # not overwritten
 
   def test_divergence_keeps_a_checkpoint_that_evaluates_finite(self):
     # warmup 1: step 1 has lr 0, step 2 applies lr 1e30; a step or two
