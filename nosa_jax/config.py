@@ -164,6 +164,94 @@ class SparseConfig:
     return self.variant in ("dma", "nosa")
 
 
+ROPE_TYPES = ("default", "linear", "longrope", "llama3", "yarn")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """RoPE frequency scaling (HF `rope_scaling`), from its published formulas.
+
+  With inv_freq_i = 1 / theta^(2i/D), i < D/2, the rotation angle of
+  position p is p * f_i, and cos / sin are multiplied by
+  `attention_factor` (so q.k scales by its square):
+
+    default:  f_i = inv_freq_i.
+    linear:   f_i = inv_freq_i / factor (position interpolation).
+    longrope: f_i = inv_freq_i / ext_i, ext = long_factor when the row's
+              sequence length (its largest position + 1) exceeds
+              `long_factor_above`, else short_factor (LongRoPE; MiniCPM4).
+    llama3:   f_i = inv_freq_i / factor for wavelengths 2 pi / inv_freq_i
+              above original_max_position_embeddings / low_freq_factor,
+              inv_freq_i below original / high_freq_factor, linearly
+              interpolated in 1 / wavelength between.
+    yarn:     f_i = inv_freq_i * ((1 - r_i) / factor + r_i), r_i the ramp
+              from 1 (dims with more than beta_fast rotations over
+              original_max_position_embeddings) to 0 (fewer than beta_slow).
+
+  `hf_io` fills every field from a config.json, including the values the
+  upstream code derives (attention_factor, long_factor_above), so the math
+  here needs no defaults from elsewhere.
+
+  Attributes:
+    rope_type: one of ROPE_TYPES.
+    factor: linear / llama3 / yarn scale.
+    original_max_position_embeddings: the pre-extension context (llama3,
+      yarn, and longrope's report).
+    short_factor, long_factor: LongRoPE per-frequency divisors (D/2 each).
+    long_factor_above: LongRoPE uses long_factor for sequences longer than
+      this many tokens.
+    attention_factor: multiplies cos and sin.
+    low_freq_factor, high_freq_factor: llama3 band edges.
+    beta_fast, beta_slow: yarn ramp edges, in rotations.
+  """
+
+  rope_type: str = "default"
+  factor: float = 1.0
+  original_max_position_embeddings: int = 0
+  short_factor: tuple[float, ...] = ()
+  long_factor: tuple[float, ...] = ()
+  long_factor_above: int = 0
+  attention_factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+
+  def __post_init__(self):
+    p = "model.rope_scaling"
+    for name in ("short_factor", "long_factor"):  # JSON gives lists
+      object.__setattr__(self, name,
+                         tuple(float(x) for x in getattr(self, name)))
+    _one_of(self.rope_type, f"{p}.rope_type", ROPE_TYPES)
+    for name in ("factor", "attention_factor"):
+      _require(isinstance(getattr(self, name), (int, float))
+               and getattr(self, name) > 0, f"{p}.{name}", "must be > 0",
+               getattr(self, name))
+    t = self.rope_type
+    if t == "longrope":
+      _require(len(self.short_factor) == len(self.long_factor) > 0,
+               f"{p}.long_factor", "longrope needs short_factor and "
+               "long_factor of one length (head_dim / 2)", self.long_factor)
+      _require(all(x > 0 for x in self.short_factor + self.long_factor),
+               f"{p}.short_factor", "factors must be > 0", self.short_factor)
+    else:
+      _require(not self.short_factor and not self.long_factor,
+               f"{p}.long_factor", f"only longrope takes factors, not {t}",
+               self.long_factor)
+    if t in ("llama3", "yarn", "longrope"):
+      _require(self.original_max_position_embeddings > 0,
+               f"{p}.original_max_position_embeddings",
+               f"{t} needs it > 0", self.original_max_position_embeddings)
+    if t == "llama3":
+      _require(self.high_freq_factor > self.low_freq_factor > 0,
+               f"{p}.high_freq_factor",
+               f"must be > low_freq_factor={self.low_freq_factor} > 0",
+               self.high_freq_factor)
+    if t == "yarn":
+      _require(self.beta_fast > self.beta_slow > 0, f"{p}.beta_fast",
+               f"must be > beta_slow={self.beta_slow} > 0", self.beta_fast)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Llama-style decoder shape (NOSA_SPEC.md §1).
@@ -177,9 +265,18 @@ class ModelConfig:
     head_dim: D (even, for RoPE).
     mlp_dim: F of the SwiGLU MLP.
     rope_theta: RoPE base (NeoX rotate-half convention).
+    rope_scaling: RoPE frequency scaling (`RopeScaling`; default none).
     rms_eps: RMSNorm epsilon.
     tie_embeddings: share the embedding with the LM head.
     init_std: normal init std (HF `initializer_range`).
+    attention_bias: biases on the q / k / v / o projections and, for dma /
+      nosa, on the eviction head's delta (HF `attention_bias`).
+    mlp_bias: biases on the gate / up / down projections (HF `mlp_bias`).
+    embed_scale: multiplies the token embeddings (MiniCPM `scale_emb`).
+    residual_scale: multiplies each attention and MLP output before it is
+      added to the residual stream (MiniCPM scale_depth / sqrt(layers)).
+    logits_scale: multiplies the final normed state before the LM head
+      (MiniCPM dim_model_base / hidden_size).
     dtype: compute dtype; parameters are kept in `param_dtype`.
     param_dtype: parameter storage dtype.
     remat: `none`, `full` (recompute each block) or `dots` (save matmuls).
@@ -205,9 +302,15 @@ class ModelConfig:
   head_dim: int = 16
   mlp_dim: int = 192
   rope_theta: float = 10000.0
+  rope_scaling: RopeScaling = dataclasses.field(default_factory=RopeScaling)
   rms_eps: float = 1e-6
   tie_embeddings: bool = False
   init_std: float = 0.02
+  attention_bias: bool = False
+  mlp_bias: bool = False
+  embed_scale: float = 1.0
+  residual_scale: float = 1.0
+  logits_scale: float = 1.0
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
@@ -233,7 +336,12 @@ class ModelConfig:
                f"must be one of {', '.join(DTYPES)}", getattr(self, name))
     _require(self.remat in REMAT_POLICIES, f"{p}.remat",
              f"must be one of {', '.join(REMAT_POLICIES)}", self.remat)
-    for name in ("remat_keeps_selection", "scan_layers"):
+    for name in ("embed_scale", "residual_scale", "logits_scale"):
+      v = getattr(self, name)
+      _require(isinstance(v, (int, float)) and not isinstance(v, bool)
+               and v > 0, f"{p}.{name}", "must be a number > 0", v)
+    for name in ("remat_keeps_selection", "scan_layers", "attention_bias",
+                 "mlp_bias"):
       _require(isinstance(getattr(self, name), bool), f"{p}.{name}",
                "must be a bool", getattr(self, name))
 
@@ -246,7 +354,9 @@ class ModelConfig:
   def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
     d = dict(d)
     sparse = _from_mapping(SparseConfig, d.pop("sparse", {}), "model.sparse")
-    return _from_mapping(cls, d, "model", sparse=sparse)
+    rope = _from_mapping(RopeScaling, d.pop("rope_scaling", {}),
+                         "model.rope_scaling")
+    return _from_mapping(cls, d, "model", sparse=sparse, rope_scaling=rope)
 
 
 @dataclasses.dataclass(frozen=True)

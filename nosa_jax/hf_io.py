@@ -12,6 +12,20 @@ rotate-half convention, the same as HF Llama (and the upstream
 Meta's original Llama checkpoints interleave pairs and need a permutation;
 HF's own converter has already applied it.)
 
+A config.json is read with the semantics of the modeling code it names
+(`hf_family`): for the Llama family (LlamaForCausalLM, NOSA's
+SparseLlamaForCausalLM) `rope_scaling` as transformers' rope functions
+compute it, `attention_bias` (q/k/v/o and the eviction head's delta) and
+`mlp_bias`, no muP (scale_emb & co. are reported and ignored, as that code
+ignores them), and NOSA's hard-coded sparse constants (a `sparse_config`
+block is reported and ignored, as that code ignores it); for MiniCPM, its
+LongRoPE / linear RoPE, muP (scale_emb, scale_depth, dim_model_base, with
+MiniCPMConfig's defaults of 1) and attention biases, while its
+`sparse_config` (InfLLM-V2 with dense_len and an in-kernel window) is an
+error unless the caller passes `sparse=`. Every other math-changing key
+that is not implemented is a ValueError naming key and value; unknown keys
+are listed in the import report (`convert_hf_config`).
+
 safetensors is read and written here with numpy alone (no torch, no
 `safetensors` package): an 8-byte little-endian header length, a JSON header
 `{name: {"dtype", "shape", "data_offsets": [begin, end]}}` with an optional
@@ -222,6 +236,7 @@ class _Tensor:
 
   A JAX weight of shape `jax_shape = in_axes + out_axes` (`n_in` leading
   input axes) is the HF [prod(out), prod(in)] matrix transposed; with
+  `n_in=0` (a bias) the HF tensor is the JAX one flattened; with
   `n_in=None` both layouts are the same array.
   """
 
@@ -233,17 +248,23 @@ class _Tensor:
   def hf_shape(self) -> tuple[int, ...]:
     if self.n_in is None:
       return self.jax_shape
+    if self.n_in == 0:
+      return (math.prod(self.jax_shape),)
     return (math.prod(self.jax_shape[self.n_in:]),
             math.prod(self.jax_shape[:self.n_in]))
 
   def to_hf(self, x: np.ndarray) -> np.ndarray:
     if self.n_in is None:
       return x
+    if self.n_in == 0:
+      return x.reshape(-1)
     return x.reshape(self.hf_shape[::-1]).T
 
   def from_hf(self, x: np.ndarray) -> np.ndarray:
     if self.n_in is None:
       return x
+    if self.n_in == 0:
+      return x.reshape(self.jax_shape)
     return x.T.reshape(self.jax_shape)
 
 
@@ -269,12 +290,29 @@ def _layout(cfg: config_lib.ModelConfig) -> dict[str, _Tensor]:
         j + "mlp.w_up": _Tensor(p + "mlp.up_proj.weight", (m, f), 1),
         j + "mlp.w_down": _Tensor(p + "mlp.down_proj.weight", (f, m), 1),
     })
+    if cfg.attention_bias:
+      out.update({
+          j + "attn.bq": _Tensor(p + "self_attn.q_proj.bias", (h, d), 0),
+          j + "attn.bk": _Tensor(p + "self_attn.k_proj.bias", (k, d), 0),
+          j + "attn.bv": _Tensor(p + "self_attn.v_proj.bias", (k, d), 0),
+          j + "attn.bo": _Tensor(p + "self_attn.o_proj.bias", (m,), 0),
+      })
+    if cfg.mlp_bias:
+      out.update({
+          j + "mlp.b_gate": _Tensor(p + "mlp.gate_proj.bias", (f,), 0),
+          j + "mlp.b_up": _Tensor(p + "mlp.up_proj.bias", (f,), 0),
+          j + "mlp.b_down": _Tensor(p + "mlp.down_proj.bias", (m,), 0),
+      })
     if cfg.sparse.has_eviction_head:
       # §2.2: delta maps concat_h v_h (K-major, as `v.reshape(.., K*D)`)
-      # to one logit per KV head; HF stores it as Linear(K*D -> K).
+      # to one logit per KV head; HF stores it as Linear(K*D -> K), with a
+      # bias iff attention_bias (upstream `bias=config.attention_bias`).
       out[j + "attn.evict_a"] = _Tensor(p + "self_attn.A", (k,))
       out[j + "attn.evict_delta"] = _Tensor(
           p + "self_attn.delta.weight", (k * d, k), 1)
+      if cfg.attention_bias:
+        out[j + "attn.evict_delta_b"] = _Tensor(p + "self_attn.delta.bias",
+                                                (k,))
   return out
 
 
@@ -377,9 +415,10 @@ def from_hf_state_dict(tensors: Mapping[str, Any],
   Accepts split `q/k/v_proj` or a fused `qkv_proj.weight` [H*D + 2*K*D, M],
   split `gate/up_proj` or a fused `gate_up_proj.weight` [2F, M] (gate
   first). With `cfg.tie_embeddings`, `lm_head.weight` may be absent or equal
-  to the embedding. A zero `self_attn.delta.bias` (upstream's
-  `attention_bias=True` eviction head) is dropped; `rotary_emb.inv_freq`
-  buffers of old checkpoints are ignored.
+  to the embedding. Biases load when the config has them (attention_bias:
+  q/k/v/o and delta; mlp_bias); without attention_bias an all-zero
+  `self_attn.delta.bias` is dropped (it changes nothing). `rotary_emb.inv_freq`
+  buffers of old checkpoints are ignored (the config defines RoPE).
 
   Args:
     tensors: HF name -> array (e.g. `read_safetensors(path)`).
@@ -397,11 +436,13 @@ def from_hf_state_dict(tensors: Mapping[str, Any],
              if not n.endswith("rotary_emb.inv_freq")}
   _unfuse(tensors, cfg)
   for name in sorted(n for n in tensors if n.endswith("self_attn.delta.bias")):
-    if cfg.sparse.has_eviction_head and not np.any(np.asarray(tensors[name])):
-      del tensors[name]
-    elif cfg.sparse.has_eviction_head:
-      raise ValueError(f"{name} is nonzero: nosa_jax's eviction head has no "
-                       "bias (attention_bias=false)")
+    if cfg.attention_bias or not cfg.sparse.has_eviction_head:
+      break  # in the layout, or an unknown tensor
+    if np.any(np.asarray(tensors[name])):
+      raise ValueError(f"{name} is nonzero but the config has "
+                       "attention_bias=false (upstream's delta has a bias "
+                       "iff attention_bias)")
+    del tensors[name]
   embed = tensors.get("model.embed_tokens.weight")
   if cfg.tie_embeddings and "lm_head.weight" in tensors:
     head = tensors.pop("lm_head.weight")
@@ -428,27 +469,108 @@ def from_hf_state_dict(tensors: Mapping[str, Any],
 # ----------------------------------------------------------------------------
 
 
+# What nosa_jax does with each config.json key, by the modeling code the
+# config names (`architectures` / `model_type`):
+#   llama:   HF `LlamaForCausalLM` and NOSA's `SparseLlamaForCausalLM`
+#            (thunlp/NOSA modeling_llama_nosa.py, built on HF Llama: RoPE
+#            through transformers' rope functions, biases from
+#            attention_bias / mlp_bias, no muP, sparse constants hard-coded).
+#   minicpm: MiniCPM's modeling_minicpm.py (muP scale_emb / scale_depth /
+#            dim_model_base, its own LongRoPE, sparse_config read).
+# Keys that change no math at inference time.
+_NO_MATH_KEYS = frozenset((
+    "architectures", "model_type", "auto_map", "torch_dtype", "dtype",
+    "transformers_version", "_name_or_path", "bos_token_id", "eos_token_id",
+    "pad_token_id", "use_cache", "attention_dropout", "pretraining_tp",
+    "max_position_embeddings", "initializer_range", "mup_denominator",
+    "_attn_implementation", "_attn_implementation_autoset"))
+# Keys read here, per family (the rest of a config is reported as unknown).
+_READ_KEYS = frozenset((
+    "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+    "rms_norm_eps", "rope_theta", "rope_scaling", "tie_word_embeddings",
+    "hidden_act", "attention_bias", "mlp_bias", "nosa", "nosa_jax",
+    "sparse_config", "scale_emb", "scale_depth", "dim_model_base",
+    "original_max_position_embeddings", "partial_rotary_factor"))
+_ROPE_KEYS = {
+    "default": (), "linear": ("factor",),
+    "longrope": ("short_factor", "long_factor", "factor", "attention_factor",
+                 "original_max_position_embeddings"),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+               "original_max_position_embeddings"),
+    "yarn": ("factor", "attention_factor", "beta_fast", "beta_slow",
+             "original_max_position_embeddings"),
+}
+
+
+def hf_family(hf: Mapping[str, Any]) -> str:
+  """`llama` or `minicpm`: whose modeling code defines this config's math.
+
+  Raises:
+    ValueError: an architecture that is neither (its math is unknown here).
+  """
+  archs = list(hf.get("architectures") or ())
+  mtype = hf.get("model_type")
+  if mtype == "minicpm" or any(a.startswith("MiniCPM") for a in archs):
+    return "minicpm"
+  other = [a for a in archs if a not in ("LlamaForCausalLM",
+                                         "SparseLlamaForCausalLM")]
+  if other or mtype not in (None, "llama"):
+    raise ValueError(f"architectures={archs} / model_type={mtype!r}: "
+                     "nosa_jax imports the Llama family (LlamaForCausalLM, "
+                     "SparseLlamaForCausalLM) and MiniCPMForCausalLM only")
+  return "llama"
+
+
 def hf_config(cfg: config_lib.ModelConfig, *, torch_dtype: str | None = None,
               max_position_embeddings: int = 32768) -> dict[str, Any]:
-  """`config.json` in the HF Llama layout, NOSA settings under `"nosa"`.
+  """`config.json` in the HF layout, NOSA settings under `"nosa"`.
+
+  The standard keys say what the upstream code needs (rope_scaling,
+  attention_bias, mlp_bias, MiniCPM's muP keys); `"nosa_jax"` repeats
+  the model fields exactly (RoPE scaling with its derived values, muP
+  multipliers), and `model_config_from_hf` reads it first, so an export
+  re-imports bit-exactly.
 
   Args:
     cfg: the model config.
     torch_dtype: the stored weights' dtype (default `cfg.param_dtype`).
-    max_position_embeddings: written for HF; plain RoPE does not depend on
-      it (32768 as in MiniCPM4-8B).
+    max_position_embeddings: written for HF (32768 as in MiniCPM4-8B).
 
   Returns:
     A JSON-able dict. `architectures` is `SparseLlamaForCausalLM` (the
-    upstream remote-code class) for sparse variants and plain
-    `LlamaForCausalLM` for `full`, which `transformers` loads without
-    remote code.
+    upstream remote-code class) for sparse variants, plain
+    `LlamaForCausalLM` for `full`, and `MiniCPMForCausalLM` for a `full`
+    model with muP multipliers.
+
+  Raises:
+    ValueError: a sparse model with muP multipliers (no upstream class has
+      both).
   """
-  arch = ("SparseLlamaForCausalLM" if cfg.sparse.is_sparse
-          else "LlamaForCausalLM")
-  return {
+  mup = (cfg.embed_scale, cfg.residual_scale, cfg.logits_scale) != (1, 1, 1)
+  if mup and cfg.sparse.is_sparse:
+    raise ValueError("embed_scale / residual_scale / logits_scale != 1 with "
+                     f"variant {cfg.sparse.variant!r}: SparseLlamaForCausalLM "
+                     "has no muP, so no upstream class reads this model")
+  if mup:
+    arch, mtype = "MiniCPMForCausalLM", "minicpm"
+  else:
+    arch = ("SparseLlamaForCausalLM" if cfg.sparse.is_sparse
+            else "LlamaForCausalLM")
+    mtype = "llama"
+  rs = cfg.rope_scaling
+  rope = None
+  if rs.rope_type != "default":
+    keys = _ROPE_KEYS[rs.rope_type]
+    if rs.rope_type == "longrope":  # factor: max_position / original
+      keys = tuple(k for k in keys if k != "factor")
+    rope = {"rope_type": rs.rope_type}
+    for k in keys:
+      v = getattr(rs, k)
+      rope[k] = list(v) if isinstance(v, tuple) else v
+  out = {
       "architectures": [arch],
-      "model_type": "llama",
+      "model_type": mtype,
       "hidden_size": cfg.model_dim,
       "intermediate_size": cfg.mlp_dim,
       "num_hidden_layers": cfg.num_layers,
@@ -458,70 +580,183 @@ def hf_config(cfg: config_lib.ModelConfig, *, torch_dtype: str | None = None,
       "vocab_size": cfg.vocab_size,
       "rms_norm_eps": cfg.rms_eps,
       "rope_theta": cfg.rope_theta,
-      "rope_scaling": None,
+      "rope_scaling": rope,
       "tie_word_embeddings": cfg.tie_embeddings,
       "max_position_embeddings": max_position_embeddings,
       "initializer_range": cfg.init_std,
       "torch_dtype": torch_dtype or cfg.param_dtype,
       "hidden_act": "silu",
-      "attention_bias": False,
-      "mlp_bias": False,
+      "attention_bias": cfg.attention_bias,
+      "mlp_bias": cfg.mlp_bias,
       "attention_dropout": 0.0,
       "pretraining_tp": 1,
       "nosa": dataclasses.asdict(cfg.sparse),
+      "nosa_jax": {
+          "rope_scaling": dataclasses.asdict(rs),
+          "embed_scale": cfg.embed_scale,
+          "residual_scale": cfg.residual_scale,
+          "logits_scale": cfg.logits_scale,
+      },
   }
+  if mup:
+    out.update(scale_emb=cfg.embed_scale,
+               scale_depth=cfg.residual_scale * math.sqrt(cfg.num_layers),
+               dim_model_base=cfg.logits_scale * cfg.model_dim)
+  return out
 
 
-def _sparse_from_hf(hf: Mapping[str, Any]) -> config_lib.SparseConfig:
-  """SparseConfig from our `nosa` block, or a MiniCPM `sparse_config`.
+def _rope_scaling_from_hf(hf: Mapping[str, Any], family: str,
+                          head_dim: int, report: list[str]
+                          ) -> config_lib.RopeScaling:
+  """RopeScaling with the values the family's upstream code derives."""
+  rs = hf.get("rope_scaling")
+  if not rs:
+    return config_lib.RopeScaling()
+  if not isinstance(rs, Mapping):
+    raise ValueError(f"rope_scaling={rs!r} is not an object")
+  rs = dict(rs)
+  rtype = rs.pop("rope_type", None) or rs.pop("type", None)
+  rs.pop("type", None)
+  if rtype not in _ROPE_KEYS or (family == "minicpm" and rtype not in
+                                 ("default", "linear", "longrope")):
+    raise ValueError(
+        f"rope_scaling.rope_type={rtype!r} is not implemented for the "
+        f"{family} family (implemented: "
+        f"{', '.join(_ROPE_KEYS) if family == 'llama' else 'linear, longrope'}"
+        "; 'dynamic' rescales by the lengths upstream has cached so far)")
+  unknown = sorted(set(rs) - set(_ROPE_KEYS[rtype]))
+  if unknown:
+    raise ValueError(f"rope_scaling.{unknown[0]}={rs[unknown[0]]!r} "
+                     f"({rtype}) is not implemented")
+  max_pos = int(hf.get("max_position_embeddings") or 0)
+  orig = int(rs.get("original_max_position_embeddings")
+             or hf.get("original_max_position_embeddings") or max_pos)
+  kw: dict[str, Any] = {"rope_type": rtype}
+  if rtype in ("linear", "llama3", "yarn"):
+    kw["factor"] = float(rs["factor"])
+  if rtype in ("llama3", "yarn"):
+    kw["original_max_position_embeddings"] = orig
+  if rtype == "llama3":
+    kw.update(low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
+              high_freq_factor=float(rs.get("high_freq_factor", 4.0)))
+  if rtype == "yarn":
+    if rs.get("original_max_position_embeddings") and max_pos and (
+        kw["factor"] != max_pos / orig):
+      raise ValueError(
+          f"rope_scaling.factor={kw['factor']} != max_position_embeddings / "
+          f"original_max_position_embeddings = {max_pos}/{orig}: "
+          "transformers versions disagree on which yarn uses")
+    f = kw["factor"]
+    kw.update(beta_fast=float(rs.get("beta_fast", 32.0)),
+              beta_slow=float(rs.get("beta_slow", 1.0)),
+              attention_factor=float(rs.get("attention_factor") or (
+                  0.1 * math.log(f) + 1.0 if f > 1 else 1.0)))
+  if rtype == "longrope":
+    if not orig:
+      raise ValueError("rope_scaling longrope needs "
+                       "original_max_position_embeddings")
+    kw.update(short_factor=tuple(rs["short_factor"]),
+              long_factor=tuple(rs["long_factor"]),
+              original_max_position_embeddings=orig)
+    if len(kw["short_factor"]) != head_dim // 2:
+      raise ValueError(f"rope_scaling.short_factor has "
+                       f"{len(kw['short_factor'])} entries; head_dim "
+                       f"{head_dim} needs {head_dim // 2}")
+    if family == "minicpm":
+      # MiniCPMLongRoPE: cos / sin times sqrt(1 + ln(s) / ln(orig)), s =
+      # max_position_embeddings / orig; the long factors once its cache
+      # (first built for max_position_embeddings) exceeds orig.
+      scale = max_pos / orig
+      att = 1 + math.log(scale) / math.log(orig)
+      if att <= 0:
+        raise ValueError(f"max_position_embeddings={max_pos} gives "
+                         "MiniCPM's LongRoPE a non-real attention factor")
+      kw.update(attention_factor=math.sqrt(att),
+                long_factor_above=0 if max_pos > orig else orig)
+    else:
+      # transformers' longrope: factor = max_pos / orig when orig is given
+      # (else rope_scaling.factor); attention factor sqrt(1 + ln f / ln
+      # orig) unless given; long factors for sequences longer than orig.
+      f = (max_pos / orig if orig != max_pos or "factor" not in rs
+           else float(rs["factor"]))
+      att = rs.get("attention_factor")
+      kw.update(attention_factor=float(att) if att else (
+          math.sqrt(1 + math.log(f) / math.log(orig)) if f > 1 else 1.0),
+                long_factor_above=orig)
+  out = config_lib.RopeScaling(**kw)
+  report.append(f"rope_scaling: {rtype} as the {family} code computes it "
+                f"(attention_factor={out.attention_factor:.6g}"
+                + (f", long factors above {out.long_factor_above} tokens"
+                   if rtype == "longrope" else "") + ")")
+  return out
 
-  Without either, the architecture name picks `nosa` or `full` with the
-  paper's constants (SparseConfig's defaults), which the released NOSA code
-  hard-codes instead of reading them from config.json.
+
+def _sparse_from_hf(hf: Mapping[str, Any], family: str,
+                    report: list[str]) -> config_lib.SparseConfig:
+  """SparseConfig by the family's semantics (NOSA_SPEC.md §1.1).
+
+  Our own `nosa` block (an export of nosa_jax) is read as written. For the
+  llama family the architecture picks `nosa` (SparseLlamaForCausalLM) or
+  `full` with the constants NOSA's code hard-codes (SparseConfig's
+  defaults); a `sparse_config` block is ignored, as that code ignores it.
+  MiniCPM's `sparse_config` (InfLLM-V2 with dense_len, a sliding window
+  inside the kernel and optional NoPE scoring) has no exact nosa_jax
+  equivalent: it is an error unless the caller passes `sparse=`.
   """
   if isinstance(hf.get("nosa"), Mapping):
     d = dict(hf["nosa"])
     known = {f.name for f in dataclasses.fields(config_lib.SparseConfig)}
     if set(d) - known:
-      logging.warning("config.json: ignoring unknown nosa fields %s",
-                      sorted(set(d) - known))
+      report.append(f"nosa: ignored unknown fields {sorted(set(d) - known)}")
+    report.append("sparse: the config's nosa block (a nosa_jax export)")
     return config_lib.SparseConfig(**{k: v for k, v in d.items()
                                       if k in known})
-  sparse_arch = any("Sparse" in a for a in hf.get("architectures") or ())
   sc = hf.get("sparse_config")
-  if not isinstance(sc, Mapping):
-    return config_lib.SparseConfig(variant="nosa" if sparse_arch else "full")
-  # MiniCPM4 / InfLLM-V2 names: window_size is in tokens; the query-aware
-  # top-k is sink + window + 16 (`select_blocks`, NOSA_SPEC.md §2.0).
-  block = int(sc.get("block_size", 64))
-  sink, topk = int(sc.get("init_blocks", 1)), int(sc.get("topk", 64))
-  window = int(sc.get("window_size", 1024)) // block
-  return config_lib.SparseConfig(
-      variant="nosa" if sparse_arch else "infllmv2", block_size=block,
-      compress_kernel=int(sc.get("kernel_size", 32)),
-      compress_stride=int(sc.get("kernel_stride", 16)), topk_blocks=topk,
-      query_topk_blocks=min(topk, sink + window + 16), sink_blocks=sink,
-      window_blocks=window)
+  if family == "minicpm":
+    if sc:
+      raise ValueError(
+          f"sparse_config={dict(sc)!r}: MiniCPM's InfLLM-V2 (dense below "
+          "dense_len, a sliding window inside the kernel, use_nope scoring) "
+          "is not implemented; pass sparse=SparseConfig(variant='full') to "
+          "run it dense (what MiniCPM does below dense_len) or another "
+          "SparseConfig to choose an approximation yourself")
+    report.append("sparse: full (MiniCPM without sparse_config is dense)")
+    return config_lib.SparseConfig(variant="full")
+  sparse_arch = "SparseLlamaForCausalLM" in (hf.get("architectures") or ())
+  if sc:
+    report.append("sparse_config: ignored, as NOSA's modeling code ignores "
+                  f"it ({dict(sc)})")
+  if sparse_arch:
+    report.append("sparse: nosa with the constants NOSA's modeling code "
+                  "hard-codes (block 64, compression 32/16, top-k 64, "
+                  "query top-k 33, 1 sink block, 16 window blocks)")
+    return config_lib.SparseConfig(variant="nosa")
+  report.append("sparse: full (LlamaForCausalLM is dense)")
+  return config_lib.SparseConfig(variant="full")
 
 
-def model_config_from_hf(hf: Mapping[str, Any],
-                         **overrides) -> config_lib.ModelConfig:
-  """ModelConfig from an HF `config.json` dict (ours or a released one).
+def convert_hf_config(hf: Mapping[str, Any], **overrides
+                      ) -> tuple[config_lib.ModelConfig, list[str]]:
+  """ModelConfig from an HF `config.json` dict, and the import report.
 
-  Unknown keys are ignored. `rope_scaling` (MiniCPM4's LongRoPE) and
-  MiniCPM μP keys (`scale_emb`, ...) are logged as not implemented.
+  The math follows the modeling code the config names (`hf_family`):
+  RoPE scaling, biases, muP and the sparse constants as that code applies
+  them. A key that changes the math and is not implemented raises a
+  ValueError naming key and value; keys nosa_jax does not know are
+  ignored and listed in the report.
 
   Args:
     hf: the parsed `config.json`.
-    **overrides: ModelConfig fields to set (e.g. `param_dtype`, `sparse`).
+    **overrides: ModelConfig fields to set (e.g. `param_dtype`, `sparse`);
+      an overridden field's key is not checked.
 
   Returns:
-    The validated ModelConfig.
-
-  Raises:
-    ValueError: required keys are absent or the architecture is outside
-      what nosa_jax models (biases, a non-SiLU MLP).
+    (the validated ModelConfig, report lines).
   """
+  report: list[str] = []
+  family = hf_family(hf)
+  report.append(f"family: {family} ({hf.get('architectures')}, "
+                f"model_type={hf.get('model_type')!r})")
   required = ("hidden_size", "intermediate_size", "num_hidden_layers",
               "num_attention_heads", "vocab_size")
   absent = [k for k in required if k not in hf]
@@ -530,32 +765,76 @@ def model_config_from_hf(hf: Mapping[str, Any],
   if hf.get("hidden_act", "silu") != "silu":
     raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported: "
                      "nosa_jax's MLP is SwiGLU (silu)")
-  for key in ("attention_bias", "mlp_bias"):
-    if hf.get(key):
-      raise ValueError(f"{key}=true is not supported: nosa_jax's "
-                       "projections have no bias")
-  if hf.get("rope_scaling"):
-    logging.warning("config.json: rope_scaling %s is not implemented "
-                    "(LongRoPE); using plain RoPE with theta=%s",
-                    hf["rope_scaling"], hf.get("rope_theta", 10000.0))
-  for key in ("scale_emb", "scale_depth", "dim_model_base"):
-    if hf.get(key) not in (None, 1, 1.0):
-      logging.warning("config.json: %s=%s (MiniCPM muP scaling) is not "
-                      "implemented and is ignored", key, hf[key])
+  if hf.get("partial_rotary_factor", 1.0) != 1.0:
+    raise ValueError(f"partial_rotary_factor={hf['partial_rotary_factor']!r}"
+                     " is not implemented (RoPE rotates the whole head)")
   m, h = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+  head_dim = int(hf.get("head_dim") or m // h)
+  if family == "minicpm" and head_dim != m // h:
+    raise ValueError(f"head_dim={hf['head_dim']!r}: MiniCPM's code uses "
+                     f"hidden_size // num_attention_heads = {m // h}")
+  layers = int(hf["num_hidden_layers"])
+  mup = {}
+  if family == "minicpm":
+    # MiniCPMConfig's defaults are 1 for all three; dim_model_base = 1
+    # divides the LM-head input by hidden_size.
+    scale_emb = float(hf.get("scale_emb", 1))
+    scale_depth = float(hf.get("scale_depth", 1))
+    base = float(hf.get("dim_model_base", 1))
+    mup = dict(embed_scale=scale_emb,
+               residual_scale=scale_depth / math.sqrt(layers),
+               logits_scale=base / m)
+    report.append(f"muP: scale_emb={scale_emb}, scale_depth={scale_depth}, "
+                  f"dim_model_base={base} applied as MiniCPM does")
+    if hf.get("mlp_bias"):
+      report.append("mlp_bias: ignored (MiniCPM's MLP has no bias)")
+  else:
+    ignored = [k for k in ("scale_emb", "scale_depth", "dim_model_base")
+               if k in hf]
+    if ignored:
+      report.append(f"{', '.join(ignored)}: ignored, as the Llama code "
+                    "ignores them")
+  exact = hf.get("nosa_jax") if isinstance(hf.get("nosa_jax"),
+                                           Mapping) else None
+  if exact is not None:
+    rope = config_lib.RopeScaling(**exact.get("rope_scaling", {}))
+    mup = {k: float(exact[k]) for k in ("embed_scale", "residual_scale",
+                                        "logits_scale") if k in exact}
+    report.append("rope_scaling, muP: the config's nosa_jax block (exact)")
+  elif "rope_scaling" in overrides:
+    rope = overrides["rope_scaling"]
+  else:
+    rope = _rope_scaling_from_hf(hf, family, head_dim, report)
+  tie_default = family == "minicpm"  # MiniCPMConfig ties by default
   kwargs = dict(
-      vocab_size=int(hf["vocab_size"]),
-      num_layers=int(hf["num_hidden_layers"]), model_dim=m, num_heads=h,
-      num_kv_heads=int(hf.get("num_key_value_heads") or h),
-      head_dim=int(hf.get("head_dim") or m // h),
-      mlp_dim=int(hf["intermediate_size"]),
-      rope_theta=float(hf.get("rope_theta", 10000.0)),
+      vocab_size=int(hf["vocab_size"]), num_layers=layers, model_dim=m,
+      num_heads=h, num_kv_heads=int(hf.get("num_key_value_heads") or h),
+      head_dim=head_dim, mlp_dim=int(hf["intermediate_size"]),
+      rope_theta=float(hf.get("rope_theta", 10000.0)), rope_scaling=rope,
       rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", tie_default)),
       init_std=float(hf.get("initializer_range", 0.02)),
-      sparse=_sparse_from_hf(hf))
+      attention_bias=bool(hf.get("attention_bias", False)),
+      mlp_bias=bool(hf.get("mlp_bias", False)) and family == "llama",
+      **mup)
+  if "sparse" not in overrides:
+    kwargs["sparse"] = _sparse_from_hf(hf, family, report)
+  unknown = sorted(set(hf) - _READ_KEYS - _NO_MATH_KEYS)
+  if unknown:
+    report.append(f"ignored unknown keys: {', '.join(unknown)}")
+  if overrides:
+    report.append(f"overridden: {', '.join(sorted(overrides))}")
   kwargs.update(overrides)
-  return config_lib.ModelConfig(**kwargs)
+  return config_lib.ModelConfig(**kwargs), report
+
+
+def model_config_from_hf(hf: Mapping[str, Any],
+                         **overrides) -> config_lib.ModelConfig:
+  """`convert_hf_config` with its report logged (one line each)."""
+  cfg, report = convert_hf_config(hf, **overrides)
+  for line in report:
+    logging.info("config.json import: %s", line)
+  return cfg
 
 
 # ----------------------------------------------------------------------------

@@ -46,15 +46,27 @@ def _w(p, dtype) -> jax.Array:
   return jnp.asarray(p[...]).astype(dtype)
 
 
+def _opt(p: Any, name: str, dtype) -> jax.Array | None:
+  """An optional parameter (a bias) in `dtype`, or None if absent."""
+  return _w(p[name], dtype) if name in p else None
+
+
 def embed(params: Any, cfg: config_lib.ModelConfig,
           tokens_BT: jax.Array) -> jax.Array:
-  """Token embeddings x_BTM in the compute dtype."""
-  return jnp.take(params["embed"][...], tokens_BT, axis=0).astype(cfg.dtype)
+  """Token embeddings x_BTM in the compute dtype, times cfg.embed_scale."""
+  x_BTM = jnp.take(params["embed"][...], tokens_BT, axis=0).astype(cfg.dtype)
+  if cfg.embed_scale != 1.0:  # MiniCPM's scale_emb (muP)
+    x_BTM = x_BTM * jnp.asarray(cfg.embed_scale, x_BTM.dtype)
+  return x_BTM
 
 
 def attention_inputs(p_attn: Any, cfg: config_lib.ModelConfig,
                      x_BTM: jax.Array, positions_BT: jax.Array):
   """q, k (RoPE applied), v and, for dma / nosa, the eviction bias (§2.2).
+
+  RoPE follows cfg.rope_scaling (`layers.rope_angles`: LongRoPE picks its
+  factor set from each row's largest position). With cfg.attention_bias the
+  projections (and delta) add their biases, as HF Llama's `attention_bias`.
 
   Returns:
     (q_BTHD, k_BTKD, v_BTKD, bias_BTK or None); bias is fp32.
@@ -63,19 +75,28 @@ def attention_inputs(p_attn: Any, cfg: config_lib.ModelConfig,
   q_BTHD = jnp.einsum("BTM,MHD->BTHD", x_BTM, _w(p_attn["wq"], dt))
   k_BTKD = jnp.einsum("BTM,MKD->BTKD", x_BTM, _w(p_attn["wk"], dt))
   v_BTKD = jnp.einsum("BTM,MKD->BTKD", x_BTM, _w(p_attn["wv"], dt))
-  q_BTHD = layers.apply_rope(q_BTHD, positions_BT, cfg.rope_theta)
-  k_BTKD = layers.apply_rope(k_BTKD, positions_BT, cfg.rope_theta)
+  if cfg.attention_bias:
+    q_BTHD = q_BTHD + _w(p_attn["bq"], dt)[None, None]
+    k_BTKD = k_BTKD + _w(p_attn["bk"], dt)[None, None]
+    v_BTKD = v_BTKD + _w(p_attn["bv"], dt)[None, None]
+  q_BTHD = layers.apply_rope(q_BTHD, positions_BT, cfg.rope_theta,
+                             cfg.rope_scaling)
+  k_BTKD = layers.apply_rope(k_BTKD, positions_BT, cfg.rope_theta,
+                             cfg.rope_scaling)
   bias_BTK = None
   if cfg.sparse.has_eviction_head:
-    # b = A * softplus(delta(concat_h v_h)), Eq. 4.
-    bias_BTK = selection.eviction_bias(v_BTKD, p_attn["evict_a"][...],
-                                       p_attn["evict_delta"][...])
+    # b = A * softplus(delta(concat_h v_h) + delta_b), Eq. 4.
+    bias_BTK = selection.eviction_bias(
+        v_BTKD, p_attn["evict_a"][...], p_attn["evict_delta"][...],
+        p_attn["evict_delta_b"][...] if cfg.attention_bias else None)
   return q_BTHD, k_BTKD, v_BTKD, bias_BTK
 
 
 def block(p_block: Any, cfg: config_lib.ModelConfig, x_BTM: jax.Array,
           positions_BT: jax.Array, attend: Attend) -> tuple[jax.Array, Any]:
-  """One pre-norm decoder block: x + attn(norm(x)); x + mlp(norm(x)).
+  """One pre-norm decoder block: x + s attn(norm(x)); x + s mlp(norm(x)).
+
+  s = cfg.residual_scale (1, or MiniCPM's scale_depth / sqrt(layers)).
 
   Args:
     p_block: the block's parameters (params["blocks"][i]).
@@ -92,20 +113,32 @@ def block(p_block: Any, cfg: config_lib.ModelConfig, x_BTM: jax.Array,
                           cfg.rms_eps)
   out_BTHD, aux = attend(*attention_inputs(p_block["attn"], cfg, h_BTM,
                                            positions_BT))
-  x_BTM = x_BTM + jnp.einsum("BTHD,HDM->BTM", out_BTHD,
-                             _w(p_block["attn"]["wo"], dt))
+  a = p_block["attn"]
+  o_BTM = jnp.einsum("BTHD,HDM->BTM", out_BTHD, _w(a["wo"], dt))
+  if cfg.attention_bias:
+    o_BTM = o_BTM + _w(a["bo"], dt)[None, None]
+  scale = (lambda y: y) if cfg.residual_scale == 1.0 else (
+      lambda y: y * jnp.asarray(cfg.residual_scale, dt))
+  x_BTM = x_BTM + scale(o_BTM)
   h_BTM = layers.rms_norm(x_BTM, p_block["mlp_norm"]["scale"][...],
                           cfg.rms_eps)
   m = p_block["mlp"]
-  return x_BTM + layers.swiglu(h_BTM, _w(m["w_gate"], dt), _w(m["w_up"], dt),
-                               _w(m["w_down"], dt)), aux
+  return x_BTM + scale(layers.swiglu(
+      h_BTM, _w(m["w_gate"], dt), _w(m["w_up"], dt), _w(m["w_down"], dt),
+      _opt(m, "b_gate", dt), _opt(m, "b_up", dt), _opt(m, "b_down", dt))), aux
 
 
 def logits(params: Any, cfg: config_lib.ModelConfig,
            x_BTM: jax.Array) -> jax.Array:
-  """Final RMSNorm and the (tied) LM head; fp32 logits [..., V]."""
+  """Final RMSNorm and the (tied) LM head; fp32 logits [..., V].
+
+  The normed state is multiplied by cfg.logits_scale first (MiniCPM's
+  dim_model_base / hidden_size).
+  """
   x_BTM = layers.rms_norm(x_BTM, params["final_norm"]["scale"][...],
                           cfg.rms_eps)
+  if cfg.logits_scale != 1.0:
+    x_BTM = x_BTM * jnp.asarray(cfg.logits_scale, x_BTM.dtype)
   head_MV = (params["embed"][...].T if cfg.tie_embeddings
              else params["lm_head"][...])
   return jnp.einsum("...M,MV->...V", x_BTM, head_MV.astype(x_BTM.dtype),
@@ -169,12 +202,19 @@ class Attention(nnx.Module):
     self.wk = layers.normal_param(rngs, (m, k, d), std, pdt)
     self.wv = layers.normal_param(rngs, (m, k, d), std, pdt)
     self.wo = layers.normal_param(rngs, (h, d, m), std, pdt)
+    if cfg.attention_bias:  # zero at init, as HF's _init_weights
+      self.bq = nnx.Param(jnp.zeros((h, d), pdt))
+      self.bk = nnx.Param(jnp.zeros((k, d), pdt))
+      self.bv = nnx.Param(jnp.zeros((k, d), pdt))
+      self.bo = nnx.Param(jnp.zeros((m,), pdt))
     if cfg.sparse.has_eviction_head:
       # b = A * softplus(delta(concat_h v_h)); A = 0 at init so the model
       # starts as InfLLM-V2 and A moves first (§2.2). delta is stored
       # [K*D, K]; the HF layout `delta.weight` [K, K*D] is its transpose.
       self.evict_a = nnx.Param(jnp.zeros((k,), pdt))
       self.evict_delta = layers.normal_param(rngs, (k * d, k), std, pdt)
+      if cfg.attention_bias:
+        self.evict_delta_b = nnx.Param(jnp.zeros((k,), pdt))
 
 
 class Block(nnx.Module):
@@ -188,7 +228,7 @@ class Block(nnx.Module):
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = layers.RMSNorm(cfg.model_dim, cfg.rms_eps, pdt, rngs=rngs)
     self.mlp = layers.MLP(cfg.model_dim, cfg.mlp_dim, cfg.init_std, dt, pdt,
-                          rngs=rngs)
+                          rngs=rngs, bias=cfg.mlp_bias)
 
   def __call__(self, x_BTM: jax.Array, positions_BT: jax.Array,
                collect_stats: bool = False) -> tuple[jax.Array, Aux]:

@@ -42,6 +42,15 @@ PARAM_AXES = {
     "scale": ("embed",),
     "evict_a": ("kv_heads",),
     "evict_delta": ("kv_dim", "kv_heads"),
+    # Biases (attention_bias / mlp_bias).
+    "bq": ("heads", "head_dim"),
+    "bk": ("kv_heads", "head_dim"),
+    "bv": ("kv_heads", "head_dim"),
+    "bo": ("embed",),
+    "b_gate": ("mlp",),
+    "b_up": ("mlp",),
+    "b_down": ("embed",),
+    "evict_delta_b": ("kv_heads",),
 }
 
 # Logical axis -> mesh axis (None = replicated). FSDP shards the model dim

@@ -166,7 +166,11 @@ def _prefill(params, cfg: config_lib.ModelConfig, tokens_BT, lengths_B,
   b, t = tokens_BT.shape
   s = capacity(cfg, t, max_len)
   lengths_B = lengths_B.astype(jnp.int32)
-  positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
+  # Padding after a prompt sits at the prompt's last position: the RoPE of
+  # a row depends on its largest position (LongRoPE's factor set), which
+  # must be the prompt's, not the padded width's. Padded tokens are never
+  # attended by the prompt's queries, nor cached.
+  positions_BT = jnp.minimum(jnp.arange(t)[None, :], lengths_B[:, None] - 1)
   causal = model.training_attention(sp)
 
   def attend(q_BTHD, k_BTKD, v_BTKD, bias_BTK):

@@ -1,5 +1,7 @@
 """Each invalid config value gives a one-line error naming the field."""
 
+import dataclasses
+import json
 import subprocess
 import sys
 
@@ -43,6 +45,21 @@ class ConfigTest(parameterized.TestCase):
        "data.holdout_fraction"),
       ("warmup_too_long", {"train": {"warmup_steps": 100, "num_steps": 50}},
        "train.warmup_steps"),
+      ("unknown_rope_type", {"model": {"rope_scaling": {
+          "rope_type": "dynamic"}}}, "model.rope_scaling.rope_type"),
+      ("longrope_without_factors", {"model": {"rope_scaling": {
+          "rope_type": "longrope", "original_max_position_embeddings": 8}}},
+       "model.rope_scaling.long_factor"),
+      ("factors_for_linear", {"model": {"rope_scaling": {
+          "rope_type": "linear", "long_factor": [1.0]}}},
+       "model.rope_scaling.long_factor"),
+      ("yarn_without_original", {"model": {"rope_scaling": {
+          "rope_type": "yarn", "factor": 4.0}}},
+       "model.rope_scaling.original_max_position_embeddings"),
+      ("nonpositive_residual_scale", {"model": {"residual_scale": 0.0}},
+       "model.residual_scale"),
+      ("bias_as_int", {"model": {"attention_bias": 1}},
+       "model.attention_bias"),
   )
   def test_invalid_value_names_field(self, overrides, field):
     with self.assertRaises(config_lib.ConfigError) as cm:
@@ -68,6 +85,19 @@ class ConfigTest(parameterized.TestCase):
       sp = config_lib.SparseConfig(variant=variant)
       self.assertEqual((sp.is_sparse, sp.query_aware, sp.has_eviction_head),
                        flags, variant)
+
+  def test_rope_scaling_json_round_trip(self):
+    # A workdir's config.json stores the factors as lists; they come back
+    # as the tuples of a hashable config.
+    cfg = config_lib.ExperimentConfig.from_dict({"model": {
+        "attention_bias": True, "embed_scale": 12.0, "rope_scaling": {
+            "rope_type": "longrope", "short_factor": [1.0, 2.0],
+            "long_factor": [3.0, 4.0], "long_factor_above": 16,
+            "original_max_position_embeddings": 16}}})
+    again = config_lib.ExperimentConfig.from_dict(
+        json.loads(json.dumps(dataclasses.asdict(cfg))))
+    self.assertEqual(again, cfg)
+    self.assertEqual(hash(again.model), hash(cfg.model))
 
   def test_configs_are_hashable_static_args(self):
     cfg = config_lib.ExperimentConfig.from_dict({})

@@ -28,6 +28,8 @@ from nosa_jax import model
 from nosa_jax import selection
 from nosa_jax import testing
 from nosa_jax import train
+from nosa_jax.inference import engine
+from nosa_jax.inference import stores
 from tests import tolerances
 
 REPO = __file__.rsplit("/tests/", 1)[0]
@@ -86,39 +88,176 @@ def _hand_hf(params, cfg, fused=False):
 
 def _hf_llama_forward(sd, cfg, tokens_BT):
   """HF LlamaForCausalLM (dense) in float64 numpy, from the HF state dict."""
+  hf = {"hidden_size": cfg.model_dim, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+        "num_hidden_layers": cfg.num_layers, "rms_norm_eps": cfg.rms_eps,
+        "rope_theta": cfg.rope_theta}
+  return _hf_forward(sd, hf, tokens_BT)
+
+
+def _np_rope(hf, family, d, seq_len):
+  """(inv_freq [D/2], cos/sin multiplier) of the upstream RoPE, float64.
+
+  Transcribed from the published formulas as the two families' code
+  applies them: transformers' rope functions for Llama (the LongRoPE factor
+  set chosen per forward pass by its largest position), MiniCPM's
+  MiniCPMLongRoPE (chosen by its cos/sin cache length, first built for
+  max_position_embeddings, and a cos/sin factor from the ratio
+  max_position_embeddings / original).
+  """
+  theta = hf.get("rope_theta", 10000.0)
+  inv = 1.0 / theta ** (np.arange(0, d, 2) / d)
+  rs = hf.get("rope_scaling")
+  if not rs:
+    return inv, 1.0
+  kind = rs.get("rope_type", rs.get("type"))
+  max_pos = hf["max_position_embeddings"]
+  orig = rs.get("original_max_position_embeddings", max_pos)
+  if kind == "linear":
+    return inv / rs["factor"], 1.0
+  if kind == "longrope":
+    if family == "minicpm":
+      cached = max(max_pos, seq_len)
+      ext = rs["long_factor"] if cached > orig else rs["short_factor"]
+      att = np.sqrt(1 + np.log(max_pos / orig) / np.log(orig))
+    else:
+      ext = rs["long_factor"] if seq_len > orig else rs["short_factor"]
+      f = max_pos / orig
+      att = np.sqrt(1 + np.log(f) / np.log(orig)) if f > 1 else 1.0
+    return inv / np.asarray(ext), att
+  if kind == "llama3":
+    f, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    out = []
+    for x in inv:
+      wl = 2 * np.pi / x
+      if wl < orig / hi:
+        out.append(x)
+      elif wl > orig / lo:
+        out.append(x / f)
+      else:
+        sm = (orig / wl - lo) / (hi - lo)
+        out.append((1 - sm) * x / f + sm * x)
+    return np.asarray(out), 1.0
+  if kind == "yarn":
+    f = rs["factor"]
+    dim_of = lambda rot: (d * np.log(orig / (rot * 2 * np.pi))
+                          / (2 * np.log(theta)))
+    lo = max(np.floor(dim_of(rs.get("beta_fast", 32))), 0)
+    hi = min(np.ceil(dim_of(rs.get("beta_slow", 1))), d - 1)
+    if lo == hi:
+      hi += 0.001
+    ramp = np.clip((np.arange(d // 2) - lo) / (hi - lo), 0, 1)
+    keep = 1 - ramp
+    att = rs.get("attention_factor") or (0.1 * np.log(f) + 1 if f > 1
+                                         else 1.0)
+    return inv / f * (1 - keep) + inv * keep, att
+  raise ValueError(kind)
+
+
+def _hf_forward(sd, hf, tokens_BT):
+  """The upstream model's logits [B, T, V] in float64 numpy, dense.
+
+  From the HF config dict and state dict alone: Llama or MiniCPM (muP:
+  embeddings times scale_emb, branches times scale_depth / sqrt(L), LM-head
+  input over hidden / dim_model_base), RoPE scaling (`_np_rope`, one
+  forward pass of length T), projection / MLP biases when the state dict
+  has them, and the NOSA eviction bias b = A softplus(delta(v)) added to
+  every key's logits (what NOSA attends while the context fits its
+  budget).
+  """
   sd = {n: np.asarray(x, np.float64) for n, x in sd.items()}
   b, t = tokens_BT.shape
-  h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, d, 2) / d)
+  minicpm = hf.get("model_type") == "minicpm"
+  m, h = hf["hidden_size"], hf["num_attention_heads"]
+  k = hf.get("num_key_value_heads", h)
+  d = m // h if minicpm else hf.get("head_dim") or m // h
+  n_layers = hf["num_hidden_layers"]
+  inv_freq, att = _np_rope(hf, "minicpm" if minicpm else "llama", d, t)
   emb_TD = np.tile(np.arange(t)[:, None] * inv_freq[None], 2)
-  cos_TD, sin_TD = np.cos(emb_TD), np.sin(emb_TD)
+  cos_TD, sin_TD = np.cos(emb_TD) * att, np.sin(emb_TD) * att
   rotate_half = lambda x: np.concatenate([-x[..., d // 2:], x[..., :d // 2]],
                                          -1)
   rope = lambda x: x * cos_TD + rotate_half(x) * sin_TD
-  rms = lambda x, w: w * x / np.sqrt(np.mean(x * x, -1, keepdims=True)
-                                     + cfg.rms_eps)
-  linear = lambda x, name: x @ sd[name].T
+  eps = hf.get("rms_norm_eps", 1e-6)
+  rms = lambda x, w: w * x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps)
+
+  def linear(x, name):
+    y = x @ sd[name + ".weight"].T
+    return y + sd[name + ".bias"] if name + ".bias" in sd else y
+
   heads = lambda x, n: x.reshape(b, t, n, d).transpose(0, 2, 1, 3)
   mask_TT = np.triu(np.full((t, t), -np.inf), 1)
+  branch = (hf.get("scale_depth", 1) / np.sqrt(n_layers) if minicpm
+            else 1.0)
   x = sd["model.embed_tokens.weight"][tokens_BT]
-  for i in range(cfg.num_layers):
+  if minicpm:
+    x = x * hf.get("scale_emb", 1)
+  for i in range(n_layers):
     p = f"model.layers.{i}."
     y = rms(x, sd[p + "input_layernorm.weight"])
-    q = rope(heads(linear(y, p + "self_attn.q_proj.weight"), h))
-    kk = rope(heads(linear(y, p + "self_attn.k_proj.weight"), k))
-    v = heads(linear(y, p + "self_attn.v_proj.weight"), k)
+    q = rope(heads(linear(y, p + "self_attn.q_proj"), h))
+    kk = rope(heads(linear(y, p + "self_attn.k_proj"), k))
+    v_BTKD = linear(y, p + "self_attn.v_proj").reshape(b, t, k, d)
+    v = v_BTKD.transpose(0, 2, 1, 3)
     kk, v = np.repeat(kk, h // k, axis=1), np.repeat(v, h // k, axis=1)
     s = q @ kk.transpose(0, 1, 3, 2) / np.sqrt(d) + mask_TT
+    if p + "self_attn.A" in sd:
+      z = linear(v_BTKD.reshape(b, t, k * d), p + "self_attn.delta")
+      bias_BKT = (sd[p + "self_attn.A"] * np.logaddexp(0, z)).transpose(
+          0, 2, 1)
+      s = s + np.repeat(bias_BKT, h // k, axis=1)[:, :, None, :]
     w = np.exp(s - s.max(-1, keepdims=True))
     o = (w / w.sum(-1, keepdims=True)) @ v
-    x = x + linear(o.transpose(0, 2, 1, 3).reshape(b, t, h * d),
-                   p + "self_attn.o_proj.weight")
+    x = x + branch * linear(o.transpose(0, 2, 1, 3).reshape(b, t, h * d),
+                            p + "self_attn.o_proj")
     y = rms(x, sd[p + "post_attention_layernorm.weight"])
-    g = linear(y, p + "mlp.gate_proj.weight")
-    x = x + linear(g / (1 + np.exp(-g)) * linear(y, p + "mlp.up_proj.weight"),
-                   p + "mlp.down_proj.weight")
+    g = linear(y, p + "mlp.gate_proj")
+    x = x + branch * linear(g / (1 + np.exp(-g))
+                            * linear(y, p + "mlp.up_proj"),
+                            p + "mlp.down_proj")
   x = rms(x, sd["model.norm.weight"])
+  if minicpm:
+    x = x / (m / hf.get("dim_model_base", 1))
   return x @ sd.get("lm_head.weight", sd["model.embed_tokens.weight"]).T
+
+
+def _random_hf_checkpoint(hf, seed):
+  """A random state dict in the upstream naming for the config dict `hf`.
+
+  Biases per attention_bias (q/k/v/o, and delta for NOSA) and, for Llama,
+  mlp_bias; the NOSA eviction head for SparseLlamaForCausalLM.
+  """
+  rng = np.random.default_rng(seed)
+  minicpm = hf.get("model_type") == "minicpm"
+  m, h = hf["hidden_size"], hf["num_attention_heads"]
+  k = hf.get("num_key_value_heads", h)
+  d = m // h if minicpm else hf.get("head_dim") or m // h
+  f, v = hf["intermediate_size"], hf["vocab_size"]
+  rand = lambda *shape: (0.2 * rng.normal(size=shape)).astype(np.float32)
+  sd = {"model.embed_tokens.weight": rand(v, m),
+        "model.norm.weight": 1 + rand(m)}
+  tied = hf.get("tie_word_embeddings", minicpm)
+  if not tied:
+    sd["lm_head.weight"] = rand(v, m)
+  for i in range(hf["num_hidden_layers"]):
+    p = f"model.layers.{i}."
+    shapes = {"self_attn.q_proj": (h * d, m), "self_attn.k_proj": (k * d, m),
+              "self_attn.v_proj": (k * d, m), "self_attn.o_proj": (m, h * d),
+              "mlp.gate_proj": (f, m), "mlp.up_proj": (f, m),
+              "mlp.down_proj": (m, f)}
+    for name, shape in shapes.items():
+      sd[p + name + ".weight"] = rand(*shape)
+      if (hf.get("attention_bias") and name.startswith("self_attn")) or (
+          hf.get("mlp_bias") and not minicpm and name.startswith("mlp")):
+        sd[p + name + ".bias"] = rand(shape[0])
+    sd[p + "input_layernorm.weight"] = 1 + rand(m)
+    sd[p + "post_attention_layernorm.weight"] = 1 + rand(m)
+    if "SparseLlamaForCausalLM" in hf.get("architectures", ()):
+      sd[p + "self_attn.A"] = rand(k) * 5
+      sd[p + "self_attn.delta.weight"] = rand(k, k * d)
+      if hf.get("attention_bias"):
+        sd[p + "self_attn.delta.bias"] = rand(k)
+  return sd
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -367,35 +506,218 @@ class HfConfigTest(parameterized.TestCase):
   def test_released_style_config(self):
     # What a released NOSA-8B-like config.json holds: Llama fields, LongRoPE,
     # no sparse block (the upstream code hard-codes the paper's constants).
+    long = [1.0 + i / 8 for i in range(64)]
     hf = {"architectures": ["SparseLlamaForCausalLM"], "model_type": "llama",
           "hidden_size": 4096, "intermediate_size": 16384,
           "num_hidden_layers": 32, "num_attention_heads": 32,
           "num_key_value_heads": 2, "vocab_size": 73448,
           "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-          "rope_scaling": {"rope_type": "longrope", "long_factor": [1.0]},
+          "max_position_embeddings": 32768,
+          "rope_scaling": {"rope_type": "longrope", "long_factor": long,
+                           "short_factor": long,
+                           "original_max_position_embeddings": 32768},
           "bos_token_id": 1, "torch_dtype": "bfloat16"}
-    with self.assertLogs("absl", "WARNING") as logs:
-      cfg = hf_io.model_config_from_hf(hf, param_dtype="bfloat16")
-    self.assertIn("LongRoPE", "".join(logs.output))
+    cfg = hf_io.model_config_from_hf(hf, param_dtype="bfloat16")
     self.assertEqual((cfg.head_dim, cfg.num_kv_heads, cfg.tie_embeddings,
                       cfg.param_dtype), (128, 2, False, "bfloat16"))
     self.assertEqual(cfg.sparse, config_lib.SparseConfig(variant="nosa"))
+    self.assertEqual((cfg.rope_scaling.rope_type,
+                      cfg.rope_scaling.attention_factor), ("longrope", 1.0))
 
   def test_minicpm_sparse_config(self):
-    hf = {"hidden_size": 64, "intermediate_size": 128, "vocab_size": 300,
+    # MiniCPM reads sparse_config, but its InfLLM-V2 (dense_len, a window
+    # inside the kernel) is not nosa_jax's infllmv2: an error, unless the
+    # caller chooses the sparse config.
+    hf = {"architectures": ["MiniCPMForCausalLM"], "model_type": "minicpm",
+          "hidden_size": 64, "intermediate_size": 128, "vocab_size": 300,
           "num_hidden_layers": 1, "num_attention_heads": 4,
           "num_key_value_heads": 2,
           "sparse_config": {"kernel_size": 32, "kernel_stride": 16,
                             "init_blocks": 1, "block_size": 64,
                             "window_size": 2048, "topk": 64}}
-    sparse = hf_io.model_config_from_hf(hf).sparse
-    self.assertEqual((sparse.variant, sparse.window_blocks,
-                      sparse.query_topk_blocks), ("infllmv2", 32, 49))
+    with self.assertRaisesRegex(ValueError, "sparse_config="):
+      hf_io.model_config_from_hf(hf)
+    cfg = hf_io.model_config_from_hf(
+        hf, sparse=config_lib.SparseConfig(variant="full"))
+    self.assertEqual((cfg.sparse.variant, cfg.tie_embeddings,
+                      cfg.logits_scale), ("full", True, 1 / 64))
 
   def test_unsupported_architecture(self):
     hf = hf_io.hf_config(testing.tiny_model_config())
-    with self.assertRaisesRegex(ValueError, "attention_bias=true"):
-      hf_io.model_config_from_hf(dict(hf, attention_bias=True))
+    with self.assertRaisesRegex(ValueError, "hidden_act='relu'"):
+      hf_io.model_config_from_hf(dict(hf, hidden_act="relu"))
+
+
+# ----------------------------------------------------------------------------
+# Released-checkpoint semantics: RoPE scaling, biases, muP, sparse constants.
+# ----------------------------------------------------------------------------
+
+_ORIG = 16  # original_max_position_embeddings: the tests run past it
+_FACTORS = ([1.0, 1.2, 1.5, 2.0, 3.0, 4.5, 7.0, 10.0],  # D = 16
+            [1.1, 1.6, 2.0, 3.0, 5.0, 8.0, 11.0, 16.0])
+
+
+def _upstream_config(name):
+  """A tiny config.json as upstream writes it, by name: the family and the
+  rope type, with biases for the Llama ones and muP for MiniCPM."""
+  base = {"hidden_size": 64, "intermediate_size": 48, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2,
+          "vocab_size": 61, "rms_norm_eps": 1e-6, "rope_theta": 500.0,
+          "max_position_embeddings": 64, "hidden_act": "silu",
+          "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2}
+  short, long = _FACTORS
+  longrope = {"rope_type": "longrope", "short_factor": short,
+              "long_factor": long, "original_max_position_embeddings": _ORIG}
+  if name.startswith("minicpm"):
+    # MiniCPM4-style: LongRoPE (max_position 64 > original 16: the long
+    # factors from the start and cos/sin times sqrt(1 + ln 4 / ln 16)),
+    # muP, a sparse_config block the tests override.
+    return dict(base, architectures=["MiniCPMForCausalLM"],
+                model_type="minicpm", rope_scaling=longrope,
+                scale_emb=12, scale_depth=1.4, dim_model_base=8,
+                tie_word_embeddings=False, attention_bias=True,
+                use_cache=True)
+  rope = {"longrope": longrope,
+          "linear": {"type": "linear", "factor": 4.0},
+          "llama3": {"rope_type": "llama3", "factor": 8.0,
+                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": _ORIG},
+          "yarn": {"rope_type": "yarn", "factor": 4.0,
+                   "original_max_position_embeddings": _ORIG}
+          }[name.split("_")[-1]]
+  arch = ("SparseLlamaForCausalLM" if name.startswith("nosa")
+          else "LlamaForCausalLM")
+  return dict(base, architectures=[arch], model_type="llama", head_dim=16,
+              rope_scaling=rope, attention_bias=True, mlp_bias=True,
+              tie_word_embeddings=False, scale_emb=12,
+              sparse_config={"window_size": 2048})
+
+
+_CHECKPOINTS = ("llama_longrope", "llama_linear", "llama_llama3",
+                "llama_yarn", "nosa_longrope", "minicpm_longrope")
+
+
+class ReleasedCheckpointTest(parameterized.TestCase):
+  """A tiny checkpoint per RoPE type, written here in the upstream naming
+  and config format, imports with the upstream math (against a numpy
+  transcription), past original_max_position_embeddings, in the forward
+  and in prefill + decode."""
+
+  def _write(self, name, seed=0):
+    hf = _upstream_config(name)
+    sd = _random_hf_checkpoint(hf, seed)
+    out = self.create_tempdir().full_path
+    hf_io.write_safetensors(os.path.join(out, hf_io.WEIGHTS_FILE), sd,
+                            {"format": "pt"})
+    with open(os.path.join(out, hf_io.CONFIG_FILE), "w") as f:
+      json.dump(hf, f)
+    return out, hf, sd
+
+  def _import(self, out, name):
+    # MiniCPM's InfLLM-V2 sparse_config has no exact equivalent; these
+    # MiniCPM tests run it dense, what MiniCPM does below dense_len.
+    if name.startswith("minicpm"):
+      return hf_io.import_hf(out, sparse=config_lib.SparseConfig("full"))
+    return hf_io.import_hf(out)
+
+  @parameterized.parameters(*_CHECKPOINTS, ("nosa_longrope", True))
+  def test_prefill_and_decode_match_upstream(self, name, host=False):
+    out, hf, sd = self._write(name)
+    cfg, params = self._import(out, name)
+    # Both KV stores decode through the model's functions.
+    store = stores.HostStore() if host else stores.DeviceStore()
+    t, prompt = 40, 28  # both past _ORIG: one LongRoPE factor set
+    tokens = np.asarray(testing.random_tokens(jax.random.key(3), 2, t,
+                                              vocab=61))
+    want_BTV = _hf_forward(sd, hf, tokens)
+    np.testing.assert_allclose(_logits(cfg, params, tokens), want_BTV,
+                               **tolerances.tol(np.float32))
+    state, logits_BV = engine.prefill(params, cfg, tokens[:, :prompt],
+                                      jnp.asarray([prompt, prompt]), t,
+                                      store=store)
+    got = [logits_BV]
+    for i in range(prompt, t - 1):
+      state, logits_BV, _ = engine.decode_step(params, cfg, state,
+                                               tokens[:, i])
+      got.append(logits_BV)
+    np.testing.assert_allclose(np.stack(got, 1), want_BTV[:, prompt - 1:-1],
+                               **tolerances.tol(np.float32))
+
+  @parameterized.parameters("llama_longrope", "minicpm_longrope")
+  def test_short_sequence(self, name):
+    # Below original_max_position_embeddings Llama's LongRoPE takes the
+    # short factors; MiniCPM's (max_position 64 > 16) still the long ones.
+    out, hf, sd = self._write(name, seed=1)
+    cfg, params = self._import(out, name)
+    tokens = np.asarray(testing.random_tokens(jax.random.key(4), 1, 12,
+                                              vocab=61))
+    np.testing.assert_allclose(_logits(cfg, params, tokens),
+                               _hf_forward(sd, hf, tokens),
+                               **tolerances.tol(np.float32))
+
+  @parameterized.parameters("nosa_longrope", "minicpm_longrope",
+                            "llama_yarn")
+  def test_export_import_is_bit_exact(self, name):
+    out, _, _ = self._write(name)
+    cfg, params = self._import(out, name)
+    again = self.create_tempdir().full_path
+    hf_io.export_hf(params, cfg, again, dtype="float32")
+    cfg2, params2 = hf_io.import_hf(again)
+    self.assertEqual(cfg2, cfg)
+    _assert_params_equal(self, params2, params)
+    tokens = testing.random_tokens(jax.random.key(5), 2, 30, vocab=61)
+    np.testing.assert_array_equal(_logits(cfg2, params2, tokens),
+                                  _logits(cfg, params, tokens))
+
+  def test_import_report_and_semantics(self):
+    cfg, report = hf_io.convert_hf_config(
+        dict(_upstream_config("nosa_longrope"), some_new_key=3))
+    text = "\n".join(report)
+    # NOSA's code hard-codes its constants and ignores sparse_config; the
+    # Llama code ignores muP keys.
+    self.assertEqual(cfg.sparse, config_lib.SparseConfig(variant="nosa"))
+    self.assertIn("sparse_config: ignored", text)
+    self.assertIn("scale_emb: ignored", text)
+    self.assertIn("ignored unknown keys: some_new_key", text)
+    self.assertEqual((cfg.embed_scale, cfg.attention_bias, cfg.mlp_bias),
+                     (1.0, True, True))
+    rs = cfg.rope_scaling
+    self.assertEqual((rs.rope_type, rs.long_factor_above), ("longrope", 16))
+    self.assertAlmostEqual(rs.attention_factor,
+                           np.sqrt(1 + np.log(4) / np.log(16)))
+    mini, report = hf_io.convert_hf_config(
+        _upstream_config("minicpm_longrope"),
+        sparse=config_lib.SparseConfig("full"))
+    self.assertEqual((mini.embed_scale, mini.residual_scale,
+                      mini.logits_scale, mini.rope_scaling.long_factor_above),
+                     (12.0, 1.4 / np.sqrt(2), 8 / 64, 0))
+    self.assertIn("muP", "\n".join(report))
+
+  @parameterized.named_parameters(
+      ("minicpm_sparse_config", "minicpm_longrope",
+       {"sparse_config": {"window_size": 2048, "dense_len": 8192}},
+       "sparse_config=.*dense_len"),
+      ("dynamic", "llama_linear",
+       {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+       "rope_scaling.rope_type='dynamic'"),
+      ("yarn_mscale", "llama_yarn",
+       {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "mscale": 0.7}},
+       "rope_scaling.mscale=0.7"),
+      ("minicpm_llama3", "minicpm_longrope",
+       {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+       "rope_type='llama3' is not implemented for the minicpm"),
+      ("partial_rotary", "llama_linear", {"partial_rotary_factor": 0.5},
+       "partial_rotary_factor=0.5"),
+      ("activation", "llama_linear", {"hidden_act": "gelu"},
+       "hidden_act='gelu'"),
+      ("architecture", "llama_linear",
+       {"architectures": ["Qwen2ForCausalLM"]}, "Qwen2ForCausalLM"),
+      ("minicpm_head_dim", "minicpm_longrope", {"head_dim": 8},
+       "head_dim=8"))
+  def test_math_changing_keys_are_errors(self, name, change, pattern):
+    hf = dict(_upstream_config(name), **change)
+    with self.assertRaisesRegex(ValueError, pattern):
+      hf_io.convert_hf_config(hf)
 
 
 # ----------------------------------------------------------------------------
