@@ -11,9 +11,13 @@ Parts (--parts, all by default):
   decode    decode steps of each --systems at each (context, batch); the
             systems and the protocol: experiments/bench/decode_systems.py
 
-Outputs in --out_dir: decode_bench.json ({"meta", "ceilings", "gather",
-"records"}), decode_bench.png, table.md (bench/decode_report.py). Records
-are written as they finish, so a run cut short keeps what it measured.
+Outputs in --out_dir (bench/decode_report.py): decode_bench.json ({"meta",
+"ceilings", "gather", "records"}), summary.json (one flat row per point:
+the schema of experiments/results/offload/), table.md, decode_bench.png and
+scaling.png (tokens/s against context and batch). Records are written as
+they finish, so a run cut short keeps what it measured. --largest runs each
+system at its largest batch too; --emulated_hbm_gib caps the device memory
+the largest-batch rules see (an emulated smaller HBM, labelled as such).
 """
 
 from __future__ import annotations
@@ -71,6 +75,17 @@ _KV_HEADS = flags.DEFINE_integer(
 _PROFILE = flags.DEFINE_bool(
     "profile", False, "Trace the timed steps of each system with "
     "jax.profiler into out_dir/profile/<system>_L<ctx>_B<batch>.")
+_LARGEST = flags.DEFINE_bool(
+    "largest", False, "Also run resident sparse systems at their largest "
+    "batch (device memory) and offload systems at theirs (pinned host "
+    "memory and device slots).")
+_EMULATED_HBM = flags.DEFINE_float(
+    "emulated_hbm_gib", None, "Largest-batch rules use this much device "
+    "memory (weights + K/V) instead of the card's: an emulated smaller HBM "
+    "(labelled in every output).")
+_HOST_FRACTION = flags.DEFINE_float(
+    "host_fraction", 0.6, "Share of the RAM the largest offload batch may "
+    "fill.")
 _RUNLOCAL = flags.DEFINE_bool("runlocal", False,
                               "Tiny shapes for a CPU smoke run.")
 _CONFIGS = {"1b": nosa_1b, "8b": nosa_8b, "tiny": tiny}
@@ -99,10 +114,17 @@ def _protocol() -> decode_systems.Protocol:
       cache_factor=_CACHE_FACTOR.value, steps=_STEPS.value,
       warmup=_WARMUP.value, gpu_fraction=_GPU_FRACTION.value,
       profile_dir=(os.path.join(_OUT.value, "profile") if _PROFILE.value
-                   else None))
+                   else None), largest=_LARGEST.value,
+      emulated_hbm_gib=_EMULATED_HBM.value, host_fraction=_HOST_FRACTION.value)
 
 
 def _check_flags() -> None:
+  if _EMULATED_HBM.value is not None and _EMULATED_HBM.value <= 0:
+    raise app.UsageError(f"--emulated_hbm_gib={_EMULATED_HBM.value} must be "
+                         "> 0")
+  if not 0 < _HOST_FRACTION.value <= 0.9:
+    raise app.UsageError(f"--host_fraction={_HOST_FRACTION.value} must be in "
+                         "(0, 0.9]")
   for flag, allowed in ((_PARTS, _PART_NAMES),
                         (_SYSTEMS, decode_systems.SYSTEMS)):
     unknown = [x for x in flag.value if x not in allowed]
@@ -198,6 +220,8 @@ def main(argv):
   def write():
     harness.write_results(_OUT.value, "decode_bench", results,
                           decode_report.table(results))
+    harness.write_results(_OUT.value, "summary",
+                          decode_report.summary(results))
 
   hw = _transfer_ceilings(results, small)
   write()
@@ -205,6 +229,8 @@ def main(argv):
     _decode(results, name, contexts, proto, hw, write, t_start)
   write()
   decode_report.plot(results, os.path.join(_OUT.value, "decode_bench.png"))
+  decode_report.plot_scaling(results, os.path.join(_OUT.value,
+                                                   "scaling.png"))
   print(decode_report.table(results))
 
 

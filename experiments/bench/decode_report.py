@@ -4,6 +4,10 @@
   table(results)        the markdown table (ceilings, fetch, records,
                         verdicts) that WORKSPACE.md quotes
   plot(results, path)   tokens/s per record against the cost model
+  summary(results)      the flat rows of experiments/results/offload/
+                        summary.json (one per measured point)
+  plot_scaling(results, path)  tokens/s against context (each system at its
+                        largest measured batch) and against batch
 """
 
 from __future__ import annotations
@@ -114,5 +118,77 @@ def plot(results: dict, path: str) -> None:
   ax.set_title(f"decode throughput, {results['meta']['model']}-like, "
                f"{results['meta']['device']}")
   ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def _resident_step_ms(records: list[dict]) -> dict:
+  """(variant, context, batch) -> step ms of the GPU-resident run."""
+  return {(r["variant"], r["context"], r["batch"]): r["step_ms"]
+          for r in records if r["system"].endswith("_gpu")}
+
+
+def summary(results: dict) -> dict:
+  """One row per measured point (the offload issue's summary.json).
+
+  t_gpu_ms: the GPU-resident step of the same variant, context and batch
+  measured in this run (the step without transfers), else null. t_pcie_ms:
+  the step's host -> device bytes over the bulk pinned -> device bandwidth
+  measured in this run, else null. prefetch_hits / misses / wasted: the
+  engine's prefetch counters where a record has them, else null.
+  """
+  meta, recs = results["meta"], results["records"]
+  resident = _resident_step_ms(recs)
+  bulk = results.get("ceilings", {}).get("pcie_bulk_bytes_per_s")
+  rows = []
+  for r in recs:
+    offload = "_offload" in r["system"]
+    rows.append({
+        "system": r["system"], "context": r["context"], "batch": r["batch"],
+        "emulated_hbm_gib": r.get("emulated_hbm_gib"),
+        "gamma": r["gamma"] if r["gamma"] is not None else 1.0,
+        "step_ms": r["step_ms"], "tokens_per_s": r["tokens_per_s"],
+        "t_gpu_ms": resident.get((r["variant"], r["context"], r["batch"])),
+        "t_pcie_ms": (1e3 * r["pcie_bytes_per_step"] / bulk
+                      if offload and bulk else None),
+        "prefetch_hits": r.get("prefetch_hits"),
+        "misses": r.get("misses"), "wasted": r.get("wasted")})
+  return {"device": meta["device"], "date": meta["date"],
+          "commit": meta["commit"], "rows": rows}
+
+
+def plot_scaling(results: dict, path: str) -> None:
+  """Two panels: tokens/s against context (each system at the largest batch
+  it ran), and against batch (one line per system and context)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  recs = results["records"]
+  if not recs:
+    return
+  fig, (ax_l, ax_b) = plt.subplots(1, 2, figsize=(12, 4.5))
+  for system in sorted({r["system"] for r in recs}):
+    mine = [r for r in recs if r["system"] == system]
+    by_ctx = {}
+    for r in mine:
+      if r["batch"] >= by_ctx.get(r["context"], {"batch": -1})["batch"]:
+        by_ctx[r["context"]] = r
+    ctxs = sorted(by_ctx)
+    ax_l.plot(ctxs, [by_ctx[c]["tokens_per_s"] for c in ctxs], "o-",
+              label=system)
+    for ctx in ctxs:
+      pts = sorted((r["batch"], r["tokens_per_s"]) for r in mine
+                   if r["context"] == ctx)
+      ax_b.plot([x for x, _ in pts], [y for _, y in pts], "o-",
+                label=f"{system} L={ctx}")
+  emulated = {r.get("emulated_hbm_gib") for r in recs} - {None}
+  note = (f", EMULATED HBM {sorted(emulated)} GiB" if emulated else "")
+  ax_l.set(xscale="log", yscale="log", xlabel="context (tokens)",
+           ylabel="decode tokens/s",
+           title=f"at each system's largest batch{note}")
+  ax_b.set(xscale="log", yscale="log", xlabel="batch",
+           ylabel="decode tokens/s", title=results["meta"]["device"])
+  ax_l.legend(fontsize=7)
+  ax_b.legend(fontsize=6)
   fig.tight_layout()
   fig.savefig(path, dpi=120)

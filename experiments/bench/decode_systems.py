@@ -64,6 +64,15 @@ class Protocol:
     steps, warmup: timed and untimed decode steps per run.
     gpu_fraction: share of device memory the largest-batch rule may fill.
     profile_dir: if set, the timed steps of each run are traced there.
+    largest: also run the resident sparse systems at their largest batch
+      (device memory) and the offload systems at theirs (pinned host
+      memory, `host_fraction` of the RAM, and their device slots).
+    emulated_hbm_gib: if set, the largest-batch rules use this much device
+      memory instead of the card's (weights + K/V): an emulated smaller HBM,
+      to show a server's host:HBM ratio on a machine with little RAM. Every
+      record carries it.
+    host_fraction: share of the physical RAM the largest offload batch may
+      fill.
   """
 
   batch: int = 16
@@ -75,6 +84,24 @@ class Protocol:
   warmup: int = 6
   gpu_fraction: float = 0.85
   profile_dir: Optional[str] = None
+  largest: bool = False
+  emulated_hbm_gib: Optional[float] = None
+  host_fraction: float = 0.6
+
+  def device_budget(self) -> float:
+    """Bytes the largest-batch rules may fill on the device."""
+    if self.emulated_hbm_gib is not None:
+      return self.emulated_hbm_gib * 2**30
+    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit",
+                                                        16 << 30)
+    return self.gpu_fraction * limit
+
+  def host_batch(self, cfg: config_lib.ModelConfig, context: int) -> int:
+    """Largest batch whose host store fits host_fraction of the RAM (no
+    JAX call: usable before the GPU client starts)."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    per_seq = host_memory.host_store_bytes(cfg, 1, self.max_len(context))
+    return int(self.host_fraction * ram // per_seq)
 
   def max_len(self, context: int) -> int:
     """Cache length a run at `context` needs."""
@@ -115,16 +142,15 @@ def largest_store_bytes(cfg: config_lib.ModelConfig, systems, contexts,
   if not any("_offload" in s for s in systems):
     return 0
   return max(host_memory.host_store_bytes(cfg, b, proto.max_len(c))
-             for b in (proto.batch, *proto.offload_batches)
-             for c in contexts)
+             for c in contexts
+             for b in (proto.batch, *proto.offload_batches,
+                       proto.host_batch(cfg, c) if proto.largest else 1))
 
 
 def plan(systems, cfg_full, cfg_sparse, contexts, proto: Protocol,
          small: bool = False) -> list[Run]:
   """The runs of `systems` at each context (small: CPU smoke batches)."""
-  gpu_bytes = (jax.devices()[0].memory_stats() or {}).get(
-      "bytes_limit", 16 << 30)
-  budget = proto.gpu_fraction * gpu_bytes
+  budget = proto.device_budget()
   runs = []
   b = proto.batch
   for ctx in contexts:
@@ -148,6 +174,8 @@ def plan(systems, cfg_full, cfg_sparse, contexts, proto: Protocol,
         if min(b, bmax) >= 1:
           runs.append(Run(system, variant, ctx, min(b, bmax),
                           "sparse_resident"))
+          if proto.largest and bmax > b:
+            runs.append(Run(system, variant, ctx, bmax, "sparse_resident"))
         else:
           logging.warning("%s at L=%d: not even one sequence fits on the "
                           "GPU; skipped", system, ctx)
@@ -155,7 +183,16 @@ def plan(systems, cfg_full, cfg_sparse, contexts, proto: Protocol,
         variant = system.split("_")[0]
         store = offload_store(system, cfg_sparse.sparse.topk_blocks,
                               proto.cache_factor)
-        for bb in (b, *proto.offload_batches):
+        batches = [b, *proto.offload_batches]
+        if proto.largest and small:
+          batches.append(2 * b)
+        elif proto.largest:
+          cfg_v = dataclasses.replace(cfg_sparse, sparse=dataclasses.replace(
+              cfg_sparse.sparse, variant=variant))
+          batches.append(min(
+              proto.host_batch(cfg_v, ctx),
+              cost_model.max_batch(cfg_v, max_len, budget, "offload")))
+        for bb in sorted(set(x for x in batches if x >= 1)):
           runs.append(Run(system, variant, ctx, bb, "offload", store,
                           dict(proto.gamma)[variant]))
   return runs
@@ -222,7 +259,8 @@ def run_decode(run: Run, cfg: config_lib.ModelConfig, params,
     dt = (time.perf_counter() - t0) / proto.steps
   mem = (jax.devices()[0].memory_stats() or {}).get("bytes_in_use", 0)
   rec = run.describe()
-  rec.update(step_ms=dt * 1e3, tokens_per_s=run.batch / dt, setup_s=setup_s,
+  rec.update(emulated_hbm_gib=proto.emulated_hbm_gib, step_ms=dt * 1e3,
+             tokens_per_s=run.batch / dt, setup_s=setup_s,
              compile_and_warmup_s=warm_s, gpu_bytes_in_use=int(mem),
              host_store_bytes=int(host_bytes), implementation=(
                  cfg.sparse.implementation if cfg.sparse.is_sparse

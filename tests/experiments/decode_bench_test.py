@@ -95,6 +95,21 @@ class SmokeTest(absltest.TestCase):
     table = open(os.path.join(out, "table.md")).read()
     self.assertIn("nosa_offload_fused, L=400, B=4:", table)
     self.assertTrue(os.path.exists(os.path.join(out, "decode_bench.png")))
+    self.assertTrue(os.path.exists(os.path.join(out, "scaling.png")))
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    self.assertEqual(summary["commit"], res["meta"]["commit"])
+    rows = {r["system"]: r for r in summary["rows"]}
+    self.assertEqual(set(rows), {r["system"] for r in res["records"]})
+    # Offload rows carry the resident step of the same batch as T_gpu and
+    # their PCIe time at the bulk bandwidth measured in the run.
+    self.assertEqual(rows["nosa_offload"]["t_gpu_ms"],
+                     rows["nosa_gpu"]["step_ms"])
+    self.assertIsNone(rows["infllmv2_offload"]["t_gpu_ms"])
+    self.assertAlmostEqual(
+        rows["nosa_offload"]["t_pcie_ms"],
+        1e3 * off["pcie_bytes_per_step"]
+        / res["ceilings"]["pcie_bulk_bytes_per_s"])
+    self.assertIsNone(rows["nosa_gpu"]["t_pcie_ms"])
     bad = subprocess.run(
         [sys.executable, "-m", "experiments.decode_bench", "--runlocal",
          f"--out_dir={out}", "--systems=nosa_warp"], cwd=REPO, env=env,

@@ -7,7 +7,9 @@ from absl.testing import absltest
 import jax
 
 from experiments.bench import decode_systems
+from nosa_jax import cost_model
 from nosa_jax import testing
+from nosa_jax.inference import host_memory
 
 
 class OffloadStoreTest(absltest.TestCase):
@@ -45,6 +47,32 @@ class PlanTest(absltest.TestCase):
     self.assertLen(runs, 14)
     self.assertEqual(proto.max_len(100), 100 + 6 + 32 + 1)
     self.assertNotIn("store", runs[3].describe())
+
+  def test_largest_batches_under_an_emulated_hbm(self):
+    cfg = testing.tiny_model_config("nosa")
+    proto = decode_systems.Protocol(batch=2, largest=True,
+                                    emulated_hbm_gib=0.001)
+    budget = 0.001 * 2**30
+    self.assertEqual(proto.device_budget(), budget)
+    ctx = 400
+    runs = decode_systems.plan(["full_gpu_max", "nosa_gpu", "nosa_offload"],
+                               cfg, cfg, [ctx], proto)
+    got = {(r.system, r.batch) for r in runs}
+    dense = cost_model.max_batch(cfg, proto.max_len(ctx), budget, "full")
+    resident = cost_model.max_batch(cfg, proto.max_len(ctx), budget,
+                                    "sparse_resident")
+    offload = min(proto.host_batch(cfg, ctx), cost_model.max_batch(
+        cfg, proto.max_len(ctx), budget, "offload"))
+    self.assertGreater(offload, resident)  # what offload is for
+    self.assertEqual(got, {("full_gpu_max", dense), ("nosa_gpu", 2),
+                           ("nosa_gpu", resident), ("nosa_offload", 2),
+                           ("nosa_offload", offload)})
+    # The pinned pool is sized before the GPU client: by the host bound.
+    self.assertEqual(
+        decode_systems.largest_store_bytes(cfg, ["nosa_offload"], [ctx],
+                                           proto),
+        host_memory.host_store_bytes(cfg, proto.host_batch(cfg, ctx),
+                                     proto.max_len(ctx)))
 
 
 if __name__ == "__main__":
