@@ -18,8 +18,16 @@ import json
 import os
 from typing import Any
 
+from absl import logging
 import jax
 import orbax.checkpoint as ocp
+
+# What a finished step holds besides the array data (orbax 0.12 layout).
+_REQUIRED_FILES = ("state/_METADATA", "meta/metadata")
+
+
+class CheckpointError(OSError):
+  """A run's checkpoints do not restore (damaged files); one-line message."""
 
 
 class Checkpointer:
@@ -54,7 +62,8 @@ class Checkpointer:
     while os.path.exists(dest):
       n += 1
       dest = f"{base}.{n}"
-    os.replace(os.path.join(self.directory, str(step)), dest)
+    if jax.process_index() == 0:  # one rename on a shared filesystem
+      os.replace(os.path.join(self.directory, str(step)), dest)
     self._mgr.reload()
     return dest
 
@@ -75,11 +84,48 @@ class Checkpointer:
         meta=ocp.args.JsonRestore()))
     return out.state, dict(out.meta)
 
+  def restore_intact(self, like: Any) -> tuple[Any, dict]:
+    """Restores the newest step that restores into the structure of `like`.
+
+    Each newer step that fails is reported in one line with its cause and
+    set aside as `<step>.corrupt` (the caller has checked that the config
+    matches, so a failure means damaged files, not another model).
+
+    Raises:
+      CheckpointError: no step restores (all are then set aside).
+    """
+    for step in reversed(self.all_steps()):
+      try:
+        return self.restore(step, like)
+      except Exception as e:  # pylint: disable=broad-except
+        # orbax / TensorStore raise many types for damaged files.
+        cause = failure_cause(e, os.path.join(self.directory, str(step)))
+        dest = self.set_aside(step, "corrupt")
+        logging.warning("checkpoint step %d does not restore (%s); set "
+                        "aside as %s, falling back to the next older step",
+                        step, cause, dest)
+    raise CheckpointError(
+        f"no checkpoint in {self.directory} restores (damaged ones are in "
+        f"{os.path.dirname(self.directory)}/set_aside); a rerun starts from "
+        "step 0")
+
   def wait(self) -> None:
     self._mgr.wait_until_finished()
 
   def close(self) -> None:
     self._mgr.close()
+
+
+def failure_cause(e: BaseException, step_dir: str) -> str:
+  """One line saying why the checkpoint in `step_dir` did not restore."""
+  missing = [f for f in _REQUIRED_FILES
+             if not os.path.exists(os.path.join(step_dir, f))]
+  if missing:
+    return f"{', '.join(missing)} missing"
+  while e.__cause__ or e.__context__:  # the innermost error says the most
+    e = e.__cause__ or e.__context__
+  line = (str(e).strip().splitlines() or [""])[0]
+  return f"{type(e).__name__}: {line[:200]}"
 
 
 def writable_dir(path: str, flag: str) -> str:

@@ -903,12 +903,17 @@ def load_workdir(workdir: str, step: int | None = None
   `checkpoint.Checkpointer`, nothing is created or cleaned up, so this is
   safe while the training run is still writing checkpoints.
 
+  Without `step`, a newest checkpoint that does not restore is reported in
+  one line and skipped for the next older one; it is left in place (the
+  next training run sets it aside).
+
   Args:
     workdir: holds `config.json` and `checkpoints/<step>/`.
-    step: the checkpoint step (default: the latest finished one).
+    step: the checkpoint step (default: the newest that restores).
 
   Raises:
     FileNotFoundError: no config.json, no checkpoint, or no such step.
+    checkpoint.CheckpointError: no checkpoint restores (or `step` does not).
   """
   config_path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.isfile(config_path):
@@ -921,8 +926,7 @@ def load_workdir(workdir: str, step: int | None = None
            if os.path.isdir(ckpt_dir) else [])
   if not steps:
     raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
-  step = steps[-1] if step is None else step
-  if step not in steps:
+  if step is not None and step not in steps:
     raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt_dir}; "
                             f"steps: {', '.join(map(str, steps))}")
   # The params subtree as orbax stored it inside Checkpointer's `state`.
@@ -930,12 +934,25 @@ def load_workdir(workdir: str, step: int | None = None
   item = {"params": ocp.tree.serialize_tree(abstract)}
   restore_args = jax.tree.map(
       lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), item)
-  with ocp.PyTreeCheckpointer() as ckptr:
-    out = ckptr.restore(
-        os.path.join(ckpt_dir, str(step), "state"),
-        args=ocp.args.PyTreeRestore(item, restore_args=restore_args,
-                                    partial_restore=True))
-  return cfg, ocp.tree.deserialize_tree(out["params"], abstract), step
+  for s in [step] if step is not None else reversed(steps):
+    step_dir = os.path.join(ckpt_dir, str(s))
+    try:
+      with ocp.PyTreeCheckpointer() as ckptr:
+        out = ckptr.restore(
+            os.path.join(step_dir, "state"),
+            args=ocp.args.PyTreeRestore(item, restore_args=restore_args,
+                                        partial_restore=True))
+      return cfg, ocp.tree.deserialize_tree(out["params"], abstract), s
+    except Exception as e:  # pylint: disable=broad-except
+      cause = checkpoint_lib.failure_cause(e, step_dir)
+      if step is not None:
+        raise checkpoint_lib.CheckpointError(
+            f"checkpoint step {s} in {ckpt_dir} does not restore ({cause})"
+        ) from None
+      logging.warning("checkpoint step %d in %s does not restore (%s); "
+                      "using the next older step", s, ckpt_dir, cause)
+  raise checkpoint_lib.CheckpointError(f"no checkpoint in {ckpt_dir} "
+                                       "restores")
 
 
 def export_orbax_params(params: Any, out_dir: str) -> str:

@@ -118,3 +118,15 @@ def training_interrupted_at(position: int):
 
   with mock.patch.object(data_lib, "load_datasets", load):
     yield
+
+
+def damage_checkpoint(step_dir: str) -> None:
+  """Truncates every array data file of an orbax step to half its bytes, as
+  a disk or a copy cut short would."""
+  import os  # pylint: disable=g-import-not-at-top
+  for root, _, files in os.walk(os.path.join(step_dir, "state")):
+    if os.path.basename(root) != "d":
+      continue
+    for name in files:
+      path = os.path.join(root, name)
+      os.truncate(path, os.path.getsize(path) // 2)

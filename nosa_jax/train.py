@@ -190,12 +190,6 @@ def _train(cfg: config_lib.ExperimentConfig, workdir: str
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      keep=tc.keep_checkpoints)
   _check_resume(cfg, workdir, ckpt.latest_step())
-  if (ckpt.latest_step() or 0) >= tc.num_steps:
-    logging.info("Nothing to do: the checkpoint is at step %d and "
-                 "train.num_steps=%d; raise train.num_steps to train on.",
-                 ckpt.latest_step(), tc.num_steps)
-    ckpt.close()
-    return {}
 
   # ----------------------------------------------------------------------
   # Data.
@@ -215,11 +209,17 @@ def _train(cfg: config_lib.ExperimentConfig, workdir: str
   num_params = model_lib.count_params(state["params"])
   position = 0
   if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(None, state)
+    state, meta = ckpt.restore_intact(state)
     position = int(meta["data_position"])
     logging.info("Resumed from step %d (data position %d) in %s",
                  int(state["step"]), position, ckpt.directory)
   start = int(state["step"])
+  if start >= tc.num_steps:
+    logging.info("Nothing to do: the checkpoint is at step %d and "
+                 "train.num_steps=%d; raise train.num_steps to train on.",
+                 start, tc.num_steps)
+    ckpt.close()
+    return {}
   logging.info("Model: %s parameters, variant %s, %d layers; %d x %s, mesh "
                "(data, fsdp, tensor) = %s", f"{num_params:,}",
                cfg.model.sparse.variant, cfg.model.num_layers,

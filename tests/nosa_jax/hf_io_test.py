@@ -9,6 +9,7 @@ Llama forward pass checks that they really are the HF layout: torch Linear
 import functools
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -790,6 +791,21 @@ class ExportTest(absltest.TestCase):
                      f"{in_the_way} is a file, not a directory")
     self.assertRegex(error(workdir, workdir), "clashes with the training "
                      "workdir")
+
+    # A damaged newest checkpoint: readers say so in one line and read the
+    # one before it, leaving the directory as it is.
+    ckdir = os.path.join(workdir, "checkpoints")
+    shutil.copytree(os.path.join(ckdir, "0"), os.path.join(ckdir, "1"))
+    testing.damage_checkpoint(os.path.join(ckdir, "1"))
+    with self.assertLogs(level="WARNING") as logs:
+      self.assertEqual(hf_io.load_workdir(workdir)[2], 0)
+    self.assertRegex(logs.output[0], r"checkpoint step 1 in .* does not "
+                     r"restore \(ValueError: OUT_OF_RANGE.*\); using the next "
+                     "older step")
+    with self.assertRaisesRegex(checkpoint.CheckpointError,
+                                "checkpoint step 1 in .* does not restore"):
+      hf_io.load_workdir(workdir, 1)
+    self.assertEqual(sorted(os.listdir(ckdir)), ["0", "1"])
 
 
 if __name__ == "__main__":

@@ -69,6 +69,20 @@ class TrainTest(absltest.TestCase):
     self.assertFalse(np.array_equal(jax.tree.leaves(a["params"])[0],
                                     jax.tree.leaves(state3["params"])[0]))
 
+    # A damaged newest checkpoint: one line with the cause, set aside, and
+    # the run resumes from the step before it to the same result.
+    testing.damage_checkpoint(os.path.join(ckdir, "6"))
+    with self.assertLogs(level="INFO") as logs:
+      train.train_and_evaluate(cfg, resumed)
+    logs = "\n".join(logs.output)
+    self.assertRegex(logs, r"checkpoint step 6 does not restore \(ValueError: "
+                     r"OUT_OF_RANGE: .*\); set aside as "
+                     rf"{resumed}/set_aside/6.corrupt, falling back")
+    self.assertIn("Resumed from step 3", logs)
+    r, _ = _final_params(resumed, cfg)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(r), strict=True):
+      np.testing.assert_array_equal(x, y)
+
     # num_steps at or below the checkpoint's step: nothing to do, no error;
     # the changed (allowed) fields are logged and kept in the history.
     fewer = dataclasses.replace(cfg, train=dataclasses.replace(
