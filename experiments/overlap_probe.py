@@ -43,7 +43,7 @@ from jax.experimental.compute_on import compute_on
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import timing
+from experiments.bench import timing
 from nosa_jax import implementations
 
 _OUT = flags.DEFINE_string("out_dir", "/tmp/overlap_probe", "Output dir.")
