@@ -43,6 +43,7 @@ from jax.experimental.compute_on import compute_on
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.bench import ceilings
 from experiments.bench import timing
 from nosa_jax import implementations
 
@@ -60,13 +61,6 @@ _RUNLOCAL = flags.DEFINE_bool("runlocal", False,
                               "Tiny shapes, interpreted kernel (CPU smoke).")
 
 _C, _D = 64, 128  # one K (or V) tile of one block and KV head
-
-
-def _gemm_chain(x_BM, w_up_LMF, w_down_LFM):
-  def layer(x, w):
-    h = jax.nn.silu(x @ w[0])
-    return (h @ w[1]).astype(x.dtype), None
-  return jax.lax.scan(layer, x_BM, (w_up_LMF, w_down_LFM))[0]
 
 
 def _gather(src_RCD, rows_F, programs):
@@ -112,14 +106,15 @@ def run(out_dir: str) -> dict:
                  "tiles": tiles, "store_tiles": store},
       "gemm_weight_bytes": 2 * w_up.nbytes, "gather_bytes":
       tiles * _C * _D * 2}, "rows": []}
-  t_gemm = timing.timeit(jax.jit(_gemm_chain), x, w_up, w_down, iters=iters)
+  t_gemm = timing.timeit(jax.jit(ceilings.gemm_chain), x, w_up, w_down,
+                         iters=iters)
   res["gemm_ms"] = t_gemm * 1e3
   for p in programs:
     gather = lambda s, r, p=p: _gather(s, r, p)
     t_gather = timing.timeit(jax.jit(gather), src, rows, iters=iters)
     arrangements = {
-        "both": lambda *a, g=gather: (_gemm_chain(*a[:3]), g(*a[3:])),
-        "stream": lambda *a, g=gather: (_gemm_chain(*a[:3]),
+        "both": lambda *a, g=gather: (ceilings.gemm_chain(*a[:3]), g(*a[3:])),
+        "stream": lambda *a, g=gather: (ceilings.gemm_chain(*a[:3]),
                                         _on_stream(g)(*a[3:])),
     }
     for name, fn in arrangements.items():

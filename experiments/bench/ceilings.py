@@ -6,6 +6,8 @@
                     kernel over a sweep of its grid, and XLA's per-block
                     copy loop, on scattered K+V tiles of a pinned store;
                     bytes/s and the ratio to the bulk bandwidth
+  gemm_chain        decode-like GEMMs (M = batch rows, streaming weights):
+                    the compute the probes try to overlap transfers with
 """
 
 from __future__ import annotations
@@ -16,6 +18,14 @@ import numpy as np
 
 from experiments.bench import timing
 from nosa_jax import implementations
+
+
+def gemm_chain(x_BM, w_up_LMF, w_down_LFM):
+  """x -> silu(x @ W_up) @ W_down, once per layer (a lax.scan)."""
+  def layer(x, w):
+    h = jax.nn.silu(x @ w[0])
+    return (h @ w[1]).astype(x.dtype), None
+  return jax.lax.scan(layer, x_BM, (w_up_LMF, w_down_LFM))[0]
 
 
 def _best_of_5(fn, *args):
