@@ -71,6 +71,12 @@ class SparseConfig:
     decode_implementation: decode attention over the cached blocks: `auto`
       (the same as `implementation`), `xla`, `pallas` (split-K kernel) or
       `triton` (the same kernel through jax-triton; GPU only).
+    score_dtype: `float32` ranks the block scores as computed (project
+      decision 2); `bfloat16` rounds them to bf16 first, as upstream's
+      stage-1 and pooling kernels store them, so that blocks upstream
+      sees as tied tie here too (broken toward the lower index, where
+      torch.topk's order is unspecified): closer to the released models'
+      selection, not bit-equal (selection.py "Ties").
     score_implementation: how training / prefill selection computes the
       query-aware block scores: `xla` (einsum + softmax + block max) or
       `pallas` (`pallas_kernels.block_scores`, no [T, W] matrix in HBM).
@@ -94,6 +100,7 @@ class SparseConfig:
   implementation: Literal["xla", "pallas"] = "xla"
   decode_implementation: Literal["auto", "xla", "pallas", "triton"] = "auto"
   score_implementation: Literal["xla", "pallas"] = "xla"
+  score_dtype: Literal["float32", "bfloat16"] = "float32"
   block_size: int = 64
   compress_kernel: int = 32
   compress_stride: int = 16
@@ -114,6 +121,7 @@ class SparseConfig:
             impl("decode_attention"))
     _one_of(self.score_implementation, f"{p}.score_implementation",
             impl("block_scores"))
+    _one_of(self.score_dtype, f"{p}.score_dtype", ("float32", "bfloat16"))
     _positive_int(self, p, "block_size", "compress_kernel", "compress_stride",
                   "topk_blocks", "query_topk_blocks", "query_chunk")
     for name in ("sink_blocks", "window_blocks"):

@@ -22,7 +22,33 @@ variants (project decision 4) rank these scores differently (§2.5):
 Everything that selects runs in fp32 under `stop_gradient`; `jax.lax.top_k`
 breaks ties toward the lower block index (project decision 2). Queries are
 processed in chunks of `query_chunk` so the [T, W] score matrix of a long
-sequence is never materialised at once (§2.9 notes).
+sequence is never materialised at once (§2.9 notes). Queries may sit at any
+positions of their sequence (`positions_T`; keys are always 0..S-1), so a
+chunk of a chunked prefill selects as the whole-sequence pass does.
+
+Ties (NOSA_SPEC §2.5) come in two kinds:
+
+  * Structural: the block max-pool gives blocks j and j+1 the shared
+    window 4j+3 (64/32/16), so when that window holds the max both pooled
+    scores are equal bit for bit, and top_k keeps the lower block. Every
+    score path here computes that window's value once per block from the
+    same operands (the Pallas kernel too), so structural ties are broken
+    alike and never make two of our paths differ. They are where we differ
+    from upstream, whose torch.topk over bf16 scores has no specified tie
+    order: on CPU in fp32 with torch's top-k, 944 of 16,384 layer-0 rows at
+    8k picked a different block (logits 0.09 apart); with lower-index ties
+    on both sides the logits agree to ~3e-6. `score_dtype="bfloat16"`
+    rounds the scores as upstream stores them, so its near-ties tie here
+    too (still broken toward the lower index).
+  * Numerical: the XLA einsum and the Pallas scores kernel (tf32 dots, an
+    exp2 softmax) round differently, so a block within that rounding of the
+    phase-1 boundary can flip between them; this is the kernel benchmark's
+    `selection_pallas_scores_same_mask: False` at T = 32k. With eps a row's
+    largest score difference, every flipped pick lies within 2 eps of the
+    boundary score; `score_path_agreement` measures rows, eps and that
+    ratio, and tests/pallas_kernels/block_scores_test.py checks the bound
+    (Pallas interpret on the CPU; T = 32k compiled on the GPU). A wrong
+    score (a bug) shows as a large eps or a ratio above 2, not as a tie.
 
 `locality_penalty` (project decision 5, not in the paper) is the one
 differentiable function here; `locality_statistics` measures the
@@ -344,6 +370,14 @@ def _members_by_compare(idx_BKTP: jax.Array, valid_BKTP: jax.Array,
   return jnp.any(hit & valid_BKTP[..., None], axis=-2)
 
 
+def _ranked(s, cfg: config_lib.SparseConfig):
+  """Scores as the top-k ranks them: fp32, or rounded to bf16 first
+  (`score_dtype`; rounding is monotone, so it only merges near-ties)."""
+  if s is None or cfg.score_dtype == "float32":
+    return s
+  return s.astype(jnp.bfloat16).astype(_F32)
+
+
 def _with_forced(s_BKTN, forced, future, shape):
   """Scores broadcast to `shape` (fp32), forced blocks +inf, future -inf."""
   s_BKTN = jnp.broadcast_to(s_BKTN.astype(_F32), shape)
@@ -379,6 +413,7 @@ def select_from_scores(sq_BKTN: Optional[jax.Array],
     every selected block for infllmv2).
     P = min(topk_blocks, N); a slot is valid iff its block is <= t // C.
   """
+  sq_BKTN, se_BKN = _ranked(sq_BKTN, cfg), _ranked(se_BKN, cfg)
   src = sq_BKTN if sq_BKTN is not None else se_BKN
   n = src.shape[-1]
   b, k = src.shape[0], src.shape[1]
@@ -436,6 +471,7 @@ def select_masks_from_scores(sq_BKTN: Optional[jax.Array],
   fp32 sums), instead of a sort of N values per query. infllmv2 (whose
   final scores depend on the query) keeps the top-k.
   """
+  sq_BKTN, se_BKN = _ranked(sq_BKTN, cfg), _ranked(se_BKN, cfg)
   if not cfg.has_eviction_head:
     idx, valid, pinned_BKTN = select_from_scores(sq_BKTN, se_BKN,
                                                  positions_T, cfg)
@@ -642,6 +678,92 @@ def block_mask(q_BTHD: jax.Array, k_BSKD: jax.Array,
     never True for j > t // C. For `full`, every causal block is True.
   """
   return select_block_masks(q_BTHD, k_BSKD, bias_BSK, cfg, positions_T)[0]
+
+
+# ------------------------------------------------------------------------------
+# Ties: where two computations of the query-aware scores select differently.
+# ------------------------------------------------------------------------------
+
+
+def _phase1_rows(sq_a_BKTN, sq_b_BKTN, positions_T, cfg):
+  """Per row (b, k, t) of two score arrays: whether the phase-1 picks Q(t)
+  differ, eps = max |a - b| over the blocks both score finitely, and the
+  largest |a_j - kth_a| / eps over the picks j in one set only (kth_a the
+  query_topk_blocks-th largest of a with the forced blocks at +inf)."""
+  b, k, t, n = sq_a_BKTN.shape
+  forced_TN, future_TN = forced_and_future(positions_T, n, cfg)
+  forced, future = forced_TN[None, None], future_TN[None, None]
+  fa = _with_forced(sq_a_BKTN, forced, future, (b, k, t, n))
+  fb = _with_forced(sq_b_BKTN, forced, future, (b, k, t, n))
+  jt = (positions_T // cfg.block_size)[None, None, :, None]
+  diff = _query_picks(fa, jt, cfg) ^ _query_picks(fb, jt, cfg)
+  both = jnp.isfinite(fa) & jnp.isfinite(fb)
+  eps = jnp.max(jnp.where(both, jnp.abs(fa - fb), 0.0), axis=-1)
+  kth = jax.lax.top_k(fa, min(cfg.query_topk_blocks, n))[0][..., -1:]
+  gap = jnp.where(diff & both & jnp.isfinite(kth), jnp.abs(fa - kth), 0.0)
+  ratio = jnp.max(gap, axis=-1) / jnp.where(eps > 0, eps, 1.0)
+  return jnp.any(diff, axis=-1), jnp.sum(diff, axis=-1), eps, ratio
+
+
+def score_path_agreement(q_BTHD: jax.Array, k_BTKD: jax.Array,
+                         bias_BTK: Optional[jax.Array],
+                         cfg: config_lib.SparseConfig, *,
+                         tuning: Optional[dict] = None) -> dict:
+  """How the selection of the Pallas scores differs from the XLA scores'.
+
+  Both score paths compute the same sq up to rounding (the kernel's tf32
+  dots and exp2 softmax against XLA's einsum; NOTES: about 1e-6 apart at
+  the paper's sizes), so a pick can flip only where two blocks' scores lie
+  within that rounding of the phase-1 boundary. This measures it: with
+  eps the row's largest score difference, every block in one phase-1 set
+  but not the other lies within 2 eps of the boundary score of the XLA
+  scores (if a's top-k all have b >= kth_a - eps, then kth_b >= kth_a -
+  eps, so a pick of b only has a_j >= b_j - eps >= kth_a - 2 eps; the
+  other side is symmetric). A larger ratio, or a large eps, is a bug, not
+  a tie. Structural ties (adjacent blocks sharing window 4j+3, NOSA_SPEC
+  §2.5) are exact in both paths and broken alike (lower index), so they
+  never differ.
+
+  Args:
+    q_BTHD, k_BTKD, bias_BTK: as `select_block_masks` (query-aware variant).
+    cfg: selection constants (score_implementation is ignored).
+    tuning: options of the scores kernel (`query_aware_scores_pallas`).
+
+  Returns:
+    fp32 / int32 scalars: rows (B*K*T), mask_rows_differ (rows whose final
+    block masks differ), query_rows_differ (rows whose phase-1 sets
+    differ), picks_differ (blocks in one phase-1 set only), max_eps (the
+    largest score difference), worst_gap_over_eps (max over differing
+    picks of |a_j - kth_a| / eps; at most 2 by the argument above).
+  """
+  if not cfg.query_aware:
+    raise ValueError(f"variant {cfg.variant!r} has no query-aware scores")
+  positions_T = _check_shapes(q_BTHD, k_BTKD, bias_BTK)
+  n = num_blocks(k_BTKD.shape[1], cfg.block_size)
+  sg = jax.lax.stop_gradient
+  kbar_BWKD = compress_keys(sg(k_BTKD), cfg.compress_kernel,
+                            cfg.compress_stride)
+  se_BKN = (query_agnostic_scores(sg(bias_BTK), cfg, n)
+            if cfg.has_eviction_head else None)
+
+  def chunk(q_c, pos_T):
+    sq_x = query_aware_scores(sg(q_c), kbar_BWKD, pos_T, cfg, n)
+    sq_p = query_aware_scores_pallas(q_c, kbar_BWKD, pos_T, cfg, n,
+                                     tuning=tuning)
+    m_x = select_masks_from_scores(sq_x, se_BKN, pos_T, cfg)[0]
+    m_p = select_masks_from_scores(sq_p, se_BKN, pos_T, cfg)[0]
+    return (jnp.any(m_x != m_p, axis=-1),) + _phase1_rows(sq_x, sq_p, pos_T,
+                                                          cfg)
+
+  mask_d, q_d, picks, eps, ratio = _map_query_chunks(chunk, q_BTHD,
+                                                     cfg.query_chunk,
+                                                     positions_T)
+  return {"rows": jnp.asarray(mask_d.size, jnp.int32),
+          "mask_rows_differ": jnp.sum(mask_d, dtype=jnp.int32),
+          "query_rows_differ": jnp.sum(q_d, dtype=jnp.int32),
+          "picks_differ": jnp.sum(picks, dtype=jnp.int32),
+          "max_eps": jnp.max(eps),
+          "worst_gap_over_eps": jnp.max(ratio)}
 
 
 # ------------------------------------------------------------------------------

@@ -172,6 +172,13 @@ def train(rows, *, lengths, masks, iters, xla_max_len):
              "selection_pallas_scores_s": time(select_pallas, q, kk, bias),
              "selection_pallas_scores_same_mask": bool(jnp.all(
                  select_pallas(q, kk, bias) == mask))}
+      # Where the two score paths select differently: rows, and whether
+      # each flipped pick lies within 2 eps of the boundary (rounding on a
+      # near-tie) rather than beyond it (a bug); selection.py "Ties".
+      agree = jax.jit(lambda q, kk, b: selection.score_path_agreement(
+          q, kk, b, PAPER))(q, kk, bias)
+      row.update({f"selection_pallas_scores_{name}": float(x)
+                  for name, x in agree.items()})
       if t <= xla_max_len and kind == masks[0]:
         row["xla_sparse_s"] = time(fwd_bwd(sparse_fwd("xla")), *args, n=3)
       attention_s = row["pallas_sparse_s"]

@@ -64,6 +64,11 @@ class KernelBenchTest(absltest.TestCase):
                      ["train", "scores"] + 3 * ["selection_profile"])
     train = rows[0]
     self.assertTrue(train["selection_pallas_scores_same_mask"])
+    # The tie statistics of selection.score_path_agreement (B=1, K=2).
+    self.assertEqual(train["selection_pallas_scores_rows"], 2 * 256)
+    self.assertEqual(train["selection_pallas_scores_mask_rows_differ"], 0)
+    self.assertLessEqual(train["selection_pallas_scores_worst_gap_over_eps"],
+                         2.0)
     self.assertIn("xla_sparse_s", train)
     self.assertTrue(all(r["same_masks_as_library"] for r in rows[2:]))
     self.assertLess(rows[1]["pallas_tf32_max_abs_diff_vs_xla"], 1e-4)

@@ -329,6 +329,45 @@ class PositionsTest(parameterized.TestCase):
       selection.block_mask(q[:, 20:], k, bias, _CFG)
 
 
+class TiesTest(absltest.TestCase):
+
+  def test_flipped_picks_lie_within_two_eps_of_the_boundary(self):
+    # Scores on a coarse grid (many exact and near ties) against a copy
+    # perturbed by at most eps: picks flip, each within 2 eps of the
+    # boundary (selection.score_path_agreement's bound); a copy off by
+    # more than the rounding shows as a large eps instead.
+    cfg = _cfg(query_chunk=64)
+    rng = np.random.default_rng(0)
+    t, n = 120, 15
+    a = jnp.asarray(np.round(rng.uniform(size=(2, 2, t, n)), 2), jnp.float32)
+    noise = jnp.asarray(rng.uniform(-1, 1, size=a.shape), jnp.float32)
+    pos = jnp.arange(t)
+    for eps in (1e-3, 2e-2):
+      differ, picks, row_eps, ratio = jax.jit(
+          lambda a, b: selection._phase1_rows(a, b, pos, cfg))(  # pylint: disable=protected-access
+              a, a + eps * noise)
+      self.assertGreater(int(differ.sum()), 0)
+      self.assertEqual(int(picks.sum()) % 2, 0)  # one in, one out
+      self.assertLessEqual(float(row_eps.max()), eps * 1.0001)
+      self.assertLessEqual(float(ratio.max()), 2.0 + 1e-4)
+    same = selection._phase1_rows(a, a, pos, cfg)  # pylint: disable=protected-access
+    self.assertFalse(bool(same[0].any()))
+
+  def test_bfloat16_scores_merge_near_ties(self):
+    # Blocks 1 and 2 differ by less than bf16 resolves: fp32 ranking picks
+    # block 2, score_dtype="bfloat16" sees a tie and keeps block 1.
+    cfg = _cfg(variant="infllmv2", sink_blocks=1, window_blocks=1,
+               query_topk_blocks=4, topk_blocks=4)
+    sq = jnp.asarray([[[[0.0, 0.5, 0.5 + 1e-5, 0.1, 0.0, 0.0]]]],
+                     jnp.float32)  # one query at block 5: 0, 4, 5 forced
+    pos = jnp.asarray([5 * cfg.block_size])
+    pick = lambda c: set(np.asarray(
+        selection.select_from_scores(sq, None, pos, c)[0]).ravel().tolist())
+    self.assertEqual(pick(cfg), {0, 2, 4, 5})
+    self.assertEqual(
+        pick(dataclasses.replace(cfg, score_dtype="bfloat16")), {0, 1, 4, 5})
+
+
 class MembersTest(absltest.TestCase):
 
   def test_scatter_equals_compare(self):

@@ -8,6 +8,7 @@ from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from nosa_jax import config as config_lib
 from nosa_jax import selection
@@ -182,6 +183,45 @@ class BlockScoresTest(parameterized.TestCase):
     idx_got = selection.select_from_scores(got, se, pos, cfg)[0]
     idx_want = selection.select_from_scores(want, se, pos, cfg)[0]
     np.testing.assert_array_equal(np.asarray(idx_got), np.asarray(idx_want))
+
+  def _agreement(self, t, g, d, cfg, seed):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.normal(size=(1, t, g, d)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(1, t, 1, d)), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(1, t, 1)), jnp.float32)
+    tuning = None if not self.INTERPRET else {
+        "block_sizes": bs.ScoreBlockSizes(block_n=16)}
+    stats = jax.jit(lambda q, k, b: selection.score_path_agreement(
+        q, k, b, cfg, tuning=tuning))(q, k, bias)
+    return {name: float(x) for name, x in stats.items()}
+
+  def test_selection_agreement(self):
+    # The Pallas and XLA scores select alike up to picks within 2 eps of
+    # the phase-1 boundary (eps: the row's largest score difference), and
+    # eps is rounding: a wrong score (a bug, not a tie) fails either bound.
+    # G = 16 as NOSA; 20 blocks of 16 in two query chunks.
+    cfg = dataclasses.replace(_cfg("small"), window_blocks=2,
+                              query_topk_blocks=6, topk_blocks=9,
+                              query_chunk=160)
+    stats = self._agreement(320, 16, 16, cfg, seed=2)
+    self.assertEqual(stats["rows"], 320)
+    self.assertLessEqual(stats["max_eps"], _TOL["atol"])
+    self.assertLessEqual(stats["worst_gap_over_eps"], 2.0)
+
+  @pytest.mark.gpu
+  def test_selection_agreement_at_32k(self):
+    # The kernel benchmark's case (T = 32k, B = 1, G = 16, the paper's
+    # constants; H = 16 over one KV head). tf32 kernel against XLA at its
+    # GPU default (tf32) precision, as the benchmark and training run it.
+    if self.INTERPRET:
+      self.skipTest("GPU-sized case; compiled kernels only")
+    cfg = dataclasses.replace(config_lib.SparseConfig(variant="nosa"),
+                              score_implementation="pallas")
+    with jax.default_matmul_precision("tensorfloat32"):
+      stats = self._agreement(32768, 16, 128, cfg, seed=0)
+    print("score_path_agreement at 32k:", stats, flush=True)
+    self.assertLessEqual(stats["max_eps"], 1e-3)
+    self.assertLessEqual(stats["worst_gap_over_eps"], 2.0)
 
   def test_validation(self):
     q, kbar = _inputs(0, t=64, g=4, kernel=8, stride=4, dtype="float32")
