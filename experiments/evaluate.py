@@ -35,6 +35,10 @@ _HF_DIR = flags.DEFINE_string(
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Optional config file overriding the run's config.json "
     "(data, seq_len; the model must fit the checkpoint).")
+_HF_SPARSE = flags.DEFINE_bool(
+    "hf_sparse_from_config", False, "With --hf_dir and --config: select with "
+    "the config's model.sparse instead of the constants the checkpoint's "
+    "architecture implies (see the import report in the results).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default latest).")
 _IMPL = flags.DEFINE_enum("implementation", None, ["xla", "pallas"],
                           "Attention implementation (default: the config's).")
@@ -77,9 +81,18 @@ def main(argv):
   try:
     cfg = (None if _CONFIG.value is None else
            config_lib.ExperimentConfig.from_dict(_CONFIG.value.to_dict()))
+    if _HF_SPARSE.value and (cfg is None or not _HF_DIR.value):
+      raise config_lib.ConfigError(
+          "hf_sparse_from_config=True is invalid: needs --hf_dir and "
+          "--config")
+    report = []
     cfg, params, step = evaluation.load_model(
         workdir=None if _HF_DIR.value else _WORKDIR.value,
-        hf_dir=_HF_DIR.value, cfg=cfg, step=_STEP.value)
+        hf_dir=_HF_DIR.value, cfg=cfg, step=_STEP.value,
+        hf_sparse=cfg.model.sparse if _HF_SPARSE.value else None,
+        report=report)
+    for line in report:
+      print(f"import: {line}")
     if _IMPL.value:
       cfg = dataclasses.replace(cfg, model=dataclasses.replace(
           cfg.model, sparse=dataclasses.replace(
@@ -88,7 +101,8 @@ def main(argv):
   except (OSError, ValueError) as e:  # ConfigError is a ValueError
     sys.exit(f"evaluate error: {e}")
   results["source"] = {"workdir": os.path.abspath(_WORKDIR.value),
-                       "hf_dir": _HF_DIR.value, "step": step}
+                       "hf_dir": _HF_DIR.value, "step": step,
+                       "import_report": report}
   results["eval_config"] = dataclasses.asdict(ecfg)
   out = _OUT_JSON.value or os.path.join(_WORKDIR.value, "eval.json")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

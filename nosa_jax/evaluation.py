@@ -125,7 +125,9 @@ def parse_list(name: str, text: str, kind: type) -> tuple:
 
 def load_model(*, workdir: str | None = None, hf_dir: str | None = None,
                cfg: config_lib.ExperimentConfig | None = None,
-               step: int | None = None
+               step: int | None = None,
+               hf_sparse: config_lib.SparseConfig | None = None,
+               report: list[str] | None = None
                ) -> tuple[config_lib.ExperimentConfig, Any, int]:
   """(ExperimentConfig, params, step) from a training run or an HF directory.
 
@@ -140,13 +142,17 @@ def load_model(*, workdir: str | None = None, hf_dir: str | None = None,
       different `topk_blocks` can be evaluated). Default: the run's
       `config.json`, or defaults for an HF directory.
     step: checkpoint step of `workdir` (default: latest).
+    hf_sparse: with hf_dir, the selection constants to use instead of the
+      ones the checkpoint's architecture implies (`hf_io.convert_hf_config`).
+    report: with hf_dir, receives the import report lines.
 
   Raises:
     FileNotFoundError: no workdir config / checkpoint / HF files.
     ConfigError: `cfg.model` does not fit the checkpoint.
   """
   if hf_dir:
-    mcfg, params = hf_io.import_hf(hf_dir)
+    overrides = {} if hf_sparse is None else {"sparse": hf_sparse}
+    mcfg, params = hf_io.import_hf(hf_dir, report=report, **overrides)
     base = cfg or config_lib.ExperimentConfig()
     data_cfg = base.data
     tok = os.path.join(hf_dir, "tokenizer.json")

@@ -869,19 +869,27 @@ def export_hf(params: Any, cfg: config_lib.ModelConfig, out_dir: str,
   return [weights, config_path]
 
 
-def import_hf(path: str, **overrides) -> tuple[config_lib.ModelConfig, Any]:
+def import_hf(path: str, *, report: list[str] | None = None,
+              **overrides) -> tuple[config_lib.ModelConfig, Any]:
   """(ModelConfig, params) from an HF directory (config.json + weights).
 
   Args:
     path: a directory with `config.json` and `model.safetensors` (or a
       sharded `model.safetensors.index.json`).
-    **overrides: ModelConfig fields to override (see model_config_from_hf).
+    report: if given, the import report (`convert_hf_config`) is appended
+      to it; it is logged either way.
+    **overrides: ModelConfig fields to override (e.g. `sparse=` for other
+      selection constants than the architecture's).
   """
   config_path = os.path.join(path, CONFIG_FILE)
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f"no {CONFIG_FILE} in {path}")
   with open(config_path) as f:
-    cfg = model_config_from_hf(json.load(f), **overrides)
+    cfg, lines = convert_hf_config(json.load(f), **overrides)
+  for line in lines:
+    logging.info("config.json import: %s", line)
+  if report is not None:
+    report.extend(lines)
   return cfg, from_hf_state_dict(read_safetensors(path), cfg)
 
 

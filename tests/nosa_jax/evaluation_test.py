@@ -1,5 +1,6 @@
 """Tests for nosa_jax.evaluation and the experiments.evaluate CLI."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -228,6 +229,14 @@ class EvaluateTest(absltest.TestCase):
     for x, y in zip(jax.tree.leaves(hf_params), jax.tree.leaves(params),
                     strict=True):
       np.testing.assert_array_equal(x, y)
+    # Other selection constants than the export's, reported.
+    report = []
+    other = dataclasses.replace(cfg.model.sparse, topk_blocks=6,
+                                query_topk_blocks=5)
+    hf_cfg, _, _ = evaluation.load_model(hf_dir=hf_dir, cfg=cfg,
+                                         hf_sparse=other, report=report)
+    self.assertEqual(hf_cfg.model.sparse, other)
+    self.assertIn("overridden: sparse", report)
 
   def _run(self, *args):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
