@@ -18,10 +18,10 @@ import dataclasses
 import os
 import sys
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from experiments import cli
 from nosa_jax import checkpoint
 from nosa_jax import config as config_lib
 from nosa_jax import evaluation
@@ -78,7 +78,10 @@ def main(argv):
         gamma_new_tokens=_GAMMA_NEW.value, seed=_SEED.value)
   except config_lib.ConfigError as e:
     sys.exit(f"flag error: --{e}")
+  out = _OUT_JSON.value or os.path.join(_WORKDIR.value, "eval.json")
   try:
+    checkpoint.writable_dir(os.path.dirname(os.path.abspath(out)),
+                            "--out_json")
     cfg = (None if _CONFIG.value is None else
            config_lib.ExperimentConfig.from_dict(_CONFIG.value.to_dict()))
     if _HF_SPARSE.value and (cfg is None or not _HF_DIR.value):
@@ -104,8 +107,6 @@ def main(argv):
                        "hf_dir": _HF_DIR.value, "step": step,
                        "import_report": report}
   results["eval_config"] = dataclasses.asdict(ecfg)
-  out = _OUT_JSON.value or os.path.join(_WORKDIR.value, "eval.json")
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   checkpoint.write_json_atomic(out, results)
   writer = metrics.MetricWriter(
       os.path.join(_WORKDIR.value, "tensorboard", "eval"))
@@ -121,4 +122,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "evaluate")

@@ -14,9 +14,9 @@ import os
 import shutil
 import sys
 
-from absl import app
 from absl import flags
 
+from experiments import cli
 from nosa_jax import checkpoint
 from nosa_jax import hf_io
 from nosa_jax import train
@@ -64,4 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "export")

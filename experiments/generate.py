@@ -18,13 +18,15 @@ excluded) and per layer the mean step-to-step selection overlap gamma
 import dataclasses
 import sys
 
-from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
+from experiments import cli
 from nosa_jax import config as config_lib
 from nosa_jax import data
 from nosa_jax import hf_io
+from nosa_jax import implementations
 from nosa_jax import model
 from nosa_jax import train
 from nosa_jax.inference import engine
@@ -71,6 +73,14 @@ def main(argv):
     tok = data.load_tokenizer(cfg.data.tokenizer)
     # Training documents start with BOS (nosa_jax.data), so prompts do too.
     prompt = [tok.bos_id] + tok.encode(_PROMPT.value).tolist()
+    if len(prompt) + _MAX_NEW.value > cfg.train.seq_len:
+      logging.warning(
+          "the prompt (%d tokens) + --max_new_tokens=%d pass the trained "
+          "context of %d tokens (train.seq_len): the model never saw those "
+          "positions", len(prompt), _MAX_NEW.value, cfg.train.seq_len)
+    for warning in filter(None, [implementations.interpret_warning(
+        mcfg.sparse)]):
+      logging.warning("%s", warning)
     store = (stores.HostStore(cache_blocks=_CACHE_BLOCKS.value)
              if _OFFLOAD.value == "host" else stores.DeviceStore())
     (out,), stats = engine.generate(
@@ -94,4 +104,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "generate")

@@ -15,12 +15,12 @@ on every host. TensorBoard: tensorboard --logdir=/tmp/run/tensorboard
 
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
 
+from experiments import cli
 from nosa_jax import config as config_lib
 from nosa_jax import memory_plan
 from nosa_jax import sharding
@@ -55,6 +55,9 @@ def dry_run(cfg: config_lib.ExperimentConfig) -> None:
       jax.devices()[0].memory_stats() or {}).get("bytes_limit", 0)
   plan = memory_plan.memory_plan(cfg, mesh)
   print(memory_plan.format_plan(plan, limit))
+  if not limit:
+    print(f"warning: {jax.devices()[0].platform} reports no device memory, "
+          "so the plan is not checked against any; pass --device_memory_gib")
   if limit and plan.total > limit:
     sys.exit(f"will not fit: {plan.total / 2**30:.1f} GiB per device needed, "
              f"{limit / 2**30:.1f} GiB available; use more devices, a larger "
@@ -82,9 +85,10 @@ def main(argv):
   except train.TrainingDiverged as e:
     sys.exit(f"training stopped: {e}")
   except KeyboardInterrupt:
-    sys.exit(f"interrupted: checkpoint saved in {_WORKDIR.value}; the same "
-             "command resumes")
+    print(f"interrupted: checkpoint saved in {_WORKDIR.value}; the same "
+          "command resumes", file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "pretrain")

@@ -44,7 +44,6 @@ import shutil
 import sys
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -52,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from experiments import cli
 from nosa_jax import checkpoint
 from nosa_jax import config as config_lib
 from nosa_jax import data
@@ -324,7 +324,7 @@ def main(argv):
     cfgs = {n: variant_config(base, v, w) for n, v, w in specs}
   except config_lib.ConfigError as e:
     sys.exit(f"config error: {e}")
-  os.makedirs(_OUT_DIR.value, exist_ok=True)
+  checkpoint.writable_dir(_OUT_DIR.value, "--out_dir")
   if specs and _MINUTES.value > 0:
     first = next(iter(cfgs.values()))
     sec = measure_step_seconds(first)
@@ -347,4 +347,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "quality_study")

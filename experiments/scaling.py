@@ -37,7 +37,9 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from experiments import cli
 from nosa_jax import analysis
+from nosa_jax import checkpoint
 
 _CONFIG = flags.DEFINE_string("config", "configs/nosa_1b.py",
                               "Config file (with optional :args).")
@@ -231,7 +233,7 @@ def main(argv):
                   "train.num_steps=6", "train.log_every=2",
                   "train.warmup_steps=2"]
   overrides += _OVERRIDES.value
-  os.makedirs(_OUT_DIR.value, exist_ok=True)
+  checkpoint.writable_dir(_OUT_DIR.value, "--out_dir")
   scalars, seconds, cuts = [], [], []
   for mesh in meshes:
     name = "mesh_" + "x".join(map(str, mesh))
@@ -256,4 +258,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "scaling")

@@ -139,7 +139,7 @@ def writable_dir(path: str, flag: str) -> str:
   """
   path = os.path.abspath(os.path.expanduser(path))
   if os.path.exists(path) and not os.path.isdir(path):
-    raise OSError(f"{flag}={path} is a file, not a directory")
+    raise OSError(f"{flag}: {path} is a file, not a directory")
   try:
     os.makedirs(path, exist_ok=True)
     probe = os.path.join(path, f".write-probe-{os.getpid()}")
@@ -147,7 +147,7 @@ def writable_dir(path: str, flag: str) -> str:
       pass
     os.remove(probe)
   except OSError as e:
-    raise OSError(f"{flag}={path} is not a writable directory: "
+    raise OSError(f"{flag}: {path} is not a writable directory: "
                   f"{e.strerror or type(e).__name__}") from None
   return path
 

@@ -561,6 +561,11 @@ def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def flat_fields(cfg: ExperimentConfig) -> dict[str, Any]:
+  """{dotted field name: value} of a config, e.g. `train.seq_len`."""
+  return _flat(dataclasses.asdict(cfg))
+
+
 def config_diff(stored: Mapping[str, Any], cfg: ExperimentConfig
                 ) -> dict[str, tuple[Any, Any]]:
   """{dotted field: (stored value, new value)} for the fields that differ.
@@ -574,7 +579,7 @@ def config_diff(stored: Mapping[str, Any], cfg: ExperimentConfig
     pass  # a field since removed: compare as written
   old = _flat({k: stored[k] for k in ("model", "data", "train")
                if k in stored})
-  new = _flat(dataclasses.asdict(cfg))
+  new = flat_fields(cfg)
   return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
           if old.get(k) != new.get(k)}
 

@@ -212,6 +212,22 @@ def from_config(op: str, sp: Any) -> str:
   raise ValueError(f"op={op!r} is not set by a SparseConfig field")
 
 
+def interpret_warning(sp: Any) -> str | None:
+  """A warning when a `config.SparseConfig` picks Pallas kernels that run in
+  interpret mode here (off the GPU): correct, but many times slower than
+  xla. None when there is nothing to say."""
+  if not interpret():
+    return None
+  picked = [f"model.sparse.{name}=pallas" for name in (
+      "implementation", "decode_implementation", "score_implementation")
+            if getattr(sp, name) == "pallas"]
+  if not picked:
+    return None
+  return (f"{', '.join(picked)}: the Pallas kernels run in interpret mode "
+          f"on {jax.default_backend()} (correct, but many times slower than "
+          "xla); use xla off the GPU")
+
+
 def kernel(op: str, implementation: str,
            **options: Any) -> Callable[..., Any]:
   """The kernel wrapper of `op`'s `implementation`, options bound.

@@ -122,12 +122,14 @@ def memory_plan(cfg: config_lib.ExperimentConfig,
 
 
 def format_plan(plan: MemoryPlan, device_bytes: int) -> str:
-  """The plan as a table in GiB, against the device's `device_bytes`."""
+  """The plan as a table in GiB, against the device's `device_bytes` (0:
+  unknown, the total stands alone)."""
   gib = lambda n: f"{n / 2**30:8.2f} GiB"
+  of = f"  of {gib(device_bytes)}" if device_bytes else ""
   lines = [f"mesh (data, fsdp, tensor) = {plan.mesh_shape}, per device:",
            f"  parameters   {gib(plan.params)}",
            f"  gradients    {gib(plan.grads)}",
            f"  optimizer    {gib(plan.optimizer)}  (AdamW moments, fp32)",
            f"  activations  {gib(plan.activations)}  (estimate)",
-           f"  total        {gib(plan.total)}  of {gib(device_bytes)}"]
+           f"  total        {gib(plan.total)}{of}"]
   return "\n".join(lines)

@@ -27,6 +27,7 @@ from absl import logging
 from nosa_jax import checkpoint as checkpoint_lib
 from nosa_jax import config as config_lib
 from nosa_jax import data as data_lib
+from nosa_jax import implementations as implementations_lib
 from nosa_jax import metrics as metrics_lib
 from nosa_jax import model as model_lib
 from nosa_jax import sharding as sharding_lib
@@ -139,6 +140,21 @@ def init_state(cfg: config_lib.ExperimentConfig, mesh=None
       params)}, tx
 
 
+def config_warnings(cfg: config_lib.ExperimentConfig) -> list[str]:
+  """Settings that are legal but do not do what their names say."""
+  sp, seq_len = cfg.model.sparse, cfg.train.seq_len
+  out = []
+  num_blocks = -(-seq_len // sp.block_size)
+  if sp.is_sparse and sp.topk_blocks >= num_blocks:
+    out.append(
+        f"model.sparse.variant={sp.variant} selects topk_blocks="
+        f"{sp.topk_blocks} of the {num_blocks} block(s) of train.seq_len="
+        f"{seq_len} (block_size {sp.block_size}): every block is selected, "
+        "so attention is exactly dense; raise seq_len or lower topk_blocks")
+  slow = implementations_lib.interpret_warning(sp)
+  return out + ([slow] if slow else [])
+
+
 def _log_locality(writer, step: int, layer_stats: list[dict]) -> str:
   """TensorBoard scalars/histograms for per-layer selection statistics."""
   means: dict[str, list[float]] = {}
@@ -190,6 +206,8 @@ def _train(cfg: config_lib.ExperimentConfig, workdir: str
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      keep=tc.keep_checkpoints)
   _check_resume(cfg, workdir, ckpt.latest_step())
+  for warning in config_warnings(cfg):
+    logging.warning("%s", warning)
 
   # ----------------------------------------------------------------------
   # Data.

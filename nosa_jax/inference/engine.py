@@ -521,9 +521,10 @@ def generate(params: Any, cfg: config_lib.ModelConfig,
     the trailing pad; with return_stats, (tokens, stats).
 
   Raises:
-    ValueError: an empty prompt, a capacity too small, or a store that
-      cannot hold the batch.
+    ValueError: an empty prompt, a capacity too small, a store that cannot
+      hold the batch, or temperature / top_p out of range.
   """
+  sampling.check_sampling(temperature, top_p)
   params = model.serving_params(params, cfg)  # cast once, not every step
   tokens, lengths, s, pad_id, eos = sampling.prepare_prompts(
       prompts, max_new_tokens, cfg.sparse.block_size, max_len=max_len,

@@ -2,6 +2,7 @@
 
   sample_tokens   greedy or temperature + nucleus (top-p) sampling
   next_token      one sampling step of the loop state (EOS / pad handling)
+  check_sampling  the range of temperature and top_p
   prepare_prompts validation and right-padding of a batch of prompts
   trim_at_eos     per-sequence token lists from the per-step arrays
 """
@@ -21,6 +22,17 @@ _INF = float("inf")
 def capacity(max_len: int, block_size: int) -> int:
   """Cache capacity S: max_len rounded up to whole blocks."""
   return -(-max_len // block_size) * block_size
+
+
+def check_sampling(temperature: float, top_p: float) -> None:
+  """Raises a one-line ValueError for a temperature < 0 or a top_p outside
+  (0, 1] (NaN included), which would otherwise sample silently."""
+  if not temperature >= 0:
+    raise ValueError(f"temperature={temperature} is invalid: must be >= 0 "
+                     "(0 = greedy)")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"top_p={top_p} is invalid: must be in (0, 1] (1 = "
+                     "off)")
 
 
 def sample_tokens(logits_BV: jax.Array, key: jax.Array,

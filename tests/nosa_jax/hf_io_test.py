@@ -787,7 +787,7 @@ class ExportTest(absltest.TestCase):
                      f"export error: no config.json in {out}/no: not a "
                      "training workdir")
     in_the_way = os.path.join(out, "model.safetensors")
-    self.assertEqual(error(workdir, in_the_way), f"export error: --out="
+    self.assertEqual(error(workdir, in_the_way), f"export error: --out: "
                      f"{in_the_way} is a file, not a directory")
     self.assertRegex(error(workdir, workdir), "clashes with the training "
                      "workdir")

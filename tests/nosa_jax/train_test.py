@@ -157,6 +157,26 @@ class TrainTest(absltest.TestCase):
     self.assertEqual(checkpoint.Checkpointer(
         os.path.join(workdir, "checkpoints")).latest_step(), 4)
 
+  def test_warns_of_a_budget_that_covers_every_block_and_interpret_mode(self):
+    cfg = testing.tiny_config("nosa", seq_len=64)  # 4 blocks of 16, top-8
+    [dense] = train.config_warnings(cfg)
+    self.assertEqual(dense, "model.sparse.variant=nosa selects topk_blocks=8 "
+                     "of the 4 block(s) of train.seq_len=64 (block_size 16): "
+                     "every block is selected, so attention is exactly dense; "
+                     "raise seq_len or lower topk_blocks")
+    self.assertEqual(train.config_warnings(testing.tiny_config(
+        "nosa", seq_len=256)), [])
+    self.assertEqual(train.config_warnings(testing.tiny_config("full")), [])
+    pallas = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, sparse=dataclasses.replace(cfg.model.sparse,
+                                              implementation="pallas")),
+                                 train=dataclasses.replace(cfg.train,
+                                                           seq_len=256))
+    [slow] = train.config_warnings(pallas)
+    self.assertEqual(slow, "model.sparse.implementation=pallas: the Pallas "
+                     "kernels run in interpret mode on cpu (correct, but many "
+                     "times slower than xla); use xla off the GPU")
+
   def test_checkpoints_from_the_first_bad_state_are_set_aside(self):
     ok = {"loss": np.float32(2.0), "grad_norm": np.float32(1.0),
           "state_finite": np.bool_(True)}

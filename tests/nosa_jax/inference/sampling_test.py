@@ -24,6 +24,17 @@ class SamplingTest(absltest.TestCase):
     self.assertEqual(set(np.asarray(draw(keys, 1.0, 1.0)).tolist()),
                      {0, 1, 2, 3})
 
+  def test_sampling_arguments_out_of_range_are_refused(self):
+    sampling.check_sampling(0.0, 1.0)
+    sampling.check_sampling(0.7, 0.9)
+    for t, p, msg in [(-1.0, 1.0, r"^temperature=-1.0 is invalid: must be >= "
+                       r"0 \(0 = greedy\)$"),
+                      (float("nan"), 1.0, "temperature=nan"),
+                      (1.0, 5.0, r"^top_p=5.0 is invalid: must be in \(0, 1\]"),
+                      (1.0, 0.0, "top_p=0.0")]:
+      with self.assertRaisesRegex(ValueError, msg):
+        sampling.check_sampling(t, p)
+
   def test_prepare_prompts_and_trim(self):
     tokens, lengths, s, pad, eos = sampling.prepare_prompts(
         [[5, 6, 7], [8]], 20, 16, eos_id=9)
