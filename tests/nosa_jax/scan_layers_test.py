@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from nosa_jax import model
+from nosa_jax import sharding
 from nosa_jax import testing
 from nosa_jax import train
 from tests import tolerances
@@ -121,6 +122,37 @@ class ScanLayersEquivalenceTest(parameterized.TestCase):
                and v.aval.shape[0] == cfg.num_layers]  # not the carry
     self.assertLen(stacked, 7)  # [L, ...] wq wk wv wo w_gate w_up w_down
     self.assertTrue(all(a.dtype == np.dtype("bfloat16") for a in stacked))
+
+  def test_biases_and_mup(self):
+    """A model with every bias and MiniCPM's muP multipliers: the scan
+    equals the loop, every bias gets a gradient, and the sharding rules
+    name every parameter."""
+    base = dict(attention_bias=True, mlp_bias=True, embed_scale=3.0,
+                residual_scale=0.5, logits_scale=0.25)
+    cfg_loop = dataclasses.replace(_cfg("nosa", "none"), **base)
+    graphdef_loop, params = _params(cfg_loop)
+    keys = jax.random.split(jax.random.key(4), len(jax.tree.leaves(params)))
+    params = jax.tree.unflatten(jax.tree.structure(params), [
+        x + 0.1 * jax.random.normal(k, x.shape, x.dtype)
+        for k, x in zip(keys, jax.tree.leaves(params), strict=True)])
+    batch_BT1 = testing.random_tokens(jax.random.key(5), 1, 49)
+    want = _run(graphdef_loop, params, cfg_loop, batch_BT1, True)
+    cfg_scan = dataclasses.replace(cfg_loop, scan_layers=True, remat="full")
+    graphdef_scan, _ = _params(cfg_scan)
+    got = _run(graphdef_scan, params, cfg_scan, batch_BT1, True)
+    tol = tolerances.tol(np.float32)
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got),
+                    strict=True):
+      np.testing.assert_allclose(g, w, **tol)
+    for i in range(cfg_loop.num_layers):
+      blk = want[2]["blocks"][i]
+      for name in ("bq", "bk", "bv", "bo", "evict_delta_b"):
+        self.assertGreater(float(np.abs(blk["attn"][name][...]).sum()), 0,
+                           msg=f"layer {i} {name}")
+      for name in ("b_gate", "b_up", "b_down"):
+        self.assertGreater(float(np.abs(blk["mlp"][name][...]).sum()), 0,
+                           msg=f"layer {i} {name}")
+    sharding.param_specs(params, {"data": 1, "fsdp": 2, "tensor": 2})
 
   def test_collect_stats_keeps_the_loop(self):
     """collect_stats returns one dict per layer even with scan_layers."""
