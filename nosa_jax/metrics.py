@@ -15,6 +15,9 @@ import jax
 import numpy as np
 from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.proto import summary_pb2
+from tensorboard.compat.proto import tensor_pb2
+from tensorboard.compat.proto import tensor_shape_pb2
+from tensorboard.compat.proto import types_pb2
 from tensorboard.summary.writer import event_file_writer
 
 from nosa_jax import config as config_lib
@@ -54,8 +57,10 @@ class MetricWriter:
   def text(self, step: int, tag: str, text: str) -> None:
     meta = summary_pb2.SummaryMetadata(
         plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text"))
-    tensor = summary_pb2.TensorProto(dtype=7, string_val=[text.encode()],
-                                     tensor_shape={"dim": [{"size": 1}]})
+    tensor = tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_STRING, string_val=[text.encode()],
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(
+            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=1)]))
     self._add(step, summary_pb2.Summary.Value(tag=tag, metadata=meta,
                                               tensor=tensor))
 

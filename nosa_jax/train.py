@@ -155,6 +155,17 @@ def config_warnings(cfg: config_lib.ExperimentConfig) -> list[str]:
   return out + ([slow] if slow else [])
 
 
+def _log_config(cfg: config_lib.ExperimentConfig) -> None:
+  """The resolved config, compactly (its differences from the defaults),
+  then the warnings about it."""
+  defaults = config_lib.flat_fields(config_lib.ExperimentConfig())
+  logging.info("Config (fields that differ from the defaults): %s", ", ".join(
+      f"{k}={v!r}" for k, v in config_lib.flat_fields(cfg).items()
+      if defaults.get(k) != v) or "none")
+  for warning in config_warnings(cfg):
+    logging.warning("%s", warning)
+
+
 def _log_locality(writer, step: int, layer_stats: list[dict]) -> str:
   """TensorBoard scalars/histograms for per-layer selection statistics."""
   means: dict[str, list[float]] = {}
@@ -206,8 +217,7 @@ def _train(cfg: config_lib.ExperimentConfig, workdir: str
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      keep=tc.keep_checkpoints)
   _check_resume(cfg, workdir, ckpt.latest_step())
-  for warning in config_warnings(cfg):
-    logging.warning("%s", warning)
+  _log_config(cfg)
 
   # ----------------------------------------------------------------------
   # Data.
@@ -261,6 +271,10 @@ def _train(cfg: config_lib.ExperimentConfig, workdir: str
   schedule = learning_rate_schedule(tc)
   writer = (metrics_lib.MetricWriter(os.path.join(workdir, "tensorboard"))
             if is_main else metrics_lib.NullWriter())
+  # The resolved config as a code block of TensorBoard's text tab.
+  writer.text(start, "config", "\n".join(
+      "    " + line for line in json.dumps(
+          dataclasses.asdict(cfg), indent=2, sort_keys=True).splitlines()))
   tokens_per_step = tc.batch_size * tc.seq_len
   flops = metrics_lib.flops_per_token(cfg.model, tc.seq_len, num_params)
   peak = metrics_lib.peak_flops(jax.devices()[0].device_kind,

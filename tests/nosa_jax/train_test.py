@@ -13,6 +13,9 @@ import jax
 import pytest
 import numpy as np
 
+from tensorboard.backend.event_processing import event_file_loader
+
+from nosa_jax import analysis
 from nosa_jax import checkpoint
 from nosa_jax import config as config_lib
 from nosa_jax import data
@@ -31,6 +34,15 @@ def _final_params(workdir, cfg):
   return state, meta
 
 
+def _tensorboard_text(workdir, tag):
+  [path] = analysis.event_files(os.path.join(workdir, "tensorboard"))
+  for event in event_file_loader.LegacyEventFileLoader(path).Load():
+    for v in event.summary.value:
+      if v.tag == tag:
+        return v.tensor.string_val[0].decode()
+  return None
+
+
 class TrainTest(absltest.TestCase):
 
   def setUp(self):
@@ -41,7 +53,15 @@ class TrainTest(absltest.TestCase):
     cfg = testing.tiny_config("full", cache_dir=self.cache, num_steps=6,
                               checkpoint_every=0)
     straight = self.create_tempdir().full_path
-    train.train_and_evaluate(cfg, straight)
+    with self.assertLogs(level="INFO") as logs:
+      train.train_and_evaluate(cfg, straight)
+    logs = "\n".join(logs.output)
+    # The config as resolved (its differences from the defaults), the first
+    # loss at step 1 (log_every is 2), the config in TensorBoard.
+    self.assertIn("Config (fields that differ from the defaults): "
+                  "model.mlp_dim=128, model.sparse.variant='full', ", logs)
+    self.assertIn("step 1/6 | loss 5.", logs)
+    self.assertIn('"seq_len": 64', _tensorboard_text(straight, "config"))
 
     resumed = self.create_tempdir().full_path
     b = cfg.train.batch_size
