@@ -173,6 +173,8 @@ class SparseConfig:
 
 
 ROPE_TYPES = ("default", "linear", "longrope", "llama3", "yarn")
+# RopeScaling.long_factor_above for "never" (no position reaches it).
+NEVER = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +209,7 @@ class RopeScaling:
       yarn, and longrope's report).
     short_factor, long_factor: LongRoPE per-frequency divisors (D/2 each).
     long_factor_above: LongRoPE uses long_factor for sequences longer than
-      this many tokens.
+      this many tokens (0: always; NEVER: never).
     attention_factor: multiplies cos and sin.
     low_freq_factor, high_freq_factor: llama3 band edges.
     beta_fast, beta_slow: yarn ramp edges, in rotations.

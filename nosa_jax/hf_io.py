@@ -674,20 +674,31 @@ def _rope_scaling_from_hf(hf: Mapping[str, Any], family: str,
       kw.update(attention_factor=math.sqrt(att),
                 long_factor_above=0 if max_pos > orig else orig)
     else:
-      # transformers' longrope: factor = max_pos / orig when orig is given
-      # (else rope_scaling.factor); attention factor sqrt(1 + ln f / ln
-      # orig) unless given; long factors for sequences longer than orig.
-      f = (max_pos / orig if orig != max_pos or "factor" not in rs
-           else float(rs["factor"]))
+      # transformers' longrope: f = rope_scaling.factor, else max_pos /
+      # orig; cos / sin times sqrt(1 + ln f / ln orig) (1 if f <= 1)
+      # unless attention_factor is given. LlamaForCausalLM's RoPE module
+      # re-selects the factor set each forward pass (long for sequences
+      # longer than orig). NOSA's SparseLlamaForCausalLM carries its own
+      # copy of that module (transformers 4.45 era), which re-selects only
+      # for "dynamic" types: the set chosen when it is built stays, long
+      # iff f > 1.
+      f = float(rs["factor"]) if rs.get("factor") else max_pos / orig
       att = rs.get("attention_factor")
+      sparse_llama = "SparseLlamaForCausalLM" in (hf.get("architectures")
+                                                  or ())
+      above = (0 if f > 1 else config_lib.NEVER) if sparse_llama else orig
       kw.update(attention_factor=float(att) if att else (
           math.sqrt(1 + math.log(f) / math.log(orig)) if f > 1 else 1.0),
-                long_factor_above=orig)
+                long_factor_above=above)
   out = config_lib.RopeScaling(**kw)
+  when = ""
+  if rtype == "longrope":
+    when = (", long factors always" if out.long_factor_above == 0 else
+            ", short factors always" if out.long_factor_above
+            == config_lib.NEVER else
+            f", long factors above {out.long_factor_above} tokens")
   report.append(f"rope_scaling: {rtype} as the {family} code computes it "
-                f"(attention_factor={out.attention_factor:.6g}"
-                + (f", long factors above {out.long_factor_above} tokens"
-                   if rtype == "longrope" else "") + ")")
+                f"(attention_factor={out.attention_factor:.6g}{when})")
   return out
 
 

@@ -99,10 +99,12 @@ def _hf_llama_forward(sd, cfg, tokens_BT):
 def _np_rope(hf, family, d, seq_len):
   """(inv_freq [D/2], cos/sin multiplier) of the upstream RoPE, float64.
 
-  Transcribed from the published formulas as the two families' code
-  applies them: transformers' rope functions for Llama (the LongRoPE factor
-  set chosen per forward pass by its largest position), MiniCPM's
-  MiniCPMLongRoPE (chosen by its cos/sin cache length, first built for
+  Transcribed from the published formulas as the upstream code applies
+  them: transformers' rope functions for Llama (the LongRoPE factor set
+  chosen per forward pass by its largest position); for NOSA's
+  SparseLlama the set its own RoPE module is built with (long iff the
+  factor max_position / original exceeds 1); MiniCPM's MiniCPMLongRoPE
+  (chosen by its cos/sin cache length, first built for
   max_position_embeddings, and a cos/sin factor from the ratio
   max_position_embeddings / original).
   """
@@ -122,8 +124,9 @@ def _np_rope(hf, family, d, seq_len):
       ext = rs["long_factor"] if cached > orig else rs["short_factor"]
       att = np.sqrt(1 + np.log(max_pos / orig) / np.log(orig))
     else:
-      ext = rs["long_factor"] if seq_len > orig else rs["short_factor"]
       f = max_pos / orig
+      long = f > 1 if family == "nosa" else seq_len > orig
+      ext = rs["long_factor"] if long else rs["short_factor"]
       att = np.sqrt(1 + np.log(f) / np.log(orig)) if f > 1 else 1.0
     return inv / np.asarray(ext), att
   if kind == "llama3":
@@ -173,7 +176,9 @@ def _hf_forward(sd, hf, tokens_BT):
   k = hf.get("num_key_value_heads", h)
   d = m // h if minicpm else hf.get("head_dim") or m // h
   n_layers = hf["num_hidden_layers"]
-  inv_freq, att = _np_rope(hf, "minicpm" if minicpm else "llama", d, t)
+  family = ("minicpm" if minicpm else "nosa" if "SparseLlamaForCausalLM"
+            in hf.get("architectures", ()) else "llama")
+  inv_freq, att = _np_rope(hf, family, d, t)
   emb_TD = np.tile(np.arange(t)[:, None] * inv_freq[None], 2)
   cos_TD, sin_TD = np.cos(emb_TD) * att, np.sin(emb_TD) * att
   rotate_half = lambda x: np.concatenate([-x[..., d // 2:], x[..., :d // 2]],
@@ -522,8 +527,12 @@ class HfConfigTest(parameterized.TestCase):
     self.assertEqual((cfg.head_dim, cfg.num_kv_heads, cfg.tie_embeddings,
                       cfg.param_dtype), (128, 2, False, "bfloat16"))
     self.assertEqual(cfg.sparse, config_lib.SparseConfig(variant="nosa"))
+    # max_position == original: factor 1, so NOSA's RoPE module is built
+    # with the short factors and keeps them.
     self.assertEqual((cfg.rope_scaling.rope_type,
-                      cfg.rope_scaling.attention_factor), ("longrope", 1.0))
+                      cfg.rope_scaling.attention_factor,
+                      cfg.rope_scaling.long_factor_above),
+                     ("longrope", 1.0, config_lib.NEVER))
 
   def test_minicpm_sparse_config(self):
     # MiniCPM reads sparse_config, but its InfLLM-V2 (dense_len, a window
@@ -644,10 +653,12 @@ class ReleasedCheckpointTest(parameterized.TestCase):
     np.testing.assert_allclose(np.stack(got, 1), want_BTV[:, prompt - 1:-1],
                                **tolerances.tol(np.float32))
 
-  @parameterized.parameters("llama_longrope", "minicpm_longrope")
+  @parameterized.parameters("llama_longrope", "minicpm_longrope",
+                            "nosa_longrope")
   def test_short_sequence(self, name):
     # Below original_max_position_embeddings Llama's LongRoPE takes the
-    # short factors; MiniCPM's (max_position 64 > 16) still the long ones.
+    # short factors; MiniCPM's and NOSA's (max_position 64 > 16) still the
+    # long ones.
     out, hf, sd = self._write(name, seed=1)
     cfg, params = self._import(out, name)
     tokens = np.asarray(testing.random_tokens(jax.random.key(4), 1, 12,
@@ -683,7 +694,9 @@ class ReleasedCheckpointTest(parameterized.TestCase):
     self.assertEqual((cfg.embed_scale, cfg.attention_bias, cfg.mlp_bias),
                      (1.0, True, True))
     rs = cfg.rope_scaling
-    self.assertEqual((rs.rope_type, rs.long_factor_above), ("longrope", 16))
+    self.assertEqual((rs.rope_type, rs.long_factor_above), ("longrope", 0))
+    llama, _ = hf_io.convert_hf_config(_upstream_config("llama_longrope"))
+    self.assertEqual(llama.rope_scaling.long_factor_above, 16)
     self.assertAlmostEqual(rs.attention_factor,
                            np.sqrt(1 + np.log(4) / np.log(16)))
     mini, report = hf_io.convert_hf_config(
