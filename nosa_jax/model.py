@@ -280,7 +280,12 @@ class Transformer(nnx.Module):
 
     Args:
       tokens_BT: int token ids.
-      positions_BT: absolute positions (default 0..T-1 per row).
+      positions_BT: absolute positions for RoPE (default 0..T-1 per row).
+        The sparse selection sees the T tokens as a whole sequence
+        (0..T-1, its keys are these tokens); a chunk of a longer sequence
+        selects against its whole key prefix through
+        `sparse_attention.nosa_attention(..., positions_T)` (an engine's
+        chunked prefill).
       collect_stats: also return per-layer selection statistics (slower;
         used at logging steps, never inside the train step).
 
