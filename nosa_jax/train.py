@@ -378,7 +378,10 @@ def _train(cfg: config_lib.ExperimentConfig, workdir: str
     raise _set_aside_diverged(e, ckpt) from None
   except KeyboardInterrupt:
     logging.warning("Interrupted at step %d; saving a checkpoint.", step)
-    _check_finite(window, int(state["step"]))
+    try:
+      _check_finite(window, int(state["step"]))
+    except TrainingDiverged as e:  # nothing good to save
+      raise _set_aside_diverged(e, ckpt) from None
     save(int(state["step"]))
     ckpt.wait()
     raise
