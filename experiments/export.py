@@ -32,16 +32,16 @@ flags.mark_flags_as_required(["workdir", "out"])
 def main(argv):
   del argv
   train.quiet_library_logs()
+  workdir = os.path.abspath(_WORKDIR.value)
+  out = os.path.abspath(_OUT.value)
+  ckpts = os.path.join(workdir, "checkpoints")
+  if out == workdir or os.path.commonpath([out, ckpts]) == ckpts:
+    raise ValueError(f"--out={out} clashes with the training workdir (its "
+                     "config.json or checkpoints would be overwritten); "
+                     "choose another directory")
+  cfg, params, step = hf_io.load_workdir(workdir, _STEP.value)
+  checkpoint.writable_dir(out, "--out")
   try:
-    workdir = os.path.abspath(_WORKDIR.value)
-    out = os.path.abspath(_OUT.value)
-    ckpts = os.path.join(workdir, "checkpoints")
-    if out == workdir or os.path.commonpath([out, ckpts]) == ckpts:
-      raise ValueError(f"--out={out} clashes with the training workdir (its "
-                       "config.json or checkpoints would be overwritten); "
-                       "choose another directory")
-    cfg, params, step = hf_io.load_workdir(workdir, _STEP.value)
-    checkpoint.writable_dir(out, "--out")
     written = [hf_io.export_orbax_params(
         params, os.path.join(out, "orbax_params"))]
     written += hf_io.export_hf(params, cfg.model, out, _DTYPE.value)
@@ -55,7 +55,8 @@ def main(argv):
   except (OSError, ValueError) as e:
     print(f"export error: {e}", file=sys.stderr, flush=True)
     # A failed orbax save leaves threads waiting for a signal that never
-    # comes, which would block the interpreter's exit for many minutes.
+    # comes, which would block the interpreter's exit for many minutes;
+    # the checks above catch the inputs known to get here.
     os._exit(1)
   print(f"Exported step {step} of {_WORKDIR.value} "
         f"({cfg.model.sparse.variant}, {_DTYPE.value}):")

@@ -7,6 +7,9 @@ import sys
 
 from absl.testing import absltest
 
+from nosa_jax import testing
+from nosa_jax import train
+
 REPO = __file__.rsplit("/tests/", 1)[0]
 TINY = "--config=configs/tiny.py:runlocal"
 
@@ -32,12 +35,16 @@ class BadInputTest(absltest.TestCase):
     with open(self.file, "w") as f:
       f.write("hi")  # also a corpus of 3 tokens
 
-  def check(self, module, cases):
-    got = run_entry_point(module, [argv for argv, _ in cases])
-    for (argv, want), (code, line) in zip(cases, got, strict=True):
+  def check(self, module, cases, *more_runs):
+    """Checks each (argv, line regex) case; returns what `more_runs` gave
+    (in the same process)."""
+    got = run_entry_point(module, [argv for argv, _ in cases] + list(more_runs))
+    for (argv, want), (code, line) in zip(cases, got[:len(cases)],
+                                          strict=True):
       self.assertEqual(code, 1, (argv, line))
       self.assertRegex(line, want, argv)
       self.assertNotIn("\n", line)
+    return got[len(cases):]
 
   def test_pretrain(self):
     wd = f"--workdir={self.tmp}/run"
@@ -83,22 +90,49 @@ class BadInputTest(absltest.TestCase):
                      "memory, so the plan is not checked against any; pass "
                      "--device_memory_gib")
 
-  def test_generate_evaluate(self):
-    self.check("generate", [
+  def test_generate(self):
+    [(code, text)] = self.check("generate", [
         ([TINY, "--prompt=hi", "--temperature=-1"],
          r"^generate error: temperature=-1.0 is invalid: must be >= 0"),
         ([TINY, "--prompt=hi", "--top_p=5"],
          r"^generate error: top_p=5.0 is invalid: must be in \(0, 1\]"),
         ([TINY, "--prompt=hi", "--top_p=0"], r"top_p=0.0 is invalid"),
+        ([TINY, "--prompt=hi", "--max_new_tokens=0"],
+         r"^generate error: max_new_tokens=0 must be >= 1$"),
         ([f"--workdir={self.tmp}/none"],
          rf"^generate error: no config.json in {self.tmp}/none: not a "
          "training workdir$"),
-    ])
+    ], [TINY, "--prompt=" + "x" * 300, "--max_new_tokens=1"])
+    # A prompt past the trained context runs, with a warning.
+    self.assertEqual(code, 0, text)
+    self.assertIn("the prompt (301 tokens) + --max_new_tokens=1 pass the "
+                  "trained context of 256 tokens (train.seq_len): the model "
+                  "never saw those positions", text)
+
+  def test_evaluate(self):
     self.check("evaluate", [
         ([f"--workdir={self.tmp}/none"],
          r"^evaluate error: no config.json in .*/none: not a training"),
         ([f"--workdir={self.tmp}", f"--out_json={self.file}/eval.json"],
          rf"^evaluate error: --out_json: {self.file} is a file, not a "),
+    ])
+
+  def test_export(self):
+    workdir = f"{self.tmp}/run"
+    with testing.training_interrupted_at(0), self.assertRaises(
+        KeyboardInterrupt):  # a workdir with a checkpoint of step 0
+      train.train_and_evaluate(testing.tiny_config(
+          "full", cache_dir=f"{self.tmp}/cache"), workdir)
+    self.check("export", [
+        ([f"--workdir={self.tmp}/none", f"--out={self.tmp}/x"],
+         rf"^export error: no config.json in {self.tmp}/none: not a training "
+         "workdir$"),
+        ([f"--workdir={workdir}", f"--out={self.file}"],  # once hung here
+         rf"^export error: --out: {self.file} is a file, not a directory$"),
+        ([f"--workdir={workdir}", f"--out={workdir}"],
+         rf"^export error: --out={workdir} clashes with the training workdir"),
+        ([f"--workdir={workdir}", f"--out={self.tmp}/x", "--step=7"],
+         r"^export error: no checkpoint for step 7 in .*; steps: 0$"),
     ])
 
   def test_studies(self):

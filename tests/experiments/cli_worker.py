@@ -16,6 +16,7 @@ import os
 import sys
 
 from absl import flags
+from absl import logging
 
 from experiments import cli
 from nosa_jax import testing
@@ -32,6 +33,7 @@ def main():
     sys.argv = [name] + argv
     at = os.environ.get("CLI_WORKER_INTERRUPT_AT")
     out = io.StringIO()
+    logging.get_absl_handler().python_handler.stream = out  # warnings too
     try:
       with (testing.training_interrupted_at(int(at)) if at else
             contextlib.nullcontext()), contextlib.redirect_stderr(

@@ -788,22 +788,7 @@ class ExportTest(absltest.TestCase):
         self, hf_io.load_orbax_params(os.path.join(out, "orbax_params"),
                                       cfg.model), state["params"])
 
-    def error(workdir, out):
-      run = subprocess.run(
-          [sys.executable, "-m", "experiments.export", f"--workdir={workdir}",
-           f"--out={out}"], cwd=REPO, env=env, capture_output=True,
-          text=True, timeout=60)  # an unwritable --out once hung here
-      self.assertEqual(run.returncode, 1, run.stderr[-2000:])
-      return run.stderr.strip().splitlines()[-1]
-
-    self.assertEqual(error(f"{out}/no", f"{out}2"),
-                     f"export error: no config.json in {out}/no: not a "
-                     "training workdir")
-    in_the_way = os.path.join(out, "model.safetensors")
-    self.assertEqual(error(workdir, in_the_way), f"export error: --out: "
-                     f"{in_the_way} is a file, not a directory")
-    self.assertRegex(error(workdir, workdir), "clashes with the training "
-                     "workdir")
+    # Bad --workdir / --out: tests/experiments/cli_test.py.
 
     # A damaged newest checkpoint: readers say so in one line and read the
     # one before it, leaving the directory as it is.
