@@ -70,6 +70,11 @@ def run(main, name: str) -> None:
   """`app.run(main)` with one line per error (`--debug`: the traceback)."""
 
   def wrapped(argv):
+    if not _DEBUG.value:
+      # After a damaged checkpoint's failed read, TensorStore callbacks find
+      # asyncio's loop closed at exit and print "Event loop is closed"
+      # tracebacks that Python ignores anyway; keep them off the terminal.
+      sys.unraisablehook = lambda unraisable: None
     try:
       return main(argv)
     except KeyboardInterrupt:
