@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from absl.testing import absltest
+import pytest
 
 from nosa_jax import testing
 from nosa_jax import train
@@ -35,16 +36,12 @@ class BadInputTest(absltest.TestCase):
     with open(self.file, "w") as f:
       f.write("hi")  # also a corpus of 3 tokens
 
-  def check(self, module, cases, *more_runs):
-    """Checks each (argv, line regex) case; returns what `more_runs` gave
-    (in the same process)."""
-    got = run_entry_point(module, [argv for argv, _ in cases] + list(more_runs))
-    for (argv, want), (code, line) in zip(cases, got[:len(cases)],
-                                          strict=True):
+  def check(self, module, cases):
+    got = run_entry_point(module, [argv for argv, _ in cases])
+    for (argv, want), (code, line) in zip(cases, got, strict=True):
       self.assertEqual(code, 1, (argv, line))
       self.assertRegex(line, want, argv)
       self.assertNotIn("\n", line)
-    return got[len(cases):]
 
   def test_pretrain(self):
     wd = f"--workdir={self.tmp}/run"
@@ -91,7 +88,7 @@ class BadInputTest(absltest.TestCase):
                      "--device_memory_gib")
 
   def test_generate(self):
-    [(code, text)] = self.check("generate", [
+    self.check("generate", [
         ([TINY, "--prompt=hi", "--temperature=-1"],
          r"^generate error: temperature=-1.0 is invalid: must be >= 0"),
         ([TINY, "--prompt=hi", "--top_p=5"],
@@ -102,8 +99,12 @@ class BadInputTest(absltest.TestCase):
         ([f"--workdir={self.tmp}/none"],
          rf"^generate error: no config.json in {self.tmp}/none: not a "
          "training workdir$"),
-    ], [TINY, "--prompt=" + "x" * 300, "--max_new_tokens=1"])
-    # A prompt past the trained context runs, with a warning.
+    ])
+
+  @pytest.mark.slow  # compiles a prefill and a decode step (~10 s)
+  def test_generate_warns_of_a_prompt_past_the_trained_context(self):
+    [(code, text)] = run_entry_point("generate", [
+        [TINY, "--prompt=" + "x" * 300, "--max_new_tokens=1"]])
     self.assertEqual(code, 0, text)
     self.assertIn("the prompt (301 tokens) + --max_new_tokens=1 pass the "
                   "trained context of 256 tokens (train.seq_len): the model "
