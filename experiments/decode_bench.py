@@ -26,13 +26,13 @@ import dataclasses
 import os
 import time
 
-from absl import app
 from absl import flags
 import jax
 
 from configs import nosa_1b
 from configs import nosa_8b
 from configs import tiny
+from experiments import cli
 from experiments.bench import ceilings
 from experiments.bench import decode_report
 from experiments.bench import decode_systems
@@ -100,7 +100,7 @@ def _model_config(name: str, variant: str) -> config_lib.ModelConfig:
     cfg = dataclasses.replace(cfg, num_layers=_LAYERS.value)
   if _KV_HEADS.value:
     if _KV_HEADS.value < 1 or cfg.num_heads % _KV_HEADS.value:
-      raise app.UsageError(f"--kv_heads={_KV_HEADS.value} must divide the "
+      raise ValueError(f"--kv_heads={_KV_HEADS.value} must divide the "
                            f"{cfg.num_heads} query heads")
     cfg = dataclasses.replace(cfg, num_kv_heads=_KV_HEADS.value)
   return cfg
@@ -120,16 +120,16 @@ def _protocol() -> decode_systems.Protocol:
 
 def _check_flags() -> None:
   if _EMULATED_HBM.value is not None and _EMULATED_HBM.value <= 0:
-    raise app.UsageError(f"--emulated_hbm_gib={_EMULATED_HBM.value} must be "
+    raise ValueError(f"--emulated_hbm_gib={_EMULATED_HBM.value} must be "
                          "> 0")
   if not 0 < _HOST_FRACTION.value <= 0.9:
-    raise app.UsageError(f"--host_fraction={_HOST_FRACTION.value} must be in "
+    raise ValueError(f"--host_fraction={_HOST_FRACTION.value} must be in "
                          "(0, 0.9]")
   for flag, allowed in ((_PARTS, _PART_NAMES),
                         (_SYSTEMS, decode_systems.SYSTEMS)):
     unknown = [x for x in flag.value if x not in allowed]
     if unknown:
-      raise app.UsageError(f"--{flag.name}: unknown {unknown}; allowed: "
+      raise ValueError(f"--{flag.name}: unknown {unknown}; allowed: "
                            f"{', '.join(allowed)}")
 
 
@@ -198,7 +198,7 @@ def _decode(results, name, contexts, proto, hw, write, t_start) -> None:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    raise ValueError(f"unexpected arguments {argv[1:]}")
   _check_flags()
   small = _RUNLOCAL.value
   name = "tiny" if small else _MODEL.value
@@ -235,4 +235,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "decode_bench")

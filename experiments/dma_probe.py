@@ -28,12 +28,12 @@ from __future__ import annotations
 import statistics
 import time
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import cli
 from experiments.bench import ceilings
 from experiments.bench import cuda_dma
 from experiments.bench import harness
@@ -190,7 +190,7 @@ def table(res: dict) -> str:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    raise ValueError(f"unexpected arguments {argv[1:]}")
   res = {"meta": harness.stamp("dma_probe"), "rows": []}
   run(res)
   harness.write_results(_OUT.value, "dma_probe", res, table(res))
@@ -198,4 +198,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "dma_probe")

@@ -24,9 +24,9 @@ training/NOTES.md for the step). For example, the backward variants:
 import functools
 import json
 
-from absl import app
 from absl import flags
 
+from experiments import cli
 from experiments.bench import attention_kernels
 from experiments.bench import decode_kernels
 from experiments.bench import harness
@@ -64,14 +64,14 @@ def _ints(flag) -> list[int]:
   try:
     return [int(x) for x in flag.value]
   except ValueError:
-    raise app.UsageError(f"--{flag.name}={','.join(flag.value)}: integers "
+    raise ValueError(f"--{flag.name}={','.join(flag.value)}: integers "
                          "only") from None
 
 
 def _check_choices(flag, allowed) -> None:
   unknown = sorted(set(flag.value) - set(allowed))
   if unknown:
-    raise app.UsageError(f"--{flag.name}: unknown {unknown}; allowed: "
+    raise ValueError(f"--{flag.name}: unknown {unknown}; allowed: "
                          f"{list(allowed)}")
 
 
@@ -102,7 +102,7 @@ def _parts(save) -> dict:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    raise ValueError(f"unexpected arguments {argv[1:]}")
   rows = []
   info = harness.stamp("kernel_bench")
 
@@ -127,4 +127,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "kernel_bench")

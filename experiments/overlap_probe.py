@@ -36,13 +36,13 @@ import json
 import os
 import platform
 
-from absl import app
 from absl import flags
 import jax
 from jax.experimental.compute_on import compute_on
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import cli
 from experiments.bench import ceilings
 from experiments.bench import timing
 from nosa_jax import implementations
@@ -161,4 +161,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "overlap_probe")

@@ -14,9 +14,9 @@ import gzip
 import json
 import os
 
-from absl import app
 from absl import flags
 
+from experiments import cli
 from experiments.bench import timing
 
 _DIR = flags.DEFINE_string("trace_dir", None, "Directory a trace was "
@@ -27,11 +27,11 @@ _STEPS = flags.DEFINE_integer("steps", 1, "Steps the trace covers.")
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    raise ValueError(f"unexpected arguments {argv[1:]}")
   if not _DIR.value:
-    raise app.UsageError("--trace_dir is required")
+    raise ValueError("--trace_dir is required")
   if _STEPS.value < 1:
-    raise app.UsageError(f"--steps={_STEPS.value} must be >= 1")
+    raise ValueError(f"--steps={_STEPS.value} must be >= 1")
   path = timing.find_trace(_DIR.value)
   with gzip.open(path, "rt") as f:
     trace = json.load(f)
@@ -51,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "trace_summary")
