@@ -31,7 +31,8 @@ class ScalingTest(absltest.TestCase):
       self.assertGreater(r["tokens_per_s"], 0)
     self.assertEqual(rows[0]["scaling_efficiency"], 1.0)
     # Same seed, data and global batch on a (1, 2, 1) mesh: same losses.
-    self.assertEqual(rows[1]["loss_steps_compared"], [2, 4, 6])
+    # Every logged step: the first (step 1) and each log_every.
+    self.assertEqual(rows[1]["loss_steps_compared"], [1, 2, 4, 6])
     self.assertLess(rows[1]["max_abs_loss_diff"], 1e-4)
     self.assertEqual(rows[1]["agree_1pct_through_step"], 6)
     self.assertLess(rows[1]["loss_last_common"], rows[1]["loss_first"])
