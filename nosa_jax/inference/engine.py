@@ -350,11 +350,14 @@ def _select(q_BHD, sel: SelectionState, pos_B, sp: config_lib.SparseConfig,
 
 def _decode_step(params, cfg: config_lib.ModelConfig, state: DecodeState,
                  tokens_B, override: Optional[SelectionOverride] = None,
-                 predict: bool = False):
+                 predict: bool = False, prefetch: bool = False,
+                 guess: Optional[SelectionOverride] = None):
   sp, store, n = cfg.sparse, state.store, state.num_blocks
   pos_B = state.lengths_B
   x_B1M = model.embed(params, cfg, tokens_B[:, None])
   new_layers, sel_L, fetched_L, pred_L = [], [], [], []
+  loaded_L = [None] * len(state.layers)  # blocks prefetched per layer
+  kvs = [layer.kv for layer in state.layers]
   x_prev_B1M = None
   for i, layer in enumerate(state.layers):
     p_block = params["blocks"][i]
@@ -362,6 +365,17 @@ def _decode_step(params, cfg: config_lib.ModelConfig, state: DecodeState,
       pred_L.append(None if x_prev_B1M is None else _predict(
           p_block, cfg, layer.sel, x_prev_B1M, pos_B, n))
       x_prev_B1M = x_B1M
+    if prefetch and i + 1 < len(state.layers):
+      # Layer i+1's selection guessed from layer i's input, loaded before
+      # layer i runs (its copies can then overlap layer i's compute).
+      nxt = state.layers[i + 1]
+      guess_BKP = _predict(params["blocks"][i + 1], cfg, nxt.sel, x_B1M,
+                           pos_B, n)
+      if guess is not None:
+        guess_BKP = guess(guess_BKP, pos_B, n, i + 1)
+      kvs[i + 1], loaded_L[i + 1] = store.prefetch(kvs[i + 1], guess_BKP,
+                                                   pos_B, sp)
+    layer = dataclasses.replace(layer, kv=kvs[i])
 
     def attend(q_B1HD, k_B1KD, v_B1KD, bias_B1K, layer=layer, i=i):
       k_BKD, v_BKD = k_B1KD[:, 0], v_B1KD[:, 0]
@@ -387,6 +401,14 @@ def _decode_step(params, cfg: config_lib.ModelConfig, state: DecodeState,
   state = dataclasses.replace(state, layers=tuple(new_layers),
                               lengths_B=pos_B + 1)
   info = {"selected": jnp.stack(sel_L), "fetched": jnp.stack(fetched_L)}
+  if prefetch:  # per layer: loaded ahead, of those attended, the rest
+    zero = jnp.full(kvs[0].slot_map.shape, -1, jnp.int32)
+    loaded = jnp.stack([zero if x is None else x for x in loaded_L])
+    used = jnp.any(loaded[..., :, None] == info["selected"][..., None, :],
+                   axis=-1) & (loaded >= 0)
+    info["prefetched"] = jnp.sum(loaded >= 0, -1).astype(jnp.int32)
+    info["prefetch_hits"] = jnp.sum(used, -1).astype(jnp.int32)
+    info["prefetch_wasted"] = info["prefetched"] - info["prefetch_hits"]
   if predict:  # layer 0 has no earlier input to guess from: -1
     pred_L[0] = jnp.full_like(sel_L[0], -1)
     info["predicted"] = jnp.stack(pred_L)
@@ -405,12 +427,14 @@ def _predict(p_block, cfg, sel: SelectionState, x_B1M, pos_B, n: int):
                                         sel.ebar_BKW, pos_B, cfg.sparse, n)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "override", "predict"),
+@functools.partial(jax.jit, static_argnames=("cfg", "override", "predict",
+                                             "prefetch", "guess"),
                    donate_argnames=("state",))
 def decode_step(params: Any, cfg: config_lib.ModelConfig, state: DecodeState,
                 tokens_B: jax.Array, *,
                 override: Optional[SelectionOverride] = None,
-                predict: bool = False):
+                predict: bool = False, prefetch: bool = False,
+                guess: Optional[SelectionOverride] = None):
   """Appends one token per sequence and returns the next-token logits.
 
   Args:
@@ -423,6 +447,14 @@ def decode_step(params: Any, cfg: config_lib.ModelConfig, state: DecodeState,
     predict: also return each layer's selection guessed from the previous
       layer's input (`info["predicted"]`; layer 0's rows are -1). Sparse
       variants only.
+    prefetch: before each layer i runs, guess layer i+1's selection from
+      layer i's input and load the guessed blocks into spare device slots
+      (`stores.HostStore.prefetch`; the host store with cache_blocks >
+      topk_blocks). Outputs are those without it; `info` gains per layer
+      "prefetched", "prefetch_hits" (of those, attended at this step) and
+      "prefetch_wasted" (int32 [L, B, K]; layer 0 is never prefetched).
+    guess: replaces the guessed selection (like `override`: tests and
+      benchmarks, e.g. an oracle or a deliberately wrong guess; static).
 
   Returns:
     (state, logits_BV, info): fp32 logits; info["selected"] int32
@@ -431,10 +463,15 @@ def decode_step(params: Any, cfg: config_lib.ModelConfig, state: DecodeState,
     info["fetched"] int32 [L, B, K], blocks copied from the host store at
     this step (0 for the device store).
   """
-  if predict and not cfg.sparse.is_sparse:
-    raise ValueError("predict=True needs a sparse variant, got "
-                     f"{cfg.sparse.variant!r}")
-  return _decode_step(params, cfg, state, tokens_B, override, predict)
+  for name, on in (("predict", predict), ("prefetch", prefetch)):
+    if on and not cfg.sparse.is_sparse:
+      raise ValueError(f"{name}=True needs a sparse variant, got "
+                       f"{cfg.sparse.variant!r}")
+  if prefetch and not state.store.writes_back:
+    raise ValueError("prefetch=True needs the host store (--offload=host): "
+                     "the device store holds every block already")
+  return _decode_step(params, cfg, state, tokens_B, override, predict,
+                      prefetch, guess)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)

@@ -18,6 +18,10 @@ The engine calls it; it never calls back into the engine:
       -> (kv, out_BHD, fetched_BK)                 attends over the selected
                                                    blocks, says what moved
   write_back(kv, lengths_B, sp) -> kv              (when `writes_back`)
+  prefetch(kv, guess_BKQ, pos_B, sp) -> (kv, loaded_BKP)
+                                                   loads guessed blocks ahead
+                                                   of the attend that needs
+                                                   them (host store only)
 
 `DeviceStore`: the whole cache in device memory, slot-major [B, K, S, D]
 (block n of (b, k) is rows [nC, nC + C): already block-major). The decode
@@ -56,9 +60,23 @@ the decode attention; "auto" by default):
             whatever `sp.decode_implementation` says, so "triton" is refused
             with it. The GPU default when decode attention is "pallas".
 
+Prefetch (`HostStore.prefetch`, the engine's `prefetch=True`): before a
+layer attends, the engine guesses its selection (one layer ahead, from the
+previous layer's input) and the store loads the guessed blocks that are not
+resident into slots nobody needs: not selected at the previous step (their
+slot_last is older), not guessed; empty slots first, then the least
+recently selected. Only blocks before the forced window are loaded (those
+are complete and written back; the window and the tail are resident
+anyway). A wrong guess costs a wasted load, never a wrong answer: the
+attend's diff fetches whatever is still missing. It needs slots beyond the
+budget (`cache_blocks` > topk_blocks); with exactly topk every slot was
+selected at the previous step and nothing is loaded. Whether the loads
+overlap compute depends on the copy path: inside one jit XLA serialises the
+gather kernel with the GEMMs (experiments/results/decode/NOTES.md).
+
 Measured fetch and step times: experiments/results/ (decode notes).
-Not done: prefetch of a predicted selection beside the GEMMs (the overlap
-issue), sharding the store over devices.
+Not done: copies off the SMs (the overlap issue's DMA path), sharding the
+store over devices.
 """
 
 from __future__ import annotations
@@ -163,6 +181,10 @@ class DeviceStore:
   def write_back(self, kv, lengths_B, sp):
     del lengths_B, sp
     return kv
+
+  def prefetch(self, kv, guess_BKQ, pos_B, sp):
+    raise ValueError("prefetch needs the host store: the device store holds "
+                     "every block already")
 
 
 # ------------------------------------------------------------------------------
@@ -353,6 +375,36 @@ class HostStore:
                              slot_last=slot_last.astype(jnp.int32))
     return kv, out_BHD, jnp.sum(fetch_BKP, -1).astype(jnp.int32)
 
+  def prefetch(self, kv: HostKV, guess_BKQ, pos_B,
+               sp: config_lib.SparseConfig):
+    """Loads the guessed blocks that are not resident (module docstring).
+
+    Args:
+      kv: this layer's store, before this step's attend.
+      guess_BKQ: int32 guessed block ids (-1 = none), any width Q.
+      pos_B: the positions this step attends at.
+      sp: the selection constants.
+
+    Returns:
+      (kv, loaded_BKP): the store with the blocks in their slots, and the
+      block loaded into each slot (-1 = none).
+    """
+    c = sp.block_size
+    fetch, _ = self.fetch_and_attention(sp)
+    if fetch == "fused":  # the fused kernel copies only as it attends
+      fetch = "pallas" if jax.default_backend() == "gpu" else "loop"
+    new_map, load_BKP = prefetch_slots(
+        kv.slot_map, kv.slot_last, guess_BKQ, pos_B,
+        (pos_B // c).astype(jnp.int32) - sp.window_blocks)
+    k_slot, v_slot = self._copy_misses(kv, load_BKP, load_BKP >= 0, fetch)
+    # Loaded slots count as selected at the previous step, so that the
+    # attend's retention keeps them like the blocks used then.
+    slot_last = jnp.where(load_BKP >= 0, pos_B[:, None, None] - 1,
+                          kv.slot_last).astype(jnp.int32)
+    return dataclasses.replace(kv, k_slot=k_slot, v_slot=v_slot,
+                               slot_map=new_map, slot_last=slot_last), \
+        load_BKP
+
   def _copy_misses(self, kv: HostKV, load_BKP, fetch_BKP, fetch: str):
     """Copies the missing blocks host -> device slots, one tile each."""
     b, nkv, p = kv.slot_map.shape
@@ -442,6 +494,50 @@ def diff_slots(slot_map_BKP: jax.Array, idx_BKP: jax.Array,
   new_map_BKP = jnp.where(assign_BKP, load_BKP, slot_map_BKP)
   fetch_BKP = assign_BKP & (load_BKP != own_B[:, None, None])
   return new_map_BKP, load_BKP, fetch_BKP
+
+
+def prefetch_slots(slot_map_BKP: jax.Array, slot_last_BKP: jax.Array,
+                   guess_BKQ: jax.Array, pos_B: jax.Array,
+                   below_B: jax.Array):
+  """Where a prefetch puts the guessed blocks, per (b, k).
+
+  Args:
+    slot_map_BKP: block held by each slot (-1 empty).
+    slot_last_BKP: last position each slot's block was selected.
+    guess_BKQ: guessed block ids (-1 = none; duplicates allowed).
+    pos_B: this step's positions: a slot selected at the previous step
+      (slot_last >= pos - 1) is kept.
+    below_B: only guessed blocks < below_B are loaded (complete, written
+      back, not in the forced window).
+
+  Returns:
+    (new_map_BKP, load_BKP): the new slot map and the block loaded into
+    each slot (-1 = none). Guessed blocks beyond the free slots are
+    dropped (lowest block ids are loaded first).
+  """
+  q = guess_BKQ.shape[-1]
+  want_BKQ = ((guess_BKQ >= 0) & (guess_BKQ < below_B[:, None, None])
+              & ~jnp.any(guess_BKQ[..., :, None] == slot_map_BKP[..., None, :],
+                         axis=-1))
+  big = jnp.iinfo(jnp.int32).max
+  ids_BKQ = jnp.sort(jnp.where(want_BKQ, guess_BKQ, big), axis=-1)
+  # Duplicates: keep the first of each run.
+  dup_BKQ = jnp.concatenate([jnp.zeros_like(ids_BKQ[..., :1], bool),
+                             ids_BKQ[..., 1:] == ids_BKQ[..., :-1]], axis=-1)
+  ids_BKQ = jnp.sort(jnp.where(dup_BKQ, big, ids_BKQ), axis=-1)
+  n_BK = jnp.sum(ids_BKQ < big, axis=-1)
+  free_BKP = ((slot_last_BKP < pos_B[:, None, None] - 1)
+              & ~_member(slot_map_BKP, guess_BKQ))
+  free_BKP |= slot_map_BKP < 0
+  # Rank free slots: empty first, then least recently selected.
+  key_BKP = jnp.where(slot_map_BKP < 0, -1, slot_last_BKP).astype(_F32)
+  key_BKP = jnp.where(free_BKP, key_BKP, jnp.inf)
+  rank_BKP = jnp.argsort(jnp.argsort(key_BKP, axis=-1, stable=True), axis=-1)
+  assign_BKP = free_BKP & (rank_BKP < n_BK[..., None])
+  load_BKP = jnp.where(
+      assign_BKP, jnp.take_along_axis(ids_BKQ, jnp.clip(rank_BKP, 0, q - 1),
+                                      axis=-1), -1).astype(jnp.int32)
+  return jnp.where(assign_BKP, load_BKP, slot_map_BKP), load_BKP
 
 
 def _loop_copy(src, dst, src_row_F, dst_row_F, count, memory_kind):

@@ -335,6 +335,111 @@ class PredictionTest(parameterized.TestCase):
       engine.decode_step(None, full, None, None, predict=True)
 
 
+@dataclasses.dataclass(eq=False)  # hashed by identity: a jit static
+class _TableGuess:
+  """A prefetch guess read from a table [steps, L, B, K, Q] by step (the
+  step from the first row's position, `first` at step 0)."""
+
+  table: np.ndarray
+  first: int
+
+  def __call__(self, pred_BKP, pos_B, n, layer):
+    del pred_BKP, n
+    return jnp.asarray(self.table)[pos_B[0] - self.first, layer]
+
+
+def _prefetch_run(params, cfg, tokens, lengths, steps, guess):
+  """Host store with 2 x topk slots, prefetching: per-step logits, infos."""
+  sp = cfg.sparse
+  store = stores.HostStore(fetch="loop", cache_blocks=2 * sp.topk_blocks)
+  rows = np.arange(len(lengths))
+  state, _ = engine.prefill(params, cfg, tokens[:, :lengths.max()],
+                            jnp.asarray(lengths), lengths.max() + steps,
+                            store=store)
+  out = []
+  for i in range(steps):
+    state, logits_BV, info = engine.decode_step(
+        params, cfg, state, tokens[rows, lengths + i], prefetch=True,
+        guess=guess)
+    if (i + 1) % sp.block_size == 0:
+      state = engine.write_back(cfg, state)
+    out.append((np.asarray(logits_BV),
+                {k: np.asarray(v) for k, v in info.items()}))
+  return out
+
+
+class PrefetchTest(parameterized.TestCase):
+  """Prefetch into spare slots changes what moves when, never the output."""
+
+  def _check_counts(self, info):
+    pre, hit, waste = (info[k] for k in ("prefetched", "prefetch_hits",
+                                         "prefetch_wasted"))
+    np.testing.assert_array_equal(pre[0], 0)  # layer 0: no earlier input
+    np.testing.assert_array_equal(hit + waste, pre)
+    return pre.sum(), hit.sum(), waste.sum()
+
+  @parameterized.named_parameters(("model_guess", False), ("oracle", True))
+  def test_outputs_equal_the_device_store(self, oracle):
+    cfg, _, params = _model("nosa")
+    tokens, _, want, want_idx, _ = _reference("nosa")
+    guess = (_TableGuess(np.stack([idx for idx, _ in want_idx]),
+                         int(LENGTHS[0])) if oracle else None)
+    got = _prefetch_run(params, cfg, tokens, LENGTHS, STEPS, guess)
+    tol = tolerances.tol(np.float32)
+    loaded = 0
+    for i, (logits_BV, info) in enumerate(got):
+      np.testing.assert_allclose(logits_BV, want[i + 1], **tol,
+                                 err_msg=f"step {i}")
+      np.testing.assert_array_equal(info["selected"], want_idx[i][0])
+      pre, _, waste = self._check_counts(info)
+      loaded += pre
+      if oracle:
+        self.assertEqual(waste, 0)
+        if i > 0:  # after the cold start nothing later layers need misses
+          np.testing.assert_array_equal(info["fetched"][1:], 0)
+    self.assertGreater(loaded, 0, "no prefetch at all: a vacuous case")
+
+  def test_wrong_guesses_cost_loads_not_answers(self):
+    # Contexts of 19-20 blocks against a budget of 8, guessing exactly the
+    # blocks the selection leaves out: every load is wasted, the misses are
+    # fetched on the critical path, and the logits are the device store's.
+    cfg, _, params = _model("nosa")
+    sp = cfg.sparse
+    lengths, steps = np.array([300, 290]), 8
+    tokens = testing.random_tokens(jax.random.key(5), 2, 320)
+    want, want_idx, _ = _run(params, cfg, tokens, DEVICE, steps, lengths)
+    table = []
+    for i, (idx_LBKP, _) in enumerate(want_idx):
+      below_B = (lengths + i) // sp.block_size - sp.window_blocks
+      out = np.full(idx_LBKP.shape, -1, np.int32)
+      for li, bi, k in np.ndindex(*idx_LBKP.shape[:3]):
+        left = sorted(set(range(below_B[bi])) - set(idx_LBKP[li, bi, k]))
+        out[li, bi, k, :len(left)] = left[:out.shape[-1]]
+      table.append(out)
+    got = _prefetch_run(params, cfg, tokens, lengths, steps,
+                        _TableGuess(np.stack(table), int(lengths[0])))
+    tol = tolerances.tol(np.float32)
+    wasted = 0
+    for i, (logits_BV, info) in enumerate(got):
+      np.testing.assert_allclose(logits_BV, want[i + 1], **tol,
+                                 err_msg=f"step {i}")
+      pre, hit, waste = self._check_counts(info)
+      self.assertEqual(hit, 0)
+      wasted += waste
+    self.assertGreater(wasted, 0)
+
+  def test_errors(self):
+    cfg, _, params = _model("nosa")
+    state, _ = engine.prefill(params, cfg, jnp.zeros((1, 4), jnp.int32),
+                              jnp.asarray([4]), 8)
+    with self.assertRaisesRegex(ValueError, "prefetch=True needs the host"):
+      engine.decode_step(params, cfg, state, jnp.zeros((1,), jnp.int32),
+                         prefetch=True)
+    full = testing.tiny_model_config("full")
+    with self.assertRaisesRegex(ValueError, "prefetch=True needs a sparse"):
+      engine.decode_step(None, full, None, None, prefetch=True)
+
+
 class GenerateTest(parameterized.TestCase):
 
   def test_seeded_sampling_and_stores(self):

@@ -74,6 +74,24 @@ class HostStoreTest(absltest.TestCase):
     np.testing.assert_array_equal(fetch, [[[False, False, True, False, False,
                                             False]]])
 
+  def test_prefetch_slots(self):
+    # Slot 0 was selected at the previous step (position 9) and slot 1
+    # holds a guessed block: both kept. Guessed 7 is resident, 11 comes
+    # twice, 20 is not below the window: 1 and 11 load, the empty slot
+    # first, then the least recently selected.
+    new_map, load = stores.prefetch_slots(
+        jnp.asarray([[[5, 7, -1, 2]]]), jnp.asarray([[[9, 3, -1, 4]]]),
+        jnp.asarray([[[7, 11, 11, 1, 20]]]), jnp.asarray([10]),
+        jnp.asarray([15]))
+    np.testing.assert_array_equal(load, [[[-1, -1, 1, 11]]])
+    np.testing.assert_array_equal(new_map, [[[5, 7, 1, 11]]])
+    # No free slot: nothing loads.
+    new_map, load = stores.prefetch_slots(
+        jnp.asarray([[[5, 6]]]), jnp.asarray([[[9, 9]]]),
+        jnp.asarray([[[1, 2]]]), jnp.asarray([10]), jnp.asarray([15]))
+    np.testing.assert_array_equal(load, -1)
+    np.testing.assert_array_equal(new_map, [[[5, 6]]])
+
   def test_options_validation(self):
     with self.assertRaisesRegex(ValueError, "HostStore.fetch='dma'"):
       stores.HostStore(fetch="dma")
