@@ -86,6 +86,9 @@ _EMULATED_HBM = flags.DEFINE_float(
 _HOST_FRACTION = flags.DEFINE_float(
     "host_fraction", 0.6, "Share of the RAM the largest offload batch may "
     "fill.")
+_PREFETCH_ACCURACY = flags.DEFINE_float(
+    "prefetch_accuracy", 1.0, "Share of right picks in nosa_offload_prefetch"
+    "'s synthetic guess (1 = an oracle).")
 _RUNLOCAL = flags.DEFINE_bool("runlocal", False,
                               "Tiny shapes for a CPU smoke run.")
 _CONFIGS = {"1b": nosa_1b, "8b": nosa_8b, "tiny": tiny}
@@ -115,7 +118,8 @@ def _protocol() -> decode_systems.Protocol:
       warmup=_WARMUP.value, gpu_fraction=_GPU_FRACTION.value,
       profile_dir=(os.path.join(_OUT.value, "profile") if _PROFILE.value
                    else None), largest=_LARGEST.value,
-      emulated_hbm_gib=_EMULATED_HBM.value, host_fraction=_HOST_FRACTION.value)
+      emulated_hbm_gib=_EMULATED_HBM.value, host_fraction=_HOST_FRACTION.value,
+      prefetch_accuracy=_PREFETCH_ACCURACY.value)
 
 
 def _check_flags() -> None:

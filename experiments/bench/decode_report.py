@@ -25,7 +25,8 @@ def verdicts(records: list[dict]) -> list[str]:
   by = {(r["system"], r["context"], r["batch"]): r for r in records}
   out = []
   for (system, ctx, b), r in sorted(by.items()):
-    if not system.endswith(("_offload", "_offload_fused")):
+    if not system.endswith(("_offload", "_offload_fused",
+                            "_offload_prefetch")):
       continue
     variant, kind = system.split("_", 1)
     resident = by.get((f"{variant}_gpu", ctx, b))

@@ -11,6 +11,13 @@
                       gather kernel on the GPU, XLA's copy loop elsewhere),
                       then the attention runs
   nosa_offload_cache  the same with cache_factor x topk device slots
+  nosa_offload_prefetch  the serial engine with cache_factor x topk slots
+                      and lookahead prefetch (decode_step prefetch=True):
+                      each layer's guessed selection loaded before the
+                      previous layer runs; the guess is
+                      `synthetic.SyntheticGuess` at prefetch_accuracy (1 =
+                      an oracle), so the figure is the engine's cost at
+                      that hit rate, not a model's
   <v>_offload_fused   the same with the fetch fused into the decode
                       attention kernel (HostStore fetch="fused"): the PCIe
                       reads overlap the attention's own HBM reads and math,
@@ -49,7 +56,8 @@ from nosa_jax.inference import stores
 
 SYSTEMS = ("full_gpu", "full_gpu_max", "infllmv2_gpu", "nosa_gpu",
            "infllmv2_offload", "nosa_offload", "nosa_offload_cache",
-           "infllmv2_offload_fused", "nosa_offload_fused")
+           "infllmv2_offload_fused", "nosa_offload_fused",
+           "nosa_offload_prefetch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +81,8 @@ class Protocol:
       record carries it.
     host_fraction: share of the physical RAM the largest offload batch may
       fill.
+    prefetch_accuracy: share of the guessed picks that are right in the
+      prefetch system's synthetic guess.
   """
 
   batch: int = 16
@@ -87,6 +97,7 @@ class Protocol:
   largest: bool = False
   emulated_hbm_gib: Optional[float] = None
   host_fraction: float = 0.6
+  prefetch_accuracy: float = 1.0
 
   def device_budget(self) -> float:
     """Bytes the largest-batch rules may fill on the device."""
@@ -117,6 +128,7 @@ class Run:
   mode: str  # cost-model mode
   store: stores.HostStore | None = None  # None: the device store
   gamma_target: float | None = None
+  prefetch: bool = False
 
   def describe(self) -> dict:
     """The run as JSON fields (the store is described by the system)."""
@@ -132,7 +144,8 @@ def offload_store(system: str, topk: int, cache_factor: int
     fetch = "fused"
   else:  # serial: a copy, then the attention
     fetch = "pallas" if jax.default_backend() == "gpu" else "loop"
-  cache = cache_factor * topk if system.endswith("_cache") else None
+  spare = system.endswith(("_cache", "_prefetch"))
+  cache = cache_factor * topk if spare else None
   return stores.HostStore(cache_blocks=cache, fetch=fetch)
 
 
@@ -194,7 +207,8 @@ def plan(systems, cfg_full, cfg_sparse, contexts, proto: Protocol,
               cost_model.max_batch(cfg_v, max_len, budget, "offload")))
         for bb in sorted(set(x for x in batches if x >= 1)):
           runs.append(Run(system, variant, ctx, bb, "offload", store,
-                          dict(proto.gamma)[variant]))
+                          dict(proto.gamma)[variant],
+                          prefetch=system.endswith("_prefetch")))
   return runs
 
 
@@ -227,6 +241,9 @@ def run_decode(run: Run, cfg: config_lib.ModelConfig, params,
   store = run.store or stores.DeviceStore()
   override = (None if run.gamma_target is None else
               synthetic.SyntheticSelection(cfg.sparse, run.gamma_target))
+  guess = (synthetic.SyntheticGuess(cfg.sparse, run.gamma_target,
+                                    proto.prefetch_accuracy)
+           if run.prefetch else None)
   state = synthetic.synthetic_state(params, cfg, store, run.batch,
                                     run.context, max_len, run.gamma_target)
   host_bytes = 0
@@ -236,7 +253,8 @@ def run_decode(run: Run, cfg: config_lib.ModelConfig, params,
   counter = [0]
 
   def step(s):
-    s, _, info = engine.decode_step(params, cfg, s, tok, override=override)
+    s, _, info = engine.decode_step(params, cfg, s, tok, override=override,
+                                    prefetch=run.prefetch, guess=guess)
     counter[0] += 1
     if store.writes_back and counter[0] % cfg.sparse.block_size == 0:
       s = engine.write_back(cfg, s)  # timed, amortised
@@ -270,9 +288,17 @@ def run_decode(run: Run, cfg: config_lib.ModelConfig, params,
     fetched = int(sum(np.asarray(i["fetched"]).sum() for i in infos))
     selected = int(sum((np.asarray(i["selected"]) >= 0).sum() for i in infos))
     gamma = 1.0 - fetched / max(selected, 1)
+    total = lambda key: int(sum(np.asarray(i[key]).sum() for i in infos))
+    loads = fetched  # critical-path fetches, plus prefetch's loads
+    if run.prefetch:
+      rec.update(prefetch_hits=total("prefetch_hits"),
+                 wasted=total("prefetch_wasted"),
+                 prefetch_accuracy=proto.prefetch_accuracy)
+      loads += total("prefetched")
     tile = cfg.sparse.block_size * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
     rec.update(gamma=gamma, fetched_blocks=fetched, selected_blocks=selected,
-               pcie_bytes_per_step=2 * tile * fetched / proto.steps,
+               misses=fetched,
+               pcie_bytes_per_step=2 * tile * loads / proto.steps,
                cache_blocks=store.cache_blocks or cfg.sparse.topk_blocks,
                fetch=store.fetch_and_attention(cfg.sparse)[0])
   else:

@@ -95,6 +95,42 @@ class SyntheticSelection:
     return jnp.where(jnp.min(idx_BKP) >= -1, synth_BKP, idx_BKP)
 
 
+@dataclasses.dataclass(frozen=True)
+class SyntheticGuess:
+  """The engine's prefetch guess for a SyntheticSelection run (hashable):
+  the selection the next layer makes at this step, with a fraction
+  1 - accuracy of its lanes (the non-forced picks) moved by half the lane
+  stride, to blocks the selection mostly does not hold; deterministic per
+  (position, layer, lane). accuracy = 1 is an oracle. What a trained
+  model's guesses reach is measured, not assumed
+  (`selection.prefetch_coverage`)."""
+
+  sp: config_lib.SparseConfig
+  gamma: float
+  accuracy: float = 1.0
+
+  def __post_init__(self):
+    if not 0.0 <= self.accuracy <= 1.0:
+      raise ValueError(f"accuracy must be in [0, 1], got {self.accuracy}")
+
+  def __call__(self, pred_BKP, pos_B, n: int, layer: int) -> jax.Array:
+    sp = self.sp
+    idx_BKP = synthetic_selection(pos_B, pred_BKP.shape[1], n, sp,
+                                  self.gamma, salt=layer)
+    if self.accuracy >= 1.0:
+      return idx_BKP
+    f = sp.topk_blocks - sp.sink_blocks - sp.window_blocks - 1
+    window_B = pos_B // sp.block_size - sp.window_blocks
+    lane_BKP = (idx_BKP >= sp.sink_blocks) & (
+        idx_BKP < window_B[:, None, None])
+    h_BKP = (pos_B[:, None, None] * 7919
+             + jnp.arange(idx_BKP.shape[-1])[None, None, :] * 40503
+             + jnp.arange(idx_BKP.shape[1])[None, :, None] * 97
+             + layer * 2654435) % 1000
+    wrong_BKP = lane_BKP & (h_BKP < 1000 * (1.0 - self.accuracy))
+    return jnp.where(wrong_BKP, idx_BKP + max(f // 2, 1), idx_BKP)
+
+
 def synthetic_state(params: Any, cfg: config_lib.ModelConfig, store: Any,
                     batch: int, context_len: int, max_len: int,
                     gamma: float | None = None) -> engine.DecodeState:

@@ -117,6 +117,29 @@ class SmokeTest(absltest.TestCase):
     self.assertNotEqual(bad.returncode, 0)
     self.assertIn("--systems: unknown ['nosa_warp']", bad.stderr)
 
+  def test_runlocal_prefetch(self):
+    # Half the guessed lanes wrong: some loads hit, some are wasted, and the
+    # summary carries the counts.
+    out = self.create_tempdir().full_path
+    run = subprocess.run(
+        [sys.executable, "-m", "experiments.decode_bench", "--runlocal",
+         f"--out_dir={out}", "--steps=4", "--warmup=2", "--batch=2",
+         "--parts=decode", "--systems=nosa_offload_prefetch",
+         "--prefetch_accuracy=0.5"], cwd=REPO,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+        text=True, timeout=300)
+    self.assertEqual(run.returncode, 0, run.stderr[-3000:])
+    (rec,) = json.load(open(os.path.join(out, "decode_bench.json")))[
+        "records"]
+    self.assertTrue(rec["prefetch"])
+    self.assertEqual(rec["cache_blocks"], 2 * 8)  # tiny: topk 8
+    self.assertGreater(rec["prefetch_hits"], 0)
+    self.assertGreater(rec["wasted"], 0)
+    (row,) = json.load(open(os.path.join(out, "summary.json")))["rows"]
+    self.assertEqual((row["prefetch_hits"], row["misses"], row["wasted"]),
+                     (rec["prefetch_hits"], rec["fetched_blocks"],
+                      rec["wasted"]))
+
 
 if __name__ == "__main__":
   absltest.main()

@@ -37,6 +37,25 @@ class SyntheticTest(absltest.TestCase):
         prev = idx
       self.assertAlmostEqual(1 - np.mean(new) / 64, gamma, delta=0.01)
 
+  def test_synthetic_guess(self):
+    sp = config_lib.SparseConfig(variant="nosa")  # topk 64, 1 sink, 16 window
+    pos_B = jnp.asarray([20000, 30000])
+    n = 30000 // sp.block_size + 1
+    pred = jnp.zeros((2, 2, sp.topk_blocks), jnp.int32)
+    want = synthetic.synthetic_selection(pos_B, 2, n, sp, 0.9, salt=3)
+    oracle = synthetic.SyntheticGuess(sp, 0.9)(pred, pos_B, n, 3)
+    np.testing.assert_array_equal(oracle, want)
+    wrong = synthetic.SyntheticGuess(sp, 0.9, accuracy=0.0)(pred, pos_B, n, 3)
+    lane = (want >= sp.sink_blocks) & (
+        want < (pos_B // sp.block_size - sp.window_blocks)[:, None, None])
+    # Every lane pick moves, the forced blocks stay.
+    np.testing.assert_array_equal(wrong != want, lane)
+    half = synthetic.SyntheticGuess(sp, 0.9, accuracy=0.5)(pred, pos_B, n, 3)
+    share = float(jnp.sum(half != want) / jnp.sum(lane))
+    self.assertBetween(share, 0.3, 0.7)
+    with self.assertRaisesRegex(ValueError, "accuracy"):
+      synthetic.SyntheticGuess(sp, 0.9, accuracy=1.5)
+
   def test_synthetic_state_is_prefills_type(self):
     cfg, _, params = testing.tiny_model_with_bias("nosa")
     store = stores.HostStore(cache_blocks=10)
