@@ -44,6 +44,10 @@ over the slots. The tail (partial) block is an ordinary slot: the token is
 written into it and it is never fetched; a completed block stays in its
 slot (it is in the forced window for window_blocks * C steps) until
 `write_back`, called every C steps by the loop, copies it to the host.
+With more slots than the selection (`cache_blocks`), the attention reads
+only the slots that hold selected blocks, through a block table of the
+selection's width, so spare slots cost no attention time (the fused fetch,
+which visits every slot to fill its misses, still reads them all).
 Fetch modes (`HostStore.fetch`, resolved by `nosa_jax.implementations` with
 the decode attention; "auto" by default):
 
@@ -366,9 +370,16 @@ class HostStore:
           q_BHD, k_slot, v_slot, bias, len_BKP, kv.k_host, kv.v_host,
           jnp.where(fetch_BKP, load_BKP, -1).astype(jnp.int32))
     else:
+      table = None
+      p_sel = idx_BKP.shape[-1]
+      if p > p_sel:  # read only the slots holding selected blocks
+        table = jnp.argsort(~sel_slot_BKP, axis=-1,
+                            stable=True)[..., :p_sel].astype(jnp.int32)
+        len_BKP = jnp.take_along_axis(len_BKP, table, axis=-1)
       out_BHD = sparse_attention.decode_attention(
           q_BHD, k_slot.reshape(b, nkv, p * c, d),
-          v_slot.reshape(b, nkv, p * c, d), bias, len_BKP, c, attention)
+          v_slot.reshape(b, nkv, p * c, d), bias, len_BKP, c, attention,
+          block_idx_BKP=table)
     slot_last = jnp.where(sel_slot_BKP, pos_B[:, None, None], kv.slot_last)
     kv = dataclasses.replace(kv, k_slot=k_slot, v_slot=v_slot,
                              slot_map=new_map,
