@@ -388,6 +388,14 @@ class DataConfig:
       window), so that small models learn the long-range retrieval the
       passkey evaluation measures. 0 = the plain corpus. The eval split is
       never changed.
+    recall_fraction: fraction of training windows replaced by synthetic
+      associative-recall documents (`nosa_jax.recall`: multi-key
+      needle-in-a-haystack and MQAR records over the whole window, keys
+      from the training part of the key space). 0 = none. With
+      passkey_fraction, the two together are at most 1.
+    recall_mqar_share: of the recall windows, the share with the MQAR
+      shape (8-64 records, 4-16 asked back); the rest are multi-key NIAH
+      (1-4 records, 1-4 asked back).
   """
 
   source: str = "stdlib"
@@ -396,6 +404,8 @@ class DataConfig:
   holdout_fraction: float = 0.01
   cache_dir: str = ""
   passkey_fraction: float = 0.0
+  recall_fraction: float = 0.0
+  recall_mqar_share: float = 0.5
 
   def __post_init__(self):
     _require(isinstance(self.source, str) and self.source, "data.source",
@@ -406,6 +416,15 @@ class DataConfig:
              and not isinstance(self.passkey_fraction, bool)
              and 0.0 <= self.passkey_fraction <= 1.0, "data.passkey_fraction",
              "must be a number in [0, 1]", self.passkey_fraction)
+    for name in ("recall_fraction", "recall_mqar_share"):
+      value = getattr(self, name)
+      _require(isinstance(value, (int, float)) and not isinstance(value, bool)
+               and 0.0 <= value <= 1.0, f"data.{name}",
+               "must be a number in [0, 1]", value)
+    _require(self.passkey_fraction + self.recall_fraction <= 1.0,
+             "data.recall_fraction", "must be at most 1 - "
+             f"data.passkey_fraction ({self.passkey_fraction})",
+             self.recall_fraction)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,6 +40,7 @@ import numpy as np
 
 from nosa_jax import config as config_lib
 from nosa_jax import passkey
+from nosa_jax import recall
 
 # Bump when the cache layout or tokenization rules change, so old cache files
 # are never trusted by new code.
@@ -311,37 +312,53 @@ class TokenStream:
     return _gather_windows(self.tokens, windows, self.seq_len)
 
 
-class PasskeyMixStream(TokenStream):
-  """A train stream in which a fraction of windows are passkey documents.
+class SyntheticMixStream(TokenStream):
+  """A train stream in which fractions of windows are synthetic documents.
 
-  Row i of `batch_at(position, ...)` is replaced, with probability
-  `fraction`, by `passkey.PasskeyBuilder.training_document` of seq_len + 1
-  tokens (one or more passkey documents with random keys and depths; about
-  half of them keep the corpus window as the haystack). The choice and the
-  documents come from an RNG seeded with (seed, stream position), so
-  batches stay a pure function of the position and resumed runs see the
-  same data.
+  Row i of `batch_at(position, ...)` is, by one uniform draw u of an RNG
+  seeded with (seed, stream position, 1): with u < `passkey_fraction`,
+  `passkey.PasskeyBuilder.training_document` (one or more passkey
+  documents with random keys and depths; about half of them keep the
+  corpus window as the haystack); else with u < `passkey_fraction +
+  recall_fraction`, `recall.RecallBuilder.training_document` drawn from an
+  RNG seeded with (seed, position, 2); else the corpus window. Batches
+  stay a pure function of the position, so resumed runs see the same data,
+  and the passkey rows are what they were before the recall mix existed.
   """
 
   def __init__(self, tokens: np.ndarray, seq_len: int, seed: int = 0, *,
                name: str = "token stream", tokenizer: Tokenizer,
-               fraction: float):
+               passkey_fraction: float = 0.0, recall_fraction: float = 0.0,
+               recall_mqar_share: float = 0.5):
     super().__init__(tokens, seq_len, seed, name=name)
-    self.fraction = fraction
-    self._builder = passkey.PasskeyBuilder(tokenizer)
-    need = self._builder.min_document_length()
-    if need > seq_len + 1:
-      raise config_lib.ConfigError(
-          f"data.passkey_fraction={fraction} is invalid with train.seq_len="
-          f"{seq_len}: a passkey document needs seq_len + 1 >= {need}")
+    self.passkey_fraction = passkey_fraction
+    self.recall_fraction = recall_fraction
+    self.recall_mqar_share = recall_mqar_share
+    self._passkey = passkey.PasskeyBuilder(tokenizer)
+    self._recall = recall.RecallBuilder(tokenizer)
+    for field, fraction, need in (
+        ("passkey_fraction", passkey_fraction,
+         self._passkey.min_document_length()),
+        ("recall_fraction", recall_fraction,
+         self._recall.min_document_length())):
+      if fraction > 0 and need > seq_len + 1:
+        raise config_lib.ConfigError(
+            f"data.{field}={fraction} is invalid with train.seq_len="
+            f"{seq_len}: its documents need seq_len + 1 >= {need}")
 
   def batch_at(self, position: int, batch_size: int) -> np.ndarray:
     batch = super().batch_at(position, batch_size)
     for i in range(batch_size):
       rng = np.random.default_rng([self.seed, position + i, 1])
-      if rng.random() < self.fraction:
-        batch[i] = self._builder.training_document(self.seq_len + 1, rng,
+      u = rng.random()
+      if u < self.passkey_fraction:
+        batch[i] = self._passkey.training_document(self.seq_len + 1, rng,
                                                    batch[i])
+      elif u < self.passkey_fraction + self.recall_fraction:
+        batch[i] = self._recall.training_document(
+            self.seq_len + 1, np.random.default_rng(
+                [self.seed, position + i, 2]), batch[i],
+            mqar_share=self.recall_mqar_share).tokens
     return batch
 
 
@@ -760,10 +777,12 @@ def load_datasets(cfg: config_lib.DataConfig, seq_len: int,
         meta["num_tokens"]["train"], meta["num_tokens"]["eval"],
         meta["split_by"], base)
 
-  if cfg.passkey_fraction > 0:
-    train = PasskeyMixStream(arrays["train"], seq_len, seed,
-                             name="train split", tokenizer=tokenizer,
-                             fraction=cfg.passkey_fraction)
+  if cfg.passkey_fraction > 0 or cfg.recall_fraction > 0:
+    train = SyntheticMixStream(
+        arrays["train"], seq_len, seed, name="train split",
+        tokenizer=tokenizer, passkey_fraction=cfg.passkey_fraction,
+        recall_fraction=cfg.recall_fraction,
+        recall_mqar_share=cfg.recall_mqar_share)
   else:
     train = TokenStream(arrays["train"], seq_len, seed, name="train split")
   return Datasets(

@@ -109,12 +109,12 @@ class PasskeyExampleTest(parameterized.TestCase):
       self.assertIn(f"The pass key is {e.key}.", tok.decode(e.tokens))
 
 
-class PasskeyMixStreamTest(absltest.TestCase):
+class SyntheticMixStreamTest(absltest.TestCase):
 
   def _stream(self, fraction, seq_len=256):
     tokens = (np.arange(20_000) % 97 + 100).astype(np.uint16)
-    return data.PasskeyMixStream(tokens, seq_len, seed=3, tokenizer=BYTES,
-                                 fraction=fraction)
+    return data.SyntheticMixStream(tokens, seq_len, seed=3, tokenizer=BYTES,
+                                   passkey_fraction=fraction)
 
   def test_fraction_and_determinism(self):
     stream = self._stream(0.5)
@@ -150,8 +150,8 @@ class PasskeyMixStreamTest(absltest.TestCase):
                                 cache_dir=self.create_tempdir().full_path,
                                 passkey_fraction=1.0)
     ds = data.load_datasets(cfg, seq_len=200, seed=0)
-    self.assertIsInstance(ds.train, data.PasskeyMixStream)
-    self.assertNotIsInstance(ds.eval, data.PasskeyMixStream)
+    self.assertIsInstance(ds.train, data.SyntheticMixStream)
+    self.assertNotIsInstance(ds.eval, data.SyntheticMixStream)
     self.assertTrue(all(BYTES.decode(r).startswith(passkey.INTRO)
                         for r in ds.train.batch_at(0, 4)))
 
