@@ -64,6 +64,7 @@ from nosa_jax import config as config_lib
 from nosa_jax import layers
 from nosa_jax import model
 from nosa_jax import selection
+from nosa_jax import sparse_attention
 from nosa_jax.inference import sampling
 from nosa_jax.inference import stores
 
@@ -203,6 +204,125 @@ def _prefill(params, cfg: config_lib.ModelConfig, tokens_BT, lengths_B,
                                                     lengths_B, row0, axis=0)
   return DecodeState(tuple(out), lengths_B, store, s // sp.block_size), \
       logits_BV
+
+
+def _prefill_chunk(params, cfg: config_lib.ModelConfig, state: DecodeState,
+                   tokens_BC, lengths_B, p0, max_len: int):
+  """One query chunk [p0, p0 + C) of a chunked prefill, every layer.
+
+  Each layer reads its whole cache (`store.read_all`), writes the chunk's
+  K / V / bias rows into it, attends the chunk's queries over it at their
+  positions, and rebuilds its state with `store.prefill` and
+  `_prefill_selection` over the prompt so far, as `_prefill` does over the
+  whole prompt: after the last chunk the state is the whole prefill's.
+  """
+  # Query positions need the xla path; the penalty is a training term.
+  sp = dataclasses.replace(cfg.sparse, implementation="xla",
+                           locality_weight=0.0)
+  store = state.store
+  b, c = tokens_BC.shape
+  s = state.num_blocks * sp.block_size
+  pos_C = p0 + jnp.arange(c)
+  # Padding sits at the prompt's last position (as in `_prefill`); rows past
+  # a prompt are neither cached nor attended by its queries.
+  positions_BC = jnp.minimum(pos_C[None, :], lengths_B[:, None] - 1)
+  so_far_B = jnp.minimum(lengths_B, p0 + c)
+  valid_BC = pos_C[None, :] < lengths_B[:, None]
+
+  def write(full_BKS_, x_BCK_):  # the chunk's valid rows at p0
+    x_BKC_ = jnp.moveaxis(x_BCK_, 2, 1)
+    old = jax.lax.dynamic_slice_in_dim(full_BKS_, p0, c, axis=2)
+    keep = valid_BC[:, None].reshape((b, 1, c) + (1,) * (x_BKC_.ndim - 3))
+    return jax.lax.dynamic_update_slice_in_dim(
+        full_BKS_, jnp.where(keep, x_BKC_, old), p0, axis=2)
+
+  x_BCM = model.embed(params, cfg, tokens_BC)
+  out = []
+  for i, lay in enumerate(state.layers):
+    k_BKSD, v_BKSD = store.read_all(lay.kv)
+    bias_BKS = lay.sel.bias_BKS
+
+    def attend(q_BCHD, k_BCKD, v_BCKD, bias_BCK, k_BKSD=k_BKSD,
+               v_BKSD=v_BKSD, bias_BKS=bias_BKS):
+      k_BKSD, v_BKSD = write(k_BKSD, k_BCKD), write(v_BKSD, v_BCKD)
+      if bias_BCK is not None:
+        bias_BKS = write(bias_BKS, bias_BCK)
+      to_bsk = lambda x: None if x is None else jnp.moveaxis(x, 1, 2)
+      out_BCHD, _ = sparse_attention.nosa_attention(
+          q_BCHD, to_bsk(k_BKSD), to_bsk(v_BKSD), to_bsk(bias_BKS), sp,
+          positions_T=pos_C)
+      return out_BCHD, (k_BKSD, v_BKSD, bias_BKS)
+
+    x_BCM, (k_BKSD, v_BKSD, bias_BKS) = model.block(
+        params["blocks"][i], cfg, x_BCM, positions_BC, attend)
+    sel = _prefill_selection(jnp.moveaxis(k_BKSD, 1, 2),
+                             None if bias_BKS is None else
+                             jnp.moveaxis(bias_BKS, 1, 2), so_far_B, s, sp)
+    out.append(LayerState(sel=sel, kv=store.prefill(k_BKSD, v_BKSD,
+                                                    so_far_B, sp)))
+    if i:  # at most two layers' caches on the device at once
+      x_BCM, out[i - 1] = jax.lax.optimization_barrier((x_BCM, out[i - 1]))
+  last_B = jnp.clip(lengths_B - 1 - p0, 0, c - 1)
+  logits_BV = model.logits(params, cfg, x_BCM[jnp.arange(b), last_B])
+  return dataclasses.replace(state, layers=tuple(out),
+                             lengths_B=so_far_B), logits_BV
+
+
+# The device store's chunk updates its cache in place (donated). Donating a
+# host store's pinned_host arrays fails in XLA ("memory kind does not
+# match"), so that chunk keeps them: the old and the new host store coexist
+# during each chunk.
+_chunk_in_place = jax.jit(_prefill_chunk, static_argnames=("cfg", "max_len"),
+                          donate_argnames=("state",))
+_chunk_copy = jax.jit(_prefill_chunk, static_argnames=("cfg", "max_len"))
+
+
+def prefill_chunked(params: Any, cfg: config_lib.ModelConfig,
+                    tokens_BT: jax.Array, lengths_B: jax.Array, max_len: int,
+                    *, chunk: int, store: Store = DEVICE,
+                    host_memory_limit: Optional[int] = None
+                    ) -> tuple[DecodeState, jax.Array]:
+  """`prefill` over query chunks of `chunk` tokens (sparse variants).
+
+  Only one chunk's activations and one layer's whole cache are on the
+  device at a time, so a prompt whose whole-prompt activations do not fit
+  still prefills; with the host store, each chunk's K/V go to the host as
+  the chunk finishes. The result equals `prefill`'s (tested); the chunks'
+  attention runs the `xla` sparse path (the Pallas kernel takes no query
+  positions), and with the host store every chunk copies each layer's
+  store to the device and back (PCIe time grows with the number of chunks)
+  and holds the old and the new host store at once (XLA refuses to donate
+  pinned_host buffers here): twice the store's host memory.
+
+  Args:
+    params, cfg, tokens_BT, lengths_B, max_len, store, host_memory_limit:
+      as for `prefill`.
+    chunk: query tokens per chunk, a positive multiple of the block size
+      (the last chunk is the rest of the prompt: one more compile).
+  """
+  sp = cfg.sparse
+  if not sp.is_sparse:
+    raise ValueError("prefill_chunked needs a sparse variant (its chunks "
+                     f"attend through the selection), got {sp.variant!r}")
+  if (not isinstance(chunk, int) or chunk < 1
+      or chunk % sp.block_size):
+    raise ValueError(f"chunk={chunk!r} must be a positive multiple of "
+                     f"block_size={sp.block_size}")
+  b, t = tokens_BT.shape
+  store.check(cfg, b, max_len, host_memory_limit)
+  capacity(cfg, t, max_len)
+  lengths_B = jnp.asarray(lengths_B, jnp.int32)
+  state = empty_state(params, cfg, b, t, max_len, store)
+  logits_BV = None
+  for p0 in range(0, t, chunk):
+    run = _chunk_copy if store.writes_back else _chunk_in_place
+    state, chunk_BV = run(params, cfg, state,
+                                     tokens_BT[:, p0:p0 + chunk], lengths_B,
+                                     jnp.int32(p0), max_len)
+    ends_here_B = (lengths_B - 1 >= p0) & (lengths_B - 1 < p0 + chunk)
+    logits_BV = chunk_BV if logits_BV is None else jnp.where(
+        ends_here_B[:, None], chunk_BV, logits_BV)
+  return state, logits_BV
 
 
 def empty_state(params, cfg: config_lib.ModelConfig, batch: int, t: int,

@@ -18,6 +18,8 @@ The engine calls it; it never calls back into the engine:
       -> (kv, out_BHD, fetched_BK)                 attends over the selected
                                                    blocks, says what moved
   write_back(kv, lengths_B, sp) -> kv              (when `writes_back`)
+  read_all(kv) -> (k_BKSD, v_BKSD)                 every cached K/V row on the
+                                                   device (chunked prefill)
   prefetch(kv, guess_BKQ, pos_B, sp) -> (kv, loaded_BKP)
                                                    loads guessed blocks ahead
                                                    of the attend that needs
@@ -185,6 +187,9 @@ class DeviceStore:
   def write_back(self, kv, lengths_B, sp):
     del lengths_B, sp
     return kv
+
+  def read_all(self, kv: DeviceKV):
+    return kv.k_BKSD, kv.v_BKSD
 
   def prefetch(self, kv, guess_BKQ, pos_B, sp):
     raise ValueError("prefetch needs the host store: the device store holds "
@@ -385,6 +390,13 @@ class HostStore:
                              slot_map=new_map,
                              slot_last=slot_last.astype(jnp.int32))
     return kv, out_BHD, jnp.sum(fetch_BKP, -1).astype(jnp.int32)
+
+  def read_all(self, kv: HostKV):
+    """The whole store copied to the device (one layer: what a chunk of a
+    query-chunked prefill attends to; written blocks only, see write_back)."""
+    b, nkv, n, c, d = kv.k_host.shape
+    return tuple(jax.device_put(x, _DEVICE).reshape(b, nkv, n * c, d)
+                 for x in (kv.k_host, kv.v_host))
 
   def prefetch(self, kv: HostKV, guess_BKQ, pos_B,
                sp: config_lib.SparseConfig):

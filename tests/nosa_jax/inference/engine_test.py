@@ -288,6 +288,50 @@ class PrefillTest(parameterized.TestCase):
                      cfg.num_layers - 1)
 
 
+class ChunkedPrefillTest(parameterized.TestCase):
+  """Query-chunked prefill builds the whole prefill's state (both stores)."""
+
+  @parameterized.named_parameters(
+      ("device_nosa", "nosa", DEVICE),
+      ("host_nosa", "nosa", stores.HostStore(fetch="loop")),
+      ("device_infllmv2", "infllmv2", DEVICE))
+  def test_chunked_equals_whole(self, variant, store):
+    cfg, _, params = _model(variant)
+    lengths, steps = np.array([70, 33, 48]), 3
+    width, max_len = lengths.max(), lengths.max() + steps
+    tokens = testing.random_tokens(jax.random.key(7), 3, max_len)
+    rows, tol = np.arange(3), tolerances.tol(np.float32)
+    runs = []
+    for chunked in (False, True):
+      fn = (functools.partial(engine.prefill_chunked, chunk=32) if chunked
+            else engine.prefill)
+      state, logits = fn(params, cfg, tokens[:, :width],
+                         jnp.asarray(lengths), max_len, store=store)
+      out = [np.asarray(logits)]
+      for i in range(steps):
+        state, logits, _ = engine.decode_step(params, cfg, state,
+                                              tokens[rows, lengths + i])
+        out.append(np.asarray(logits))
+      runs.append((out, state))
+    (want, want_state), (got, got_state) = runs
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+      np.testing.assert_allclose(g, w, **tol, err_msg=f"step {i}")
+    np.testing.assert_array_equal(got_state.lengths_B, want_state.lengths_B)
+    for g, w in zip(jax.tree.leaves(got_state), jax.tree.leaves(want_state),
+                    strict=True):
+      np.testing.assert_allclose(np.asarray(g, np.float32),
+                                 np.asarray(w, np.float32), **tol)
+
+  def test_errors(self):
+    cfg, _, params = _model("nosa")
+    tokens = jnp.zeros((1, 20), jnp.int32)
+    with self.assertRaisesRegex(ValueError, "multiple of block_size=16"):
+      engine.prefill_chunked(params, cfg, tokens, [20], 24, chunk=20)
+    full = testing.tiny_model_config("full")
+    with self.assertRaisesRegex(ValueError, "needs a sparse variant"):
+      engine.prefill_chunked(params, full, tokens, [20], 24, chunk=16)
+
+
 class PredictionTest(parameterized.TestCase):
   """decode_step's one-layer-ahead selection guess (prefetch study)."""
 
