@@ -51,6 +51,11 @@ _CACHE_BLOCKS = flags.DEFINE_integer(
     "cache_blocks", None, "--offload=host: GPU slots per (layer, sequence, "
     "KV head); default topk_blocks.")
 
+_PREFILL_CHUNK = flags.DEFINE_integer(
+    "prefill_chunk", None, "Prefill the prompt in query chunks of this many "
+    "tokens (a multiple of the block size; sparse variants): bounds the "
+    "prefill's device memory for long prompts.")
+
 
 def main(argv):
   del argv
@@ -87,7 +92,7 @@ def main(argv):
         params, mcfg, [prompt], _MAX_NEW.value, store=store,
         temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
         eos_id=tok.eos_id, pad_id=tok.pad_id, seed=_SEED.value,
-        return_stats=True)
+        return_stats=True, prefill_chunk=_PREFILL_CHUNK.value)
     label, per_layer = (("block-cache hit rate", stats["hit_rate"])
                         if store.writes_back else
                         ("gamma", stats["gamma_per_layer"]))

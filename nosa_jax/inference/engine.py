@@ -646,7 +646,8 @@ def generate(params: Any, cfg: config_lib.ModelConfig,
              pad_id: Optional[int] = None, seed: int = 0,
              max_len: Optional[int] = None, return_stats: bool = False,
              prefill_batch: Optional[int] = None,
-             host_memory_limit: Optional[int] = None):
+             host_memory_limit: Optional[int] = None,
+             prefill_chunk: Optional[int] = None):
   """Samples continuations of a batch of prompts of any lengths.
 
   Prefill, then a Python loop over one compiled step (decode + sampling;
@@ -672,6 +673,9 @@ def generate(params: Any, cfg: config_lib.ModelConfig,
       sequences) and per layer selected_blocks, fetched_blocks and
       hit_rate = 1 - fetched / selected (cold start included).
     prefill_batch, host_memory_limit: `prefill`'s.
+    prefill_chunk: if set, `prefill_chunked` with this chunk (sparse
+      variants; prefill_batch is then ignored and prefill_s includes its
+      compilation).
 
   Returns:
     The generated tokens of each prompt, up to and including eos_id, without
@@ -688,8 +692,13 @@ def generate(params: Any, cfg: config_lib.ModelConfig,
       eos_id=eos_id, pad_id=pad_id)
   store.check(cfg, len(prompts), s, host_memory_limit)
   temp, top_p = jnp.float32(temperature), jnp.float32(top_p)
-  run_prefill = _prefill_runner(params, cfg, store, tokens, lengths, s,
-                                prefill_batch, aot=True)
+  if prefill_chunk is None:
+    run_prefill = _prefill_runner(params, cfg, store, tokens, lengths, s,
+                                  prefill_batch, aot=True)
+  else:
+    run_prefill = functools.partial(
+        prefill_chunked, params, cfg, tokens, lengths, s,
+        chunk=prefill_chunk, store=store, host_memory_limit=host_memory_limit)
   t0 = time.perf_counter()
   state, logits_BV = jax.block_until_ready(run_prefill())
   prefill_s = time.perf_counter() - t0

@@ -509,6 +509,8 @@ class GenerateTest(parameterized.TestCase):
     self.assertEqual(host_stats["gamma_per_layer"], stats["gamma_per_layer"])
     hit = np.array(host_stats["hit_rate"])
     self.assertTrue(np.all((hit > 0) & (hit < 1)), hit)
+    # A chunked prefill into the host store: the same greedy tokens.
+    self.assertEqual(run(store=stores.HostStore(), prefill_chunk=32), greedy)
 
   def test_errors(self):
     cfg, _, params = _model("nosa")
