@@ -60,6 +60,9 @@ _GAMMA_PROMPTS = flags.DEFINE_integer("gamma_prompts", _D.gamma_prompts,
 _GAMMA_NEW = flags.DEFINE_integer("gamma_new_tokens", _D.gamma_new_tokens,
                                   "Tokens decoded per gamma prompt.")
 _SEED = flags.DEFINE_integer("seed", 0, "Passkey keys.")
+_RECALL = flags.DEFINE_integer(
+    "recall_trials", 0, "Held-out recall documents per distance bucket "
+    "(nosa_jax.recall); 0 skips.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -75,7 +78,8 @@ def main(argv):
         passkey_depths=evaluation.parse_list(
             "passkey_depths", _DEPTHS.value, float),
         gamma_prompts=_GAMMA_PROMPTS.value,
-        gamma_new_tokens=_GAMMA_NEW.value, seed=_SEED.value)
+        gamma_new_tokens=_GAMMA_NEW.value, seed=_SEED.value,
+        recall_trials=_RECALL.value)
   except config_lib.ConfigError as e:
     sys.exit(f"flag error: --{e}")
   out = _OUT_JSON.value or os.path.join(_WORKDIR.value, "eval.json")

@@ -1,6 +1,6 @@
 """Evaluation of a trained model: perplexity, passkey retrieval, locality.
 
-Three measurements, each a function of (params, ModelConfig, inputs):
+Four measurements, each a function of (params, ModelConfig, inputs):
 
 * `heldout_perplexity`: mean next-token NLL over fixed held-out batches
   (`data.eval_batches`, the windows behind the trainer's `eval/loss`) and
@@ -8,12 +8,14 @@ Three measurements, each a function of (params, ModelConfig, inputs):
 * `passkey_accuracy`: needle retrieval at several context lengths and
   depths, on `nosa_jax.passkey` documents built offline, scored by teacher
   forcing (see `score_passkey` for why this equals greedy decoding).
+* `recall_by_distance`: held-out associative recall (`nosa_jax.recall`) by
+  the distance from the record to its query, scored the same way.
 * `decode_gamma`: the mean step-to-step selection overlap gamma per layer
   (NOSA_SPEC.md §3; `selection.selection_gamma`) while greedily decoding
   held-out prompts with `inference.engine.generate`. `full` selects
   nothing: None.
 
-`evaluate` runs all three from an `EvalConfig`; `load_model` reads a
+`evaluate` runs all four from an `EvalConfig`; `load_model` reads a
 training workdir or an HF directory; `log_results` writes TensorBoard
 scalars; `read_scalars` reads a run's training curves back.
 """
@@ -37,6 +39,7 @@ from nosa_jax import data as data_lib
 from nosa_jax import hf_io
 from nosa_jax import model as model_lib
 from nosa_jax import passkey
+from nosa_jax import recall
 from nosa_jax import selection
 from nosa_jax.inference import engine
 from nosa_jax.inference import sampling
@@ -66,6 +69,11 @@ class EvalConfig:
     gamma_new_tokens: greedy tokens decoded per prompt.
     gamma_prompt_len: prompt tokens (0: seq_len - gamma_new_tokens).
     seed: passkey keys.
+    recall_trials: held-out recall documents per distance bucket
+      (`recall.BUCKETS`, `recall_by_distance`); 0 skips recall.
+    recall_distractors: further records in each recall document.
+    recall_seed: the recall documents' RNG stream (their keys come from the
+      held-out part of the key space whatever the seed).
   """
 
   seq_len: int = 0
@@ -79,12 +87,16 @@ class EvalConfig:
   gamma_new_tokens: int = 32
   gamma_prompt_len: int = 0
   seed: int = 0
+  recall_trials: int = 0
+  recall_distractors: int = 4
+  recall_seed: int = 1
 
   def __post_init__(self):
     for name in ("passkey_lengths", "passkey_depths"):
       object.__setattr__(self, name, tuple(getattr(self, name)))
     for name in ("seq_len", "batch_size", "eval_batches", "passkey_trials",
-                 "gamma_prompts", "gamma_prompt_len", "seed"):
+                 "gamma_prompts", "gamma_prompt_len", "seed", "recall_trials",
+                 "recall_distractors", "recall_seed"):
       _check(_is_int(getattr(self, name)) and getattr(self, name) >= 0, name,
              "must be a non-negative integer", getattr(self, name))
     for name in ("passkey_digits", "gamma_new_tokens"):
@@ -377,15 +389,93 @@ def passkey_accuracy(predict: PredictFn, tokenizer: data_lib.Tokenizer, *,
       "overall_answer_nll": float(nll.mean()),
   }
   if sparse is not None:
-    c = sparse.block_size
-    outside = []
-    for e in examples:
-      own = (e.answer_start - 1) // c  # block of the first answer query
-      first_window = max(own - sparse.window_blocks, 0)
-      outside.append(e.needle_start >= sparse.sink_blocks * c
-                     and e.needle_end <= first_window * c)
-    result["outside_forced"] = np.array(outside, float).reshape(
+    result["outside_forced"] = outside_forced(examples, sparse).reshape(
         shape).mean(-1).tolist()
+  return result
+
+
+def outside_forced(examples: Sequence[passkey.PasskeyExample],
+                   sparse: config_lib.SparseConfig) -> np.ndarray:
+  """float [len(examples)]: 1 where the needle lies outside the blocks the
+  first answer query always selects (sink + window + own block)."""
+  c = sparse.block_size
+  outside = []
+  for e in examples:
+    own = (e.answer_start - 1) // c  # block of the first answer query
+    first_window = max(own - sparse.window_blocks, 0)
+    outside.append(e.needle_start >= sparse.sink_blocks * c
+                   and e.needle_end <= first_window * c)
+  return np.array(outside, float)
+
+
+# ----------------------------------------------------------------------------
+# Associative recall by distance.
+# ----------------------------------------------------------------------------
+
+
+def recall_by_distance(predict: PredictFn, tokenizer: data_lib.Tokenizer,
+                       haystack: np.ndarray, *, context: int, trials: int,
+                       distractors: int, seed: int, batch_size: int,
+                       sparse: config_lib.SparseConfig,
+                       vocab_size: int | None = None) -> dict:
+  """Held-out associative recall per distance bucket (`recall.BUCKETS`).
+
+  Each document (`recall.distance_examples`) ends in a query whose answer
+  is a value seen once before, at the bucket's distance, among
+  `distractors` other records; it is scored as the passkey is
+  (`score_passkey`: exact match of the greedy answer, answer NLL).
+
+  Args:
+    predict: `PredictFn`.
+    tokenizer: builds the documents.
+    haystack: held-out corpus tokens (the eval split).
+    context: the training context (seq_len); "ctx_2x" documents are twice
+      as long.
+    trials, distractors, seed: documents per bucket, distractor records,
+      RNG stream.
+    batch_size: rows per `predict` call.
+    sparse: the selection geometry that places the buckets (any variant's,
+      `full`'s too: pure geometry) and pads the lengths.
+    vocab_size: V for the digit check (default: the tokenizer's).
+
+  Returns:
+    A JSON-ready dict: per bucket (dicts keyed by bucket name) accuracy,
+    token_accuracy, answer_nll, distance (mean tokens from the record to
+    the answer), length, outside_forced (fraction of targets outside the
+    forced blocks: 0 for "window", 1 for the others); beyond_window and
+    beyond_window_answer_nll (means over `recall.BEYOND_WINDOW`, the
+    buckets within the training context that need the selection).
+  """
+  pairs = recall.distance_examples(
+      tokenizer, haystack, context=context, trials=trials,
+      distractors=distractors, seed=seed, block_size=sparse.block_size,
+      sink_blocks=sparse.sink_blocks, window_blocks=sparse.window_blocks)
+  examples = [e for _, e in pairs]
+  vocab_size = vocab_size or tokenizer.vocab_size
+  scores = score_passkey(predict, examples, batch_size=batch_size,
+                         pad_id=tokenizer.pad_id,
+                         pad_multiple=sparse.block_size,
+                         digit_mask=digit_token_mask(tokenizer, vocab_size))
+  outside = outside_forced(examples, sparse)
+  names = [name for name, _ in recall.BUCKETS]
+  result: dict[str, Any] = {
+      "context": context, "trials": trials, "distractors": distractors,
+      "seed": seed, "buckets": names}
+  rows = {n: [i for i, (b, _) in enumerate(pairs) if b == n] for n in names}
+  for key, fn in (
+      ("accuracy", lambda i: float(scores[i]["correct"])),
+      ("token_accuracy", lambda i: scores[i]["token_accuracy"]),
+      ("answer_nll", lambda i: scores[i]["answer_nll"]),
+      ("distance", lambda i: float(examples[i].answer_start
+                                   - examples[i].needle_start)),
+      ("length", lambda i: float(examples[i].length)),
+      ("outside_forced", lambda i: float(outside[i]))):
+    result[key] = {n: float(np.mean([fn(i) for i in rows[n]]))
+                   for n in names}
+  result["beyond_window"] = float(np.mean(
+      [result["accuracy"][n] for n in recall.BEYOND_WINDOW]))
+  result["beyond_window_answer_nll"] = float(np.mean(
+      [result["answer_nll"][n] for n in recall.BEYOND_WINDOW]))
   return result
 
 
@@ -496,8 +586,8 @@ def evaluate(params: Any, cfg: config_lib.ExperimentConfig,
     datasets: already loaded data (default: `data.load_datasets(cfg.data)`).
 
   Returns:
-    A JSON-ready dict: model, perplexity, passkey (None if skipped), gamma
-    (None if skipped or `full`).
+    A JSON-ready dict: model, perplexity, passkey (None if skipped),
+    recall (None if skipped), gamma (None if skipped or `full`).
   """
   tc, mc = cfg.train, cfg.model
   seq_len = ecfg.seq_len or tc.seq_len
@@ -550,6 +640,18 @@ def evaluate(params: Any, cfg: config_lib.ExperimentConfig,
                  results["passkey"]["overall"],
                  results["passkey"]["accuracy_by_length"])
 
+  results["recall"] = None
+  if ecfg.recall_trials:
+    results["recall"] = recall_by_distance(
+        greedy_predict_fn(params, mc), datasets.tokenizer,
+        datasets.eval.tokens, context=tc.seq_len, trials=ecfg.recall_trials,
+        distractors=ecfg.recall_distractors, seed=ecfg.recall_seed,
+        batch_size=batch_size, sparse=mc.sparse, vocab_size=mc.vocab_size)
+    logging.info("recall by distance %s (beyond the window %.3f)",
+                 {k: round(v, 3)
+                  for k, v in results["recall"]["accuracy"].items()},
+                 results["recall"]["beyond_window"])
+
   results["gamma"] = None
   if ecfg.gamma_prompts and mc.sparse.is_sparse:
     prompt_len = ecfg.gamma_prompt_len or max(
@@ -569,7 +671,7 @@ def evaluate(params: Any, cfg: config_lib.ExperimentConfig,
 
 
 def log_results(writer, step: int, results: dict) -> None:
-  """Scalars under eval/, passkey/ and gamma/ (a `metrics.MetricWriter`)."""
+  """Scalars under eval/, passkey/, recall/ and gamma/ (a MetricWriter)."""
   ppl = results["perplexity"]
   scalars = {"eval/nll": ppl["nll"], "eval/ppl": ppl["ppl"]}
   pk = results.get("passkey")
@@ -580,6 +682,11 @@ def log_results(writer, step: int, results: dict) -> None:
       for j, depth in enumerate(pk["depths"]):
         scalars[f"passkey/len_{length}/depth_{depth:.2f}"] = (
             pk["accuracy"][i][j])
+  rec = results.get("recall")
+  if rec:
+    scalars["recall/beyond_window"] = rec["beyond_window"]
+    for name, acc in rec["accuracy"].items():
+      scalars[f"recall/{name}"] = acc
   gamma = results.get("gamma")
   if gamma:
     scalars["gamma/mean"] = gamma["mean"]

@@ -20,6 +20,7 @@ from nosa_jax.inference import engine
 from nosa_jax import evaluation
 from nosa_jax import hf_io
 from nosa_jax import passkey
+from nosa_jax import recall
 from nosa_jax import testing
 from nosa_jax import train
 from tests import tolerances
@@ -113,6 +114,30 @@ class PasskeyScoringTest(absltest.TestCase):
       evaluation.passkey_accuracy(_oracle, BYTES, **dict(kw, lengths=[100]))
 
 
+class RecallByDistanceTest(absltest.TestCase):
+
+  def test_oracle_blind_and_geometry(self):
+    haystack = (np.arange(5000) % 90 + 32).astype(np.int32)
+    kw = dict(context=256, trials=3, distractors=2, seed=1, batch_size=4,
+              sparse=testing.TINY_SPARSE)
+    good = evaluation.recall_by_distance(_oracle, BYTES, haystack, **kw)
+    bad = evaluation.recall_by_distance(_blind, BYTES, haystack, **kw)
+    json.dumps(good)
+    names = [n for n, _ in recall.BUCKETS]
+    self.assertEqual(good["buckets"], names)
+    self.assertEqual(set(good["accuracy"].values()), {1.0})
+    self.assertEqual(set(bad["accuracy"].values()), {0.0})
+    self.assertEqual((good["beyond_window"], bad["beyond_window"]),
+                     (1.0, 0.0))
+    self.assertAlmostEqual(bad["beyond_window_answer_nll"], np.log(10))
+    self.assertEqual(good["outside_forced"],
+                     {n: float(n != "window") for n in names})
+    self.assertEqual(good["length"]["ctx_2x"], 512.0)
+    dist = [good["distance"][n] for n in names]
+    self.assertEqual(dist, sorted(dist))
+    self.assertGreater(dist[-1], 256)
+
+
 class EvalConfigTest(absltest.TestCase):
 
   def test_errors_name_the_field(self):
@@ -158,7 +183,8 @@ class EvaluateTest(absltest.TestCase):
     cfg, params, step = evaluation.load_model(workdir=self.workdir)
     self.assertEqual((cfg, step), (self.cfg, 3))
     dense = evaluation.evaluate(params, cfg, evaluation.EvalConfig(
-        passkey_lengths=(160,), passkey_depths=(0.5,), passkey_trials=2))
+        passkey_lengths=(160,), passkey_depths=(0.5,), passkey_trials=2,
+        recall_trials=1, recall_distractors=1))
     json.dumps(dense)  # JSON-ready
     # Default windows and batches: the trainer's own eval/loss at step 3.
     curves = evaluation.read_scalars(os.path.join(self.workdir,
@@ -169,6 +195,8 @@ class EvaluateTest(absltest.TestCase):
                                **tolerances.tol(np.float32))
     self.assertEqual(dense["passkey"]["accuracy"], [[0.0]])  # untrained
     self.assertIsNone(dense["gamma"])  # `full` selects nothing
+    self.assertBetween(dense["recall"]["beyond_window"], 0.0, 1.0)
+    self.assertEqual(dense["recall"]["length"]["ctx_2x"], 2 * cfg.train.seq_len)
     # Default passkey lengths (seq_len / 2, seq_len) shorter than the
     # passkey text are dropped (here both: skipped), not an error.
     short = evaluation.evaluate(params, cfg, evaluation.EvalConfig(
