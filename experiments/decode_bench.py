@@ -10,6 +10,9 @@ Parts (--parts, all by default):
   gather    the offload fetch alone (bench/ceilings.py)
   decode    decode steps of each --systems at each (context, batch); the
             systems and the protocol: experiments/bench/decode_systems.py
+  prefill   prompt prefill of each --prefill_systems (device / host store,
+            whole or in --prefill_chunk query chunks) at each context,
+            --prefill_batch sequences (not in the default parts)
 
 Outputs in --out_dir (bench/decode_report.py): decode_bench.json ({"meta",
 "ceilings", "gather", "records"}), summary.json (one flat row per point:
@@ -89,10 +92,17 @@ _HOST_FRACTION = flags.DEFINE_float(
 _PREFETCH_ACCURACY = flags.DEFINE_float(
     "prefetch_accuracy", 1.0, "Share of right picks in nosa_offload_prefetch"
     "'s synthetic guess (1 = an oracle).")
+_PREFILL_SYSTEMS = flags.DEFINE_list(
+    "prefill_systems", list(decode_systems.PREFILL_SYSTEMS),
+    "Prefill systems of the prefill part.")
+_PREFILL_CHUNK = flags.DEFINE_integer(
+    "prefill_chunk", 8192, "Query tokens per chunk of the chunked prefill.")
+_PREFILL_BATCH = flags.DEFINE_integer(
+    "prefill_batch", 1, "Sequences of the prefill part.")
 _RUNLOCAL = flags.DEFINE_bool("runlocal", False,
                               "Tiny shapes for a CPU smoke run.")
 _CONFIGS = {"1b": nosa_1b, "8b": nosa_8b, "tiny": tiny}
-_PART_NAMES = ("ceilings", "gather", "decode")
+_PART_NAMES = ("ceilings", "gather", "decode", "prefill")
 
 
 def _model_config(name: str, variant: str) -> config_lib.ModelConfig:
@@ -130,7 +140,8 @@ def _check_flags() -> None:
     raise ValueError(f"--host_fraction={_HOST_FRACTION.value} must be in "
                          "(0, 0.9]")
   for flag, allowed in ((_PARTS, _PART_NAMES),
-                        (_SYSTEMS, decode_systems.SYSTEMS)):
+                        (_SYSTEMS, decode_systems.SYSTEMS),
+                        (_PREFILL_SYSTEMS, decode_systems.PREFILL_SYSTEMS)):
     unknown = [x for x in flag.value if x not in allowed]
     if unknown:
       raise ValueError(f"--{flag.name}: unknown {unknown}; allowed: "
@@ -200,6 +211,32 @@ def _decode(results, name, contexts, proto, hw, write, t_start) -> None:
     write()
 
 
+def _prefill(results, name, contexts, write, small) -> None:
+  """The prefill part: each prefill system at each context."""
+  impl = "pallas" if jax.default_backend() == "gpu" else "xla"
+  cfg = _model_config(name, "nosa")
+  cfg = dataclasses.replace(cfg, sparse=dataclasses.replace(
+      cfg.sparse, implementation=impl))
+  params = decode_systems.random_params(cfg)
+  chunk = 2 * cfg.sparse.block_size if small else _PREFILL_CHUNK.value
+  for ctx in contexts:
+    for system in _PREFILL_SYSTEMS.value:
+      try:
+        rec = decode_systems.run_prefill(system, cfg, params, ctx,
+                                         _PREFILL_BATCH.value, chunk)
+      except Exception as e:  # pylint: disable=broad-except
+        msg = str(e).splitlines()[0][:300]
+        print(f"FAILED prefill_{system} L={ctx}: {msg}", flush=True)
+        results.setdefault("failed", []).append(
+            {"system": f"prefill_{system}", "context": ctx, "error": msg})
+        continue
+      results.setdefault("prefill", []).append(rec)
+      print(f"{rec['system']:>22} L={ctx} B={rec['batch']}: "
+            f"{rec['prefill_tokens_per_s']:.0f} tok/s, peak GPU "
+            f"{rec['peak_gpu_bytes'] / 2**30:.2f} GiB", flush=True)
+      write()
+
+
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments {argv[1:]}")
@@ -211,10 +248,16 @@ def main(argv):
   _model_config(name, "full")  # checks --kv_heads / --num_layers up front
   # Before JAX starts its GPU client: a pinned pool sized to the largest
   # store (a larger cap lets XLA's allocator pin most of the RAM).
-  host_memory.allow_pinned_host_memory(
-      decode_systems.largest_store_bytes(
-          _model_config(name, "nosa"), _SYSTEMS.value, contexts, proto)
-      if "decode" in _PARTS.value else 0)
+  cfg = _model_config(name, "nosa")
+  need = [0]
+  if "decode" in _PARTS.value:
+    need.append(decode_systems.largest_store_bytes(cfg, _SYSTEMS.value,
+                                                   contexts, proto))
+  if "prefill" in _PARTS.value:  # a chunked host prefill holds two stores
+    need.append(2 * max(host_memory.host_store_bytes(
+        cfg, _PREFILL_BATCH.value, c + cfg.sparse.block_size)
+                        for c in contexts))
+  host_memory.allow_pinned_host_memory(max(need))
   t_start = time.perf_counter()
   results = {"meta": harness.stamp(
       "decode_bench", model=name, steps=_STEPS.value, warmup=_WARMUP.value,
@@ -231,6 +274,8 @@ def main(argv):
   write()
   if "decode" in _PARTS.value:
     _decode(results, name, contexts, proto, hw, write, t_start)
+  if "prefill" in _PARTS.value:
+    _prefill(results, name, contexts, write, small)
   write()
   decode_report.plot(results, os.path.join(_OUT.value, "decode_bench.png"))
   decode_report.plot_scaling(results, os.path.join(_OUT.value,

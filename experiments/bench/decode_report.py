@@ -92,6 +92,13 @@ def table(results: dict) -> str:
         f"{r['model_overlapped_tokens_per_s']:.0f} | "
         f"{r['step_over_max_gpu_pcie']:.2f} | "
         f"{r['gpu_bytes_in_use'] / 2**30:.1f} |")
+  if results.get("prefill"):
+    lines += ["", "| prefill system | L | B | chunk | tokens/s | s "
+              "| peak GPU GiB |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['system']} | {r['context']} | {r['batch']} | "
+              f"{r['chunk'] or '-'} | {r['prefill_tokens_per_s']:.0f} | "
+              f"{r['prefill_s']:.2f} | {r['peak_gpu_bytes'] / 2**30:.1f} |"
+              for r in results["prefill"]]
   found = verdicts(results["records"])
   if found:
     lines += [""] + [f"- {v}" for v in found]

@@ -23,6 +23,11 @@
                       reads overlap the attention's own HBM reads and math,
                       not the projections or the MLP
 
+Prefill (`run_prefill`, decode_bench's prefill part): the prompt of each
+sequence through `engine.prefill` (one sequence per pass) or
+`engine.prefill_chunked`, into the device or the host store, timed after an
+untimed run that compiles; tokens/s and the device's peak memory.
+
 Protocol (`run_decode`): random bf16 weights; caches zero-filled as if
 `context` tokens had been prefilled (prefill excluded, as in the paper; K/V
 values do not change the bytes a step moves); `warmup` untimed steps (the
@@ -314,3 +319,36 @@ def run_decode(run: Run, cfg: config_lib.ModelConfig, params,
              step_over_serial_model=dt / (cost.t_gpu_s + cost.t_pcie_s))
   del state
   return rec
+
+
+PREFILL_SYSTEMS = ("device", "host", "device_chunked", "host_chunked")
+
+
+def run_prefill(system: str, cfg: config_lib.ModelConfig, params,
+                context: int, batch: int, chunk: int) -> dict:
+  """Times one prefill system (module docstring); returns its record."""
+  store = (stores.DeviceStore() if system.startswith("device") else
+           offload_store("prefill", cfg.sparse.topk_blocks, 1))
+  tokens = jax.random.randint(jax.random.key(0), (batch, context), 0,
+                              cfg.vocab_size)
+  lengths = jnp.full((batch,), context, jnp.int32)
+  max_len = context + cfg.sparse.block_size
+  if system.endswith("_chunked"):
+    run = lambda: engine.prefill_chunked(params, cfg, tokens, lengths,
+                                         max_len, chunk=chunk, store=store)
+  else:
+    run = lambda: engine.prefill(params, cfg, tokens, lengths, max_len,
+                                 store=store, prefill_batch=1)
+  t0 = time.perf_counter()
+  jax.block_until_ready(run())  # compiles
+  compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(run())
+  dt = time.perf_counter() - t0
+  del out
+  stats = jax.devices()[0].memory_stats() or {}
+  return {"system": f"prefill_{system}", "context": context, "batch": batch,
+          "chunk": chunk if system.endswith("_chunked") else None,
+          "prefill_s": dt, "prefill_tokens_per_s": batch * context / dt,
+          "compile_and_first_s": compile_s,
+          "peak_gpu_bytes": int(stats.get("peak_bytes_in_use", 0))}

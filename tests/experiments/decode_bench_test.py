@@ -140,6 +140,24 @@ class SmokeTest(absltest.TestCase):
                      (rec["prefetch_hits"], rec["fetched_blocks"],
                       rec["wasted"]))
 
+  def test_runlocal_prefill(self):
+    out = self.create_tempdir().full_path
+    run = subprocess.run(
+        [sys.executable, "-m", "experiments.decode_bench", "--runlocal",
+         f"--out_dir={out}", "--parts=prefill", "--prefill_batch=2"],
+        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True, text=True, timeout=300)
+    self.assertEqual(run.returncode, 0, run.stderr[-3000:])
+    res = json.load(open(os.path.join(out, "decode_bench.json")))
+    self.assertEqual([r["system"] for r in res["prefill"]],
+                     ["prefill_device", "prefill_host",
+                      "prefill_device_chunked", "prefill_host_chunked"])
+    for r in res["prefill"]:
+      self.assertEqual((r["context"], r["batch"]), (400, 2))
+      self.assertGreater(r["prefill_tokens_per_s"], 0)
+    self.assertEqual(res["prefill"][-1]["chunk"], 32)  # 2 blocks of 16
+    self.assertNotIn("failed", res)
+
 
 if __name__ == "__main__":
   absltest.main()
