@@ -155,7 +155,11 @@ def num_params(cfg: config_lib.ModelConfig) -> int:
   attn = 2 * m * h * d + 2 * m * k * d  # wq, wo; wk, wv
   if cfg.sparse.has_eviction_head:
     attn += k + k * d * k  # A [K], delta [K*D, K]
-  layer = attn + 3 * m * f + 2 * m  # SwiGLU, two RMSNorm scales
+  if cfg.attention_bias:  # bq, bk, bv, bo (+ the eviction head's delta)
+    attn += h * d + 2 * k * d + m + (k if cfg.sparse.has_eviction_head
+                                     else 0)
+  mlp = 3 * m * f + ((2 * f + m) if cfg.mlp_bias else 0)
+  layer = attn + mlp + 2 * m  # SwiGLU, two RMSNorm scales
   embed = cfg.vocab_size * m * (1 if cfg.tie_embeddings else 2)
   return cfg.num_layers * layer + embed + m  # + final norm
 

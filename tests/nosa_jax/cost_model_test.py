@@ -59,10 +59,12 @@ class SizesTest(parameterized.TestCase):
              / cm.pcie_bytes_per_step(cfg, 8, 0.889))
     self.assertAlmostEqual(ratio, 0.056 / 0.111)
 
-  @parameterized.parameters(("full", False), ("infllmv2", True),
-                            ("dma", False), ("nosa", True))
-  def test_num_params_matches_model(self, variant, tie):
-    cfg = _small(variant, tie)
+  @parameterized.parameters(("full", False, False), ("infllmv2", True, True),
+                            ("dma", False, True), ("nosa", True, False),
+                            ("nosa", False, True))
+  def test_num_params_matches_model(self, variant, tie, biases):
+    cfg = dataclasses.replace(_small(variant, tie), attention_bias=biases,
+                              mlp_bias=biases)
     _, params = model_lib.abstract_params(cfg)
     self.assertEqual(cm.num_params(cfg), model_lib.count_params(params))
 

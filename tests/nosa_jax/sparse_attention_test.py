@@ -274,10 +274,6 @@ class NosaAttentionTest(parameterized.TestCase):
           positions_T=jnp.arange(50, 120))
 
 
-if __name__ == "__main__":
-  absltest.main()
-
-
 class TwoPassTest(absltest.TestCase):
   """§2.7: the exp-delayed two-pass form equals the additive bias."""
 
@@ -294,3 +290,7 @@ class TwoPassTest(absltest.TestCase):
     np.testing.assert_allclose(two_pass, direct, atol=1e-5, rtol=1e-5)
     # The bias really matters here (the check is not vacuous).
     self.assertGreater(float(jnp.abs(attend(v, None) - direct).max()), 1e-2)
+
+
+if __name__ == "__main__":
+  absltest.main()
