@@ -1,12 +1,14 @@
 """Kernels over arrays past 2^31 elements (the offload issue's 64-bit
 offsets): a copy or read of the last tiles must land on the last tiles.
 
-Triton computes `index * stride` in the type of the index; an int32 block
-index times a 64 x 128 tile wraps past 2^31 elements (4 GiB of bf16) and
-reads or writes elsewhere, silently. These cases build arrays just past
-that size (about 4.3 GB each), so they run on the GPU only (`gpu`), where a
-host store of a 128k context at B = 64 (2 KV heads) or B = 16 (8 KV heads)
-is that size. Off the GPU they are skipped: the interpreter indexes with
+Triton computes `index * stride` in the type of the index. Pallas's Triton
+lowering (jax 0.11.2, `_compute_offsets_from_indices`) switches a ref's
+offsets to 64 bits when the whole array exceeds 2^32 bytes, which covers
+bf16 and fp32 arrays of 2^31 elements and more (a 1-byte dtype between 2^31
+and 2^32 elements would still wrap; none is used here). These cases hold it
+to that on arrays just past 2^31 bf16 elements (about 4.3 GB each, the host
+store of a 128k context at B = 64 with 2 KV heads), so they run on the GPU
+only (`gpu`). Off the GPU they are skipped: the interpreter indexes with
 XLA, which is not where the fault would be.
 """
 
