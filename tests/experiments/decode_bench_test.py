@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from absl.testing import absltest
+import pytest
 from experiments.bench import decode_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
@@ -117,6 +118,7 @@ class SmokeTest(absltest.TestCase):
     self.assertNotEqual(bad.returncode, 0)
     self.assertIn("--systems: unknown ['nosa_warp']", bad.stderr)
 
+  @pytest.mark.slow  # ~15 s; the engine's prefetch: engine_test
   def test_runlocal_prefetch(self):
     # Half the guessed lanes wrong: some loads hit, some are wasted, and the
     # summary carries the counts.
@@ -140,6 +142,7 @@ class SmokeTest(absltest.TestCase):
                      (rec["prefetch_hits"], rec["fetched_blocks"],
                       rec["wasted"]))
 
+  @pytest.mark.slow  # ~25 s; chunked prefill: engine_test
   def test_runlocal_prefill(self):
     out = self.create_tempdir().full_path
     run = subprocess.run(
