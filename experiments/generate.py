@@ -55,6 +55,10 @@ _PREFILL_CHUNK = flags.DEFINE_integer(
     "prefill_chunk", None, "Prefill the prompt in query chunks of this many "
     "tokens (a multiple of the block size; sparse variants): bounds the "
     "prefill's device memory for long prompts.")
+_PREFETCH = flags.DEFINE_bool(
+    "prefetch", False, "--offload=host with --cache_blocks above topk: load "
+    "each layer's guessed selection (from the previous layer's input) into "
+    "spare slots before it runs.")
 
 
 def main(argv):
@@ -92,7 +96,8 @@ def main(argv):
         params, mcfg, [prompt], _MAX_NEW.value, store=store,
         temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
         eos_id=tok.eos_id, pad_id=tok.pad_id, seed=_SEED.value,
-        return_stats=True, prefill_chunk=_PREFILL_CHUNK.value)
+        return_stats=True, prefill_chunk=_PREFILL_CHUNK.value,
+        prefetch=_PREFETCH.value)
     label, per_layer = (("block-cache hit rate", stats["hit_rate"])
                         if store.writes_back else
                         ("gamma", stats["gamma_per_layer"]))
@@ -106,6 +111,10 @@ def main(argv):
         f"tokens/s over {stats['decode_steps']} steps (prefill "
         f"{stats['prefill_s'] * 1e3:.0f} ms, excluded); {label} per layer: "
         f"{values}")
+  if _PREFETCH.value:
+    loaded, hits = sum(stats["prefetched_blocks"]), sum(stats["prefetch_hits"])
+    print(f"prefetch: {loaded} blocks loaded ahead, {hits} of them attended "
+          f"({loaded - hits} wasted)")
 
 
 if __name__ == "__main__":

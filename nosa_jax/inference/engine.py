@@ -612,14 +612,15 @@ def write_back(cfg: config_lib.ModelConfig, state: DecodeState
 # ------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "track"),
+@functools.partial(jax.jit, static_argnames=("cfg", "track", "prefetch"),
                    donate_argnames=("state",))
 def _generate_step(params, state, gen, temperature, top_p, eos_id, pad_id,
-                   *, cfg, track):
+                   *, cfg, track, prefetch=False):
   """decode_step + sampling. Only the state is donated: the caller keeps
   the sampled tokens of every step."""
   live_B = ~gen["done_B"]
-  state, logits_BV, info = _decode_step(params, cfg, state, gen["tok_B"])
+  state, logits_BV, info = _decode_step(params, cfg, state, gen["tok_B"],
+                                        prefetch=prefetch)
   gen = sampling.next_token(gen, logits_BV, temperature, top_p, eos_id,
                             pad_id)
   if track:  # sums over KV heads and live sequences
@@ -636,6 +637,10 @@ def _generate_step(params, state, gen, temperature, top_p, eos_id, pad_id,
                                            0), axis=(1, 2))
     gen["fetched_L"] += jnp.sum(jnp.where(live, info["fetched"], 0),
                                 axis=(1, 2))
+    if prefetch:
+      for key in ("prefetched", "prefetch_hits"):
+        gen[f"{key}_L"] += jnp.sum(jnp.where(live, info[key], 0),
+                                   axis=(1, 2))
   return state, gen
 
 
@@ -647,7 +652,7 @@ def generate(params: Any, cfg: config_lib.ModelConfig,
              max_len: Optional[int] = None, return_stats: bool = False,
              prefill_batch: Optional[int] = None,
              host_memory_limit: Optional[int] = None,
-             prefill_chunk: Optional[int] = None):
+             prefill_chunk: Optional[int] = None, prefetch: bool = False):
   """Samples continuations of a batch of prompts of any lengths.
 
   Prefill, then a Python loop over one compiled step (decode + sampling;
@@ -676,6 +681,9 @@ def generate(params: Any, cfg: config_lib.ModelConfig,
     prefill_chunk: if set, `prefill_chunked` with this chunk (sparse
       variants; prefill_batch is then ignored and prefill_s includes its
       compilation).
+    prefetch: `decode_step`'s lookahead prefetch (the host store with
+      cache_blocks > topk_blocks); stats then also have per layer
+      prefetched_blocks and prefetch_hits.
 
   Returns:
     The generated tokens of each prompt, up to and including eos_id, without
@@ -686,6 +694,9 @@ def generate(params: Any, cfg: config_lib.ModelConfig,
       hold the batch, or temperature / top_p out of range.
   """
   sampling.check_sampling(temperature, top_p)
+  if prefetch and not (cfg.sparse.is_sparse and store.writes_back):
+    raise ValueError("prefetch=True needs a sparse variant and the host "
+                     "store (offload=host)")
   params = model.serving_params(params, cfg)  # cast once, not every step
   tokens, lengths, s, pad_id, eos = sampling.prepare_prompts(
       prompts, max_new_tokens, cfg.sparse.block_size, max_len=max_len,
@@ -717,8 +728,12 @@ def generate(params: Any, cfg: config_lib.ModelConfig,
                have_prev=jnp.zeros((), bool),
                selected_L=jnp.zeros(n_layers, jnp.int32),
                fetched_L=jnp.zeros(n_layers, jnp.int32))
+    if prefetch:
+      gen.update(prefetched_L=jnp.zeros(n_layers, jnp.int32),
+                 prefetch_hits_L=jnp.zeros(n_layers, jnp.int32))
   step = _generate_step.lower(params, state, gen, temp, top_p, eos, pad_id,
-                              cfg=cfg, track=return_stats).compile()
+                              cfg=cfg, track=return_stats,
+                              prefetch=prefetch).compile()
   t0 = time.perf_counter()
   steps = 0
   for steps in range(1, max_new_tokens):
@@ -743,4 +758,7 @@ def generate(params: Any, cfg: config_lib.ModelConfig,
                           if gamma_n else np.ones(n_layers)).tolist(),
       "selected_blocks": sel.tolist(), "fetched_blocks": fet.tolist(),
       "hit_rate": (1.0 - fet / np.maximum(sel, 1)).tolist(),
+      **({"prefetched_blocks": np.asarray(gen["prefetched_L"]).tolist(),
+          "prefetch_hits": np.asarray(gen["prefetch_hits_L"]).tolist()}
+         if prefetch else {}),
   }

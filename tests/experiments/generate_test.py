@@ -25,6 +25,15 @@ class GenerateCliTest(absltest.TestCase):
     self.assertIn("offload=host", run.stdout)
     self.assertRegex(run.stdout, r"20 tokens; decode [0-9.]+ tokens/s .* "
                      r"block-cache hit rate per layer: ([0-9.]+ ){3}[0-9.]+")
+    # Chunked prefill and prefetch into spare slots: the same text.
+    fast = subprocess.run(cmd + ["--cache_blocks=16", "--prefetch",
+                                 "--prefill_chunk=16"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=180)
+    self.assertEqual(fast.returncode, 0, fast.stderr[-2000:])
+    text = lambda out: out.split("\n\n")[0]
+    self.assertEqual(text(fast.stdout), text(run.stdout))
+    self.assertRegex(fast.stdout, r"prefetch: \d+ blocks loaded ahead, \d+ "
+                     r"of them attended \(\d+ wasted\)")
     bad = subprocess.run(cmd + ["--cache_blocks=3"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=180)
     self.assertEqual(bad.returncode, 1)

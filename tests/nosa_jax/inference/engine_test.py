@@ -511,6 +511,16 @@ class GenerateTest(parameterized.TestCase):
     self.assertTrue(np.all((hit > 0) & (hit < 1)), hit)
     # A chunked prefill into the host store: the same greedy tokens.
     self.assertEqual(run(store=stores.HostStore(), prefill_chunk=32), greedy)
+    # Prefetch into spare slots: the same tokens, counted loads.
+    got, pf_stats = run(store=stores.HostStore(cache_blocks=16),
+                        prefetch=True, return_stats=True)
+    self.assertEqual(got, greedy)
+    self.assertEqual(pf_stats["prefetched_blocks"][0], 0)  # layer 0
+    self.assertTrue(all(0 <= h <= p for h, p in zip(
+        pf_stats["prefetch_hits"], pf_stats["prefetched_blocks"],
+        strict=True)))
+    with self.assertRaisesRegex(ValueError, "prefetch=True needs"):
+      run(prefetch=True)
 
   def test_errors(self):
     cfg, _, params = _model("nosa")
