@@ -912,7 +912,9 @@ def select_decode_blocks(q_BHD: jax.Array, kbar_BWKD: Optional[jax.Array],
   """The training selection (§2.5) of one query per sequence at pos_B.
 
   kbar / ebar must already include the windows the token at pos_B
-  completes (its block is the query's own block).
+  completes (its block is the query's own block). The query-aware scores
+  come from `cfg.score_implementation` (XLA, or the block_scores kernel for
+  the one query), as in training.
 
   Args:
     q_BHD: the query (RoPE applied).
@@ -928,12 +930,17 @@ def select_decode_blocks(q_BHD: jax.Array, kbar_BWKD: Optional[jax.Array],
     and the block eviction scores the selection ranked by
     (`eviction_block_scores`; None without an eviction head).
   """
+  # The scores implementation training and prefill use (one switch), so
+  # decode ranks blocks with the same rounding.
+  scores = (query_aware_scores_pallas
+            if implementations.from_config("block_scores", cfg) == "pallas"
+            else query_aware_scores)
+
   def one(q_HD, kbar_WKD, ebar_KW, pos):
     pos_T = pos[None]
     sq_BKTN = se_BKN = None
     if kbar_WKD is not None:
-      sq_BKTN = query_aware_scores(q_HD[None, None], kbar_WKD[None], pos_T,
-                                   cfg, n)
+      sq_BKTN = scores(q_HD[None, None], kbar_WKD[None], pos_T, cfg, n)
     if ebar_KW is not None:
       se_BKN = eviction_block_scores(ebar_KW, pos, cfg, n)[None]
     idx_BKTP, _, _ = select_from_scores(sq_BKTN, se_BKN, pos_T, cfg)

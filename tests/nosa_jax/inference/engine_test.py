@@ -186,10 +186,12 @@ class DecodeMatchesForwardTest(parameterized.TestCase):
                                    k_BKNCD[bi, :, :done], **tol)
 
   def test_pallas_matches_forward(self):
-    """The kernels (interpret mode on CPU) in prefill and decode."""
+    """The kernels (interpret mode on CPU) in prefill and decode: the
+    attention, and the block scores of the selection (decode scores its one
+    query with the kernel too)."""
     cfg, graphdef, params = _model("nosa")
     cfg = dataclasses.replace(cfg, sparse=dataclasses.replace(
-        cfg.sparse, implementation="pallas"))
+        cfg.sparse, implementation="pallas", score_implementation="pallas"))
     lengths = np.array([3, 130])
     tokens = testing.random_tokens(jax.random.key(2), 2, 133)
     ref_BTV = np.asarray(jax.jit(
