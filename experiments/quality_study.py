@@ -39,7 +39,6 @@ import functools
 import glob
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -52,6 +51,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from experiments import cli
+from experiments import study
 from nosa_jax import checkpoint
 from nosa_jax import config as config_lib
 from nosa_jax import data
@@ -74,52 +74,6 @@ _MINUTES = flags.DEFINE_float(
     "minutes_per_variant", 0.0, "If > 0, size num_steps from the measured "
     "step time of the first variant; else config.train.num_steps.")
 flags.mark_flags_as_required(["config", "out_dir"])
-
-_SPEC = re.compile(
-    r"(full|infllmv2|dma|nosa)(?:_loc(\d+(?:\.\d*)?(?:e-?\d+)?))?")
-_CURVES = ("train/loss", "train/tokens_per_s", "train/locality_penalty",
-           "eval/loss", "locality/gamma")
-
-
-def parse_variants(text: str) -> list[tuple[str, str, float]]:
-  """'full,nosa_loc0.1' -> [(name, variant, locality_weight), ...]."""
-  out = []
-  for name in filter(None, (s.strip() for s in text.split(","))):
-    m = _SPEC.fullmatch(name)
-    if not m or (m.group(1) == "full" and m.group(2)) or name in [
-        o[0] for o in out]:
-      raise config_lib.ConfigError(
-          f"variants={text!r} is invalid: {name!r} must be one of full, "
-          "infllmv2, dma, nosa, optionally with _loc<weight> for a sparse "
-          "variant (e.g. nosa_loc0.1), each listed once")
-    out.append((name, m.group(1), float(m.group(2) or 0.0)))
-  return out
-
-
-def variant_config(base: dict, variant: str, weight: float,
-                   num_steps: int | None = None) -> config_lib.ExperimentConfig:
-  d = json.loads(json.dumps(base))  # a deep copy of plain data
-  d["model"]["sparse"].update(variant=variant, locality_weight=weight)
-  if num_steps:
-    t = d["train"]
-    t["num_steps"] = num_steps
-    if t["warmup_steps"] >= num_steps // 2:  # keep most steps past warmup
-      t["warmup_steps"] = num_steps // 10
-  return config_lib.ExperimentConfig.from_dict(d)
-
-
-def eval_config(d: dict) -> evaluation.EvalConfig:
-  """The config's `eval` section; errors name the `eval.` field."""
-  known = {f.name for f in dataclasses.fields(evaluation.EvalConfig)}
-  unknown = sorted(set(d) - known)
-  if unknown:
-    raise config_lib.ConfigError(
-        f"eval.{unknown[0]} is not a known field; known fields: "
-        f"{', '.join(sorted(known))}")
-  try:
-    return evaluation.EvalConfig(**d)
-  except config_lib.ConfigError as e:
-    raise config_lib.ConfigError(f"eval.{e}") from None
 
 
 def measure_step_seconds(cfg: config_lib.ExperimentConfig,
@@ -153,7 +107,7 @@ def run_variant(name: str, cfg: config_lib.ExperimentConfig,
       tokens=step * cfg.train.batch_size * cfg.train.seq_len,
       train_seconds=t1 - t0, eval_seconds=time.time() - t1,
       final_train=last, config=dataclasses.asdict(cfg),
-      curves={k: v for k, v in curves.items() if k in _CURVES})
+      curves={k: v for k, v in curves.items() if k in study.CURVES})
   return res
 
 
@@ -318,10 +272,10 @@ def main(argv):
   del argv
   train.quiet_library_logs()
   try:
-    specs = parse_variants(_VARIANTS.value)
+    specs = study.parse_variants(_VARIANTS.value)
     base = _CONFIG.value.to_dict()
-    ecfg = eval_config(base.pop("eval", {}))
-    cfgs = {n: variant_config(base, v, w) for n, v, w in specs}
+    ecfg = study.eval_config(base.pop("eval", {}))
+    cfgs = {n: study.variant_config(base, v, w) for n, v, w in specs}
   except config_lib.ConfigError as e:
     sys.exit(f"config error: {e}")
   checkpoint.writable_dir(_OUT_DIR.value, "--out_dir")
@@ -331,7 +285,7 @@ def main(argv):
     steps = max(int(_MINUTES.value * 60 / sec), 2)
     logging.info("%s: %.3f s/step -> num_steps %d for %.1f minutes",
                  specs[0][0], sec, steps, _MINUTES.value)
-    cfgs = {n: variant_config(base, v, w, steps) for n, v, w in specs}
+    cfgs = {n: study.variant_config(base, v, w, steps) for n, v, w in specs}
   for name, cfg in cfgs.items():
     workdir = os.path.join(_WORK_DIR.value, name)
     if not _RESUME.value and os.path.isdir(workdir):
