@@ -16,7 +16,7 @@ import json
 import logging as pylogging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -216,7 +216,7 @@ def _train(cfg: config_lib.ExperimentConfig, workdir: str
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      keep=tc.keep_checkpoints)
-  _check_resume(cfg, workdir, ckpt.latest_step())
+  write_config = _check_resume(cfg, workdir, ckpt.latest_step())
   _log_config(cfg)
 
   # ----------------------------------------------------------------------
@@ -248,6 +248,7 @@ def _train(cfg: config_lib.ExperimentConfig, workdir: str
                  start, tc.num_steps)
     ckpt.close()
     return {}
+  write_config()
   logging.info("Model: %s parameters, variant %s, %d layers; %d x %s, mesh "
                "(data, fsdp, tensor) = %s", f"{num_params:,}",
                cfg.model.sparse.variant, cfg.model.num_layers,
@@ -396,10 +397,12 @@ def _train(cfg: config_lib.ExperimentConfig, workdir: str
 
 
 def _check_resume(cfg: config_lib.ExperimentConfig, workdir: str,
-                  step: int | None) -> None:
+                  step: int | None) -> Callable[[], None]:
   """Refuses to resume checkpoints under a config that changes a field they
-  fix; logs the allowed changes. config.json holds the config in use and,
-  under "history", each start's step and changes."""
+  fix; logs the allowed changes. Returns the write of config.json (the
+  config in use and, under "history", each start's step and changes), for
+  the caller to run once the run will train (not when there is nothing to
+  do)."""
   path = os.path.join(workdir, "config.json")
   stored = None
   if os.path.isfile(path):
@@ -426,9 +429,12 @@ def _check_resume(cfg: config_lib.ExperimentConfig, workdir: str,
   history = (stored or {}).get("history", [])
   history.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "step": step or 0, "changes": changes})
-  if jax.process_index() == 0:
-    checkpoint_lib.write_json_atomic(
-        path, {**dataclasses.asdict(cfg), "history": history})
+
+  def write():
+    if jax.process_index() == 0:
+      checkpoint_lib.write_json_atomic(
+          path, {**dataclasses.asdict(cfg), "history": history})
+  return write
 
 
 def _check_finite(window: list[dict], step: int) -> list[dict]:
