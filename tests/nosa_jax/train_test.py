@@ -78,6 +78,8 @@ class TrainTest(absltest.TestCase):
       train.train_and_evaluate(cfg, resumed)
     self.assertIn("Resumed from step 3", "\n".join(logs.output))
     self.assertEqual(checkpoint.Checkpointer(ckdir).latest_step(), 6)
+    with open(os.path.join(resumed, "config.json")) as f:  # each start
+      self.assertEqual([h["step"] for h in json.load(f)["history"]], [0, 3])
 
     a, meta_a = _final_params(straight, cfg)
     r, meta_r = _final_params(resumed, cfg)
