@@ -36,6 +36,7 @@ import numpy as np
 
 from nosa_jax import checkpoint
 from nosa_jax import config as config_lib
+from nosa_jax import data
 from nosa_jax import evaluation
 from nosa_jax import recall
 from nosa_jax import train
@@ -172,6 +173,8 @@ def run_unit(unit: Unit, cfg: config_lib.ExperimentConfig,
   t1 = time.time()
   _, params, step = evaluation.load_model(workdir=workdir)
   res = evaluation.evaluate(params, cfg, ecfg)
+  if unit.variant == "full" and ecfg.recall_trials:
+    res["dense_check"] = dense_check(params, cfg, ecfg)
   curves = evaluation.read_scalars(os.path.join(workdir, "tensorboard"))
   tps = [v for _, v in curves.get("train/tokens_per_s", [])[1:]]
   res.update(
@@ -183,6 +186,32 @@ def run_unit(unit: Unit, cfg: config_lib.ExperimentConfig,
       config=dataclasses.asdict(cfg), stamp=stamp,
       curves={k: v for k, v in curves.items() if k in CURVES})
   return res
+
+
+def dense_check(params: Any, cfg: config_lib.ExperimentConfig,
+                ecfg: evaluation.EvalConfig, trials: int = 8) -> dict:
+  """Rules out a defect of the dense path (issue 24): the first `trials`
+  recall documents per bucket through the attention training used (cuDNN
+  for bf16 on a GPU) and through XLA's in fp32, one document per call.
+
+  Returns:
+    {"trials", "beyond_window": {"trained_path", "xla_fp32"},
+    "accuracy": {"trained_path", "xla_fp32"}} (per bucket).
+  """
+  ds = data.load_datasets(cfg.data, cfg.train.seq_len, cfg.train.seed)
+  out: dict[str, Any] = {"trials": min(trials, ecfg.recall_trials),
+                         "beyond_window": {}, "accuracy": {}}
+  for name, mc in (("trained_path", cfg.model),
+                   ("xla_fp32", dataclasses.replace(cfg.model,
+                                                    dtype="float32"))):
+    r = evaluation.recall_by_distance(
+        evaluation.greedy_predict_fn(params, mc), ds.tokenizer,
+        ds.eval.tokens, context=cfg.train.seq_len, trials=out["trials"],
+        distractors=ecfg.recall_distractors, seed=ecfg.recall_seed,
+        batch_size=1, sparse=mc.sparse, vocab_size=mc.vocab_size)
+    out["beyond_window"][name] = r["beyond_window"]
+    out["accuracy"][name] = r["accuracy"]
+  return out
 
 
 def finished(dirs: Sequence[str]) -> dict[str, str]:
@@ -366,6 +395,15 @@ def tables(summary: dict, units: Sequence[dict], verdict: str,
     cells = [_fmt_range([_recall(u, "accuracy")[b] for u in us
                          if u.get("recall")]) for b in names]
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  checks = [(u["unit"]["seed"], u["dense_check"]) for u in
+            by_name.get(FULL, []) if u.get("dense_check")]
+  if checks:
+    lines += ["", "Dense path check (recall beyond the window, the first "
+              f"{checks[0][1]['trials']} documents per bucket): " + "; ".join(
+                  f"seed {seed}: as trained "
+                  f"{c['beyond_window']['trained_path']:.3f}, XLA fp32 "
+                  f"{c['beyond_window']['xla_fp32']:.3f}"
+                  for seed, c in checks) + "."]
   lines += ["", f"Verdict: {verdict}.", ""]
   for c in found.values():
     lines.append(f"- {c['line']}: **{c['status']}** ({c['why']})")
@@ -456,7 +494,7 @@ def merge(dirs: Sequence[str], summary_dir: str, gate: float) -> str | None:
     d = detail.setdefault(u["unit"]["name"], {
         "seeds": [], "recall_by_bucket": {b: [] for b in names},
         "recall_answer_nll_beyond_window": [], "gamma_per_layer": [],
-        "passkey": [], "tokens": []})
+        "passkey": [], "tokens": [], "dense_check": []})
     d["seeds"].append(u["unit"]["seed"])
     for b in names:
       d["recall_by_bucket"][b].append(
@@ -468,6 +506,7 @@ def merge(dirs: Sequence[str], summary_dir: str, gate: float) -> str | None:
     d["passkey"].append(u["passkey"]["overall"] if u.get("passkey")
                         else None)
     d["tokens"].append(u["tokens"])
+    d["dense_check"].append(u.get("dense_check"))
   checkpoint.write_json_atomic(
       os.path.join(summary_dir, "study.json"),
       {"gate": gate, "verdict": verdict, "claims": found, "variants": detail})

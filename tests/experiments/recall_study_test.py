@@ -213,6 +213,13 @@ class RecallStudyTest(absltest.TestCase):
       unit = json.load(f)
     self.assertEqual(unit["step"], 8)
     self.assertEqual(unit["recall"]["buckets"], BUCKETS)
+    with open(os.path.join(out, "unit_full_s0.json")) as f:
+      check = json.load(f)["dense_check"]
+    # On the CPU the model is fp32 and XLA's: both paths are one path.
+    self.assertEqual(check["accuracy"]["trained_path"],
+                     check["accuracy"]["xla_fp32"])
+    with open(os.path.join(out, "summary.md")) as f:
+      self.assertIn("Dense path check", f.read())
     # Rerun: everything is done, nothing trains; the merge is rebuilt.
     os.remove(os.path.join(out, "summary.md"))
     run = self._run("--runlocal", f"--out_dir={out}", f"--work_dir={work}")
