@@ -35,7 +35,6 @@ first unless --resume.
 """
 
 import dataclasses
-import functools
 import glob
 import json
 import os
@@ -45,8 +44,6 @@ import time
 
 from absl import flags
 from absl import logging
-import jax
-import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
@@ -54,7 +51,6 @@ from experiments import cli
 from experiments import study
 from nosa_jax import checkpoint
 from nosa_jax import config as config_lib
-from nosa_jax import data
 from nosa_jax import evaluation
 from nosa_jax import train
 
@@ -74,23 +70,6 @@ _MINUTES = flags.DEFINE_float(
     "minutes_per_variant", 0.0, "If > 0, size num_steps from the measured "
     "step time of the first variant; else config.train.num_steps.")
 flags.mark_flags_as_required(["config", "out_dir"])
-
-
-def measure_step_seconds(cfg: config_lib.ExperimentConfig,
-                         steps: int = 5) -> float:
-  """Seconds per train step after compilation, on a real batch."""
-  ds = data.load_datasets(cfg.data, cfg.train.seq_len, cfg.train.seed)
-  graphdef, state, tx = train.init_state(cfg)
-  step = jax.jit(functools.partial(train.train_step, graphdef=graphdef,
-                                   cfg=cfg.model, tx=tx), donate_argnums=0)
-  batch = jnp.asarray(ds.train.batch_at(0, cfg.train.batch_size))
-  state, m = step(state, batch)
-  jax.block_until_ready(m)
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    state, m = step(state, batch)
-  jax.block_until_ready(m)
-  return (time.perf_counter() - t0) / steps
 
 
 def run_variant(name: str, cfg: config_lib.ExperimentConfig,
@@ -281,7 +260,7 @@ def main(argv):
   checkpoint.writable_dir(_OUT_DIR.value, "--out_dir")
   if specs and _MINUTES.value > 0:
     first = next(iter(cfgs.values()))
-    sec = measure_step_seconds(first)
+    sec = study.measure_step_seconds(first)
     steps = max(int(_MINUTES.value * 60 / sec), 2)
     logging.info("%s: %.3f s/step -> num_steps %d for %.1f minutes",
                  specs[0][0], sec, steps, _MINUTES.value)

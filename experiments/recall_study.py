@@ -8,6 +8,9 @@ r"""Quality study with recall (issue 24): resumable (variant, seed) units.
   python -m experiments.recall_study --config=configs/recall.py --units= \
       --out_dir=experiments/results/quality/units \
       --summary_dir=experiments/results/quality
+  # the penalty's cost: nosa's step with and without it, one process
+  python -m experiments.recall_study --config=configs/recall.py --units= \
+      --penalty_overhead --out_dir=$OUT/units
   # CPU smoke run of the whole pipeline on tiny shapes
   python -m experiments.recall_study --runlocal --out_dir=/tmp/recall
 
@@ -56,6 +59,10 @@ _STOP = flags.DEFINE_float("stop_after_minutes", 0.0, "Start no unit after "
                            "this many minutes (0: no limit).")
 _IGNORE_GATE = flags.DEFINE_bool("ignore_gate", False, "Run sparse units "
                                  "even when the dense gate failed.")
+_PENALTY = flags.DEFINE_bool(
+    "penalty_overhead", False, "First time nosa's train step with and "
+    "without locality_weight=0.1 in this process (OUT_DIR/"
+    "penalty_overhead.json, merged into study.json).")
 _COMMIT = flags.DEFINE_string("commit", "", "Recorded commit (default: "
                               "git's, 'n/a' in a copy without .git).")
 flags.mark_flags_as_required(["out_dir"])
@@ -83,6 +90,12 @@ def main(argv):
   dirs = [out, *_DONE.value]
   stamp = harness.stamp("recall_study", **(
       {"commit": _COMMIT.value} if _COMMIT.value else {}))
+  if _PENALTY.value:
+    res = dict(study.penalty_overhead(base), stamp=stamp)
+    checkpoint.write_json_atomic(
+        os.path.join(out, study.PENALTY_FILE), res)
+    logging.info("locality penalty: %+.1f%% of nosa's step time",
+                 100 * res["overhead"])
   start = time.time()
   for unit in units:
     if unit.key in study.finished(dirs):

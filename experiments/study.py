@@ -24,6 +24,7 @@ otherwise (the ranges straddle the line) it is inconclusive.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -32,6 +33,8 @@ import time
 from typing import Any, Callable, Sequence
 
 from absl import logging
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from nosa_jax import checkpoint
@@ -50,6 +53,10 @@ PAPER_GAMMA, GUARANTEED_GAMMA = 0.944, 0.75
 # The variants the claims compare.
 FULL, NOSA, PENALTY, INFLLM, DMA = ("full", "nosa", "nosa_loc0.1",
                                     "infllmv2", "dma")
+# `penalty_overhead`'s result, merged from the first directory holding one.
+PENALTY_FILE = "penalty_overhead.json"
+# The issue's bar: a penalty worth turning on costs at most this share.
+PENALTY_BUDGET = 0.10
 
 
 # ----------------------------------------------------------------------------
@@ -212,6 +219,40 @@ def dense_check(params: Any, cfg: config_lib.ExperimentConfig,
     out["beyond_window"][name] = r["beyond_window"]
     out["accuracy"][name] = r["accuracy"]
   return out
+
+
+def measure_step_seconds(cfg: config_lib.ExperimentConfig,
+                         steps: int = 5) -> float:
+  """Seconds per train step after compilation, on a real batch."""
+  ds = data.load_datasets(cfg.data, cfg.train.seq_len, cfg.train.seed)
+  graphdef, state, tx = train.init_state(cfg)
+  step = jax.jit(functools.partial(train.train_step, graphdef=graphdef,
+                                   cfg=cfg.model, tx=tx), donate_argnums=0)
+  batch = jnp.asarray(ds.train.batch_at(0, cfg.train.batch_size))
+  state, m = step(state, batch)
+  jax.block_until_ready(m)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, m = step(state, batch)
+  jax.block_until_ready(m)
+  return (time.perf_counter() - t0) / steps
+
+
+def penalty_overhead(base: dict, weight: float = 0.1,
+                     steps: int = 10) -> dict:
+  """Step time of nosa with and without the locality penalty in one process
+  (issue 24: a penalty you would turn on costs <= 10% of the step).
+
+  Returns:
+    {"step_seconds": {"nosa": s, "nosa_loc<weight>": s}, "overhead":
+    s_penalty / s_nosa - 1, "steps", "weight"}.
+  """
+  sec = {}
+  for name, w in (("nosa", 0.0), (f"nosa_loc{weight:g}", weight)):
+    sec[name] = measure_step_seconds(variant_config(base, "nosa", w), steps)
+    logging.info("%s: %.4f s per step", name, sec[name])
+  return {"step_seconds": sec, "overhead": sec[f"nosa_loc{weight:g}"]
+          / sec["nosa"] - 1.0, "steps": steps, "weight": weight}
 
 
 def finished(dirs: Sequence[str]) -> dict[str, str]:
@@ -507,10 +548,24 @@ def merge(dirs: Sequence[str], summary_dir: str, gate: float) -> str | None:
                         else None)
     d["tokens"].append(u["tokens"])
     d["dense_check"].append(u.get("dense_check"))
+  penalty = None
+  for d in dirs:
+    if os.path.exists(os.path.join(d, PENALTY_FILE)):
+      with open(os.path.join(d, PENALTY_FILE)) as f:
+        penalty = json.load(f)
+      break
   checkpoint.write_json_atomic(
       os.path.join(summary_dir, "study.json"),
-      {"gate": gate, "verdict": verdict, "claims": found, "variants": detail})
+      {"gate": gate, "verdict": verdict, "claims": found, "variants": detail,
+       "penalty_overhead": penalty})
   md = tables(summary, units, verdict, found)
+  if penalty:
+    ok = penalty["overhead"] <= PENALTY_BUDGET
+    md += (f"\nLocality penalty (weight {penalty['weight']:g}): "
+           f"{100 * penalty['overhead']:+.1f}% of nosa's step time, one "
+           f"process on {penalty['stamp'].get('device')}: "
+           f"{'holding' if ok else 'not holding'} against <= "
+           f"{100 * PENALTY_BUDGET:.0f}%.\n")
   with open(os.path.join(summary_dir, "summary.md"), "w") as f:
     f.write(md)
   try:

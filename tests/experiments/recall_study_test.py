@@ -141,6 +141,10 @@ class ClaimsTest(absltest.TestCase):
     units = [_unit("full", 0), _unit("full", 1), _unit("nosa", 0),
              _unit("nosa_loc0.1", 0, gamma=0.95), _unit("nosa_loc0.3", 1)]
     _write(units, d)
+    with open(os.path.join(d, study.PENALTY_FILE), "w") as f:
+      json.dump({"weight": 0.1, "overhead": 0.25, "steps": 10,
+                 "step_seconds": {"nosa": 1.0, "nosa_loc0.1": 1.25},
+                 "stamp": {"device": "H100"}}, f)
     verdict = study.merge([d], out, 0.9)
     self.assertTrue(verdict.startswith("the dense baseline retrieves"))
     with open(os.path.join(out, "summary.json")) as f:
@@ -162,6 +166,10 @@ class ClaimsTest(absltest.TestCase):
       md = f.read()
     self.assertIn("| nosa_loc0.3 | 1 |", md)
     self.assertIn("Verdict: the dense baseline retrieves", md)
+    self.assertIn("Locality penalty (weight 0.1): +25.0% of nosa's step "
+                  "time, one process on H100: not holding against <= 10%.",
+                  md)
+    self.assertEqual(detail["penalty_overhead"]["overhead"], 0.25)
     for png in ("recall.png", "sweep.png"):
       with open(os.path.join(out, png), "rb") as f:
         self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
@@ -191,6 +199,7 @@ class RecallStudyTest(absltest.TestCase):
     # resumes it from step 4.
     run = self._run("--config=configs/recall.py:runlocal",
                     "--config.train.num_steps=4", "--units=nosa@1",
+                    "--penalty_overhead",
                     f"--out_dir={out}", f"--work_dir={work}")
     self.assertEqual(run.returncode, 0, run.stderr[-3000:])
     os.remove(os.path.join(out, "unit_nosa_s1.json"))
@@ -199,7 +208,8 @@ class RecallStudyTest(absltest.TestCase):
     self.assertIn("Resumed from step 4", run.stderr)
     names = sorted(os.listdir(out))
     self.assertEqual(names, [
-        "recall.png", "study.json", "summary.json", "summary.md",
+        "penalty_overhead.json", "recall.png", "study.json", "summary.json",
+        "summary.md",
         "sweep.png", "unit_full_s0.json", "unit_nosa_loc0.1_s0.json",
         "unit_nosa_s0.json", "unit_nosa_s1.json"])
     with open(os.path.join(out, "summary.json")) as f:
@@ -219,7 +229,9 @@ class RecallStudyTest(absltest.TestCase):
     self.assertEqual(check["accuracy"]["trained_path"],
                      check["accuracy"]["xla_fp32"])
     with open(os.path.join(out, "summary.md")) as f:
-      self.assertIn("Dense path check", f.read())
+      md = f.read()
+    self.assertIn("Dense path check", md)
+    self.assertIn("Locality penalty (weight 0.1): ", md)
     # Rerun: everything is done, nothing trains; the merge is rebuilt.
     os.remove(os.path.join(out, "summary.md"))
     run = self._run("--runlocal", f"--out_dir={out}", f"--work_dir={work}")
