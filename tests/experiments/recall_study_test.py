@@ -12,6 +12,8 @@ import pytest
 from configs import recall as recall_config
 from experiments import study
 from nosa_jax import config as config_lib
+from nosa_jax import data
+from nosa_jax import evaluation
 from nosa_jax import model
 from nosa_jax import recall
 
@@ -92,6 +94,26 @@ class UnitsTest(absltest.TestCase):
         b = study.variant_config(d, "nosa", 0.1, seed=2)
         self.assertEqual((a.train, a.data), (b.train, b.data))
         self.assertEqual(a.train.seed, 2)
+
+
+  def test_real_config_buckets(self):
+    # The device config's geometry: every bucket but "window" lies beyond
+    # the forced blocks, each ctx_ bucket at its share of the context
+    # (numpy only: a perfect predictor, so only the geometry is computed).
+    d = recall_config.get_config().to_dict()
+    cfg = config_lib.ExperimentConfig.from_dict(
+        {k: v for k, v in d.items() if k not in ("eval", "study")})
+    ctx = cfg.train.seq_len
+    res = evaluation.recall_by_distance(
+        lambda t: (np.roll(t, -1, axis=1), np.zeros(t.shape)),
+        data.ByteTokenizer(), np.arange(50_000) % 90 + 32, context=ctx,
+        trials=2, distractors=4, seed=1, batch_size=2, sparse=cfg.model.sparse)
+    self.assertEqual(res["outside_forced"],
+                     {b: float(b != "window") for b in BUCKETS})
+    self.assertEqual(res["beyond_window"], 1.0)
+    for b, share in (("ctx_1/4", 0.25), ("ctx_1/2", 0.5), ("ctx_1", 1.0),
+                     ("ctx_2x", 2.0)):
+      self.assertAlmostEqual(res["distance"][b] / ctx, share, delta=0.01)
 
 
 class ClaimsTest(absltest.TestCase):
