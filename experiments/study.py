@@ -548,6 +548,13 @@ def merge(dirs: Sequence[str], summary_dir: str, gate: float) -> str | None:
                         else None)
     d["tokens"].append(u["tokens"])
     d["dense_check"].append(u.get("dense_check"))
+  # Within NOSA, so judged whatever the dense gate says: did issue 8's
+  # single-seed passkey jump from the penalty survive more seeds?
+  found["penalty_lifts_passkey"] = _compare(
+      {"variants": detail}, PENALTY, NOSA, "passkey",
+      lambda p, n: p - n - 1e-12,
+      "nosa_loc0.1 passkey accuracy > nosa's (issue 8's single-seed jump; "
+      "judged even when the dense gate fails)")
   penalty = None
   for d in dirs:
     if os.path.exists(os.path.join(d, PENALTY_FILE)):

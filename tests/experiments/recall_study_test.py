@@ -192,6 +192,8 @@ class ClaimsTest(absltest.TestCase):
                   "time, one process on H100: not holding against <= 10%.",
                   md)
     self.assertEqual(detail["penalty_overhead"]["overhead"], 0.25)
+    self.assertEqual(detail["claims"]["penalty_lifts_passkey"]["status"],
+                     "inconclusive")  # one seed of each
     for png in ("recall.png", "sweep.png"):
       with open(os.path.join(out, png), "rb") as f:
         self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
