@@ -181,7 +181,13 @@ def run_unit(unit: Unit, cfg: config_lib.ExperimentConfig,
   _, params, step = evaluation.load_model(workdir=workdir)
   res = evaluation.evaluate(params, cfg, ecfg)
   if unit.variant == "full" and ecfg.recall_trials:
-    res["dense_check"] = dense_check(params, cfg, ecfg)
+    try:
+      res["dense_check"] = dense_check(params, cfg, ecfg)
+    except Exception as e:  # pylint: disable=broad-except
+      # A diagnostic (e.g. XLA's fp32 attention out of memory) must not
+      # cost the unit its result.
+      logging.exception("dense_check failed")
+      res["dense_check"] = {"error": f"{type(e).__name__}: {e}"[:500]}
   curves = evaluation.read_scalars(os.path.join(workdir, "tensorboard"))
   tps = [v for _, v in curves.get("train/tokens_per_s", [])[1:]]
   res.update(
@@ -437,7 +443,8 @@ def tables(summary: dict, units: Sequence[dict], verdict: str,
                          if u.get("recall")]) for b in names]
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   checks = [(u["unit"]["seed"], u["dense_check"]) for u in
-            by_name.get(FULL, []) if u.get("dense_check")]
+            by_name.get(FULL, []) if (u.get("dense_check") or {}).get(
+                "beyond_window")]
   if checks:
     lines += ["", "Dense path check (recall beyond the window, the first "
               f"{checks[0][1]['trials']} documents per bucket): " + "; ".join(

@@ -162,6 +162,9 @@ class ClaimsTest(absltest.TestCase):
     out = os.path.join(d, "summary")
     units = [_unit("full", 0), _unit("full", 1), _unit("nosa", 0),
              _unit("nosa_loc0.1", 0, gamma=0.95), _unit("nosa_loc0.3", 1)]
+    units[0]["dense_check"] = {"trials": 8, "beyond_window": {
+        "trained_path": 0.5, "xla_fp32": 0.625}}
+    units[1]["dense_check"] = {"error": "XlaRuntimeError: out of memory"}
     _write(units, d)
     with open(os.path.join(d, study.PENALTY_FILE), "w") as f:
       json.dump({"weight": 0.1, "overhead": 0.25, "steps": 10,
@@ -188,6 +191,8 @@ class ClaimsTest(absltest.TestCase):
       md = f.read()
     self.assertIn("| nosa_loc0.3 | 1 |", md)
     self.assertIn("Verdict: the dense baseline retrieves", md)
+    self.assertIn("the first 8 documents per bucket): seed 0: as trained "
+                  "0.500, XLA fp32 0.625.", md)
     self.assertIn("Locality penalty (weight 0.1): +25.0% of nosa's step "
                   "time, one process on H100: not holding against <= 10%.",
                   md)
