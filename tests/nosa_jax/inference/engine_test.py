@@ -16,6 +16,7 @@ from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from nosa_jax import model
 from nosa_jax import selection
@@ -295,8 +296,7 @@ class ChunkedPrefillTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       ("device_nosa", "nosa", DEVICE),
-      ("host_nosa", "nosa", stores.HostStore(fetch="loop")),
-      ("device_infllmv2", "infllmv2", DEVICE))
+      ("host_infllmv2", "infllmv2", stores.HostStore(fetch="loop")))
   def test_chunked_equals_whole(self, variant, store):
     cfg, _, params = _model(variant)
     lengths, steps = np.array([70, 33, 48]), 3
@@ -511,6 +511,13 @@ class GenerateTest(parameterized.TestCase):
     self.assertEqual(host_stats["gamma_per_layer"], stats["gamma_per_layer"])
     hit = np.array(host_stats["hit_rate"])
     self.assertTrue(np.all((hit > 0) & (hit < 1)), hit)
+
+  @pytest.mark.slow  # ~20 s; the equivalences: ChunkedPrefillTest, PrefetchTest
+  def test_chunked_prefill_and_prefetch(self):
+    cfg, _, params = _model("nosa")
+    prompts = [[1, 2, 3], list(range(40, 140))]
+    run = lambda **kw: engine.generate(params, cfg, prompts, 40, **kw)
+    greedy = run()
     # A chunked prefill into the host store: the same greedy tokens.
     self.assertEqual(run(store=stores.HostStore(), prefill_chunk=32), greedy)
     # Prefetch into spare slots: the same tokens, counted loads.
