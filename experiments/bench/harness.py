@@ -8,7 +8,8 @@
 
 A figure is only as good as its stamp: the commit says which code made it
 (with "-dirty" when the tree had uncommitted changes), the device which
-card, the date when.
+card, the date when. A copy of the tree without git (the device machine's)
+names its commit through the environment: NOSA_COMMIT=<hash>.
 """
 
 from __future__ import annotations
@@ -27,8 +28,14 @@ _REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 
 
+COMMIT_ENV = "NOSA_COMMIT"
+
+
 def commit() -> str:
-  """HEAD of this checkout, "+dirty" if it has changes; "n/a" without git."""
+  """$NOSA_COMMIT if set; else HEAD of this checkout, "-dirty" if it has
+  changes; "n/a" without git."""
+  if os.environ.get(COMMIT_ENV):
+    return os.environ[COMMIT_ENV]
   def git(*args):
     return subprocess.run(["git", "-C", _REPO, *args], capture_output=True,
                           text=True, timeout=10, check=True).stdout.strip()

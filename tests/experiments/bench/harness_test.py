@@ -22,6 +22,11 @@ class HarnessTest(absltest.TestCase):
     self.assertTrue(meta["device"])
     self.assertRegex(meta["date"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d")
 
+  def test_commit_from_the_environment(self):
+    # A tree copied without git (the device machine) names its commit.
+    with mock.patch.dict(os.environ, {harness.COMMIT_ENV: "abc1234"}):
+      self.assertEqual(harness.stamp("x")["commit"], "abc1234")
+
   def test_write_results_is_atomic_and_writes_the_table(self):
     out = self.create_tempdir().full_path
     path = harness.write_results(out, "bench", {"a": 1.5}, table="| a |\n")
