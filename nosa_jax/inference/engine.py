@@ -8,7 +8,9 @@ differs:
 
   prefill(params, cfg, tokens_BT, lengths_B, max_len, *, store)
       -> (state, logits_BV)
-  decode_step(params, cfg, state, tokens_B) -> (state, logits_BV, info)
+  prefill_chunked(..., chunk=...)   the same over query chunks
+  decode_step(params, cfg, state, tokens_B[, prefetch=True])
+      -> (state, logits_BV, info)
   generate(params, cfg, prompts, max_new_tokens, *, store, ...)
 
 Semantics (NOSA_SPEC.md "Project decisions" 1, 2, 6). Decode is the
@@ -46,7 +48,15 @@ an optimization barrier makes layer i's store finish before layer i + 2
 starts, so a host store's device temporaries hold at most two layers' K/V.
 `prefill_batch` prefills groups of sequences one after another into rows
 of one state (donated: written in place), so that the activations, which
-scale with the group, fit for long prompts.
+scale with the group, fit for long prompts. `prefill_chunked` bounds them
+further, to one query chunk: each chunk attends over the layer's whole
+cache at its positions and rebuilds the layer's state, so the last chunk
+leaves the whole prefill's state.
+
+Prefetch (`decode_step(prefetch=True)`, host store with spare slots):
+before layer i runs, layer i+1's selection is guessed from layer i's input
+and the store loads the guessed blocks ahead (`stores.HostStore.prefetch`);
+the attend's diff still fetches whatever is missing.
 """
 
 from __future__ import annotations
