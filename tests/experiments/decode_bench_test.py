@@ -3,15 +3,11 @@ smoke run."""
 
 import json
 import os
-import subprocess
-import sys
 
 from absl.testing import absltest
 import pytest
 from experiments.bench import decode_report
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+from tests import entry_points
 
 
 def _rec(system, ctx, batch, tps, pcie_ms=1.0):
@@ -57,11 +53,9 @@ class VerdictTest(absltest.TestCase):
 class SmokeTest(absltest.TestCase):
 
   def test_bad_kv_heads_is_one_line_error(self):
-    run = subprocess.run(
-        [sys.executable, "-m", "experiments.decode_bench", "--kv_heads=5",
-         f"--out_dir={self.create_tempdir().full_path}"], cwd=REPO,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
-        text=True, timeout=120)
+    run = entry_points.run(
+        "decode_bench", "--kv_heads=5",
+        f"--out_dir={self.create_tempdir().full_path}", timeout=120)
     self.assertNotEqual(run.returncode, 0)
     self.assertIn("--kv_heads=5 must divide the 32 query heads", run.stderr)
 
@@ -71,14 +65,11 @@ class SmokeTest(absltest.TestCase):
     # offloaded; B=4 (the fused kernel runs interpreted on the CPU, at a
     # cost per step that grows with B).
     out = self.create_tempdir().full_path
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    run = subprocess.run(
-        [sys.executable, "-m", "experiments.decode_bench", "--runlocal",
-         f"--out_dir={out}", "--steps=3", "--warmup=2", "--batch=4",
-         "--systems=nosa_gpu,nosa_offload,nosa_offload_fused,"
-         "infllmv2_offload"],
-        cwd=REPO, env=env,
-        capture_output=True, text=True, timeout=300)
+    run = entry_points.run(
+        "decode_bench", "--runlocal", f"--out_dir={out}", "--steps=3",
+        "--warmup=2", "--batch=4",
+        "--systems=nosa_gpu,nosa_offload,nosa_offload_fused,"
+        "infllmv2_offload")
     self.assertEqual(run.returncode, 0, run.stderr[-3000:])
     res = json.load(open(os.path.join(out, "decode_bench.json")))
     self.assertEqual([r["system"] for r in res["records"]],
@@ -111,10 +102,8 @@ class SmokeTest(absltest.TestCase):
         1e3 * off["pcie_bytes_per_step"]
         / res["ceilings"]["pcie_bulk_bytes_per_s"])
     self.assertIsNone(rows["nosa_gpu"]["t_pcie_ms"])
-    bad = subprocess.run(
-        [sys.executable, "-m", "experiments.decode_bench", "--runlocal",
-         f"--out_dir={out}", "--systems=nosa_warp"], cwd=REPO, env=env,
-        capture_output=True, text=True, timeout=300)
+    bad = entry_points.run("decode_bench", "--runlocal", f"--out_dir={out}",
+                           "--systems=nosa_warp")
     self.assertNotEqual(bad.returncode, 0)
     self.assertIn("--systems: unknown ['nosa_warp']", bad.stderr)
 
@@ -123,13 +112,10 @@ class SmokeTest(absltest.TestCase):
     # Half the guessed lanes wrong: some loads hit, some are wasted, and the
     # summary carries the counts.
     out = self.create_tempdir().full_path
-    run = subprocess.run(
-        [sys.executable, "-m", "experiments.decode_bench", "--runlocal",
-         f"--out_dir={out}", "--steps=4", "--warmup=2", "--batch=2",
-         "--parts=decode", "--systems=nosa_offload_prefetch",
-         "--prefetch_accuracy=0.5"], cwd=REPO,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
-        text=True, timeout=300)
+    run = entry_points.run(
+        "decode_bench", "--runlocal", f"--out_dir={out}", "--steps=4",
+        "--warmup=2", "--batch=2", "--parts=decode",
+        "--systems=nosa_offload_prefetch", "--prefetch_accuracy=0.5")
     self.assertEqual(run.returncode, 0, run.stderr[-3000:])
     (rec,) = json.load(open(os.path.join(out, "decode_bench.json")))[
         "records"]
@@ -145,11 +131,8 @@ class SmokeTest(absltest.TestCase):
   @pytest.mark.slow  # ~25 s; chunked prefill: engine_test
   def test_runlocal_prefill(self):
     out = self.create_tempdir().full_path
-    run = subprocess.run(
-        [sys.executable, "-m", "experiments.decode_bench", "--runlocal",
-         f"--out_dir={out}", "--parts=prefill", "--prefill_batch=2"],
-        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-        capture_output=True, text=True, timeout=300)
+    run = entry_points.run("decode_bench", "--runlocal", f"--out_dir={out}",
+                           "--parts=prefill", "--prefill_batch=2")
     self.assertEqual(run.returncode, 0, run.stderr[-3000:])
     res = json.load(open(os.path.join(out, "decode_bench.json")))
     self.assertEqual([r["system"] for r in res["prefill"]],

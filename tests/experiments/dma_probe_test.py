@@ -3,25 +3,18 @@
 import ctypes
 import json
 import os
-import subprocess
-import sys
 
 from absl.testing import absltest
 
 from experiments.bench import cuda_dma
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+from tests import entry_points
 
 
 class DmaProbeTest(absltest.TestCase):
 
   def test_skips_off_the_gpu_with_the_reason(self):
     out = self.create_tempdir().full_path
-    run = subprocess.run(
-        [sys.executable, "-m", "experiments.dma_probe", f"--out_dir={out}"],
-        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-        capture_output=True, text=True, timeout=120)
+    run = entry_points.run("dma_probe", f"--out_dir={out}", timeout=120)
     self.assertEqual(run.returncode, 0, run.stderr[-2000:])
     res = json.load(open(os.path.join(out, "dma_probe.json")))
     self.assertIn("needs a GPU", res["skipped"])

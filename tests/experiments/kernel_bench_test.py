@@ -8,21 +8,15 @@ point's absl flags would clash with other experiments' in one worker.
 
 import json
 import os
-import subprocess
-import sys
 
 from absl.testing import absltest
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+from tests import entry_points
 
 
 def _kernel_bench(*flags, timeout=600):
-  return subprocess.run(
-      [sys.executable, "-m", "experiments.kernel_bench", *flags], cwd=REPO,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
-      text=True, timeout=timeout)
+  return entry_points.run("kernel_bench", *flags, timeout=timeout)
 
 
 @pytest.mark.slow

@@ -2,24 +2,17 @@
 
 import json
 import os
-import subprocess
-import sys
 
 from absl.testing import absltest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+from tests import entry_points
 
 
 class SmokeTest(absltest.TestCase):
 
   def test_runlocal(self):
     out = self.create_tempdir().full_path
-    run = subprocess.run(
-        [sys.executable, "-m", "experiments.overlap_probe", "--runlocal",
-         f"--out_dir={out}"], cwd=REPO,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
-        text=True, timeout=300)
+    run = entry_points.run("overlap_probe", "--runlocal", f"--out_dir={out}")
     self.assertEqual(run.returncode, 0, run.stderr[-3000:])
     res = json.load(open(os.path.join(out, "overlap_probe.json")))
     self.assertEqual([r["arrangement"] for r in res["rows"]],

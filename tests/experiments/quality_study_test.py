@@ -3,8 +3,6 @@
 import glob
 import json
 import os
-import subprocess
-import sys
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -16,8 +14,7 @@ from nosa_jax import config as config_lib
 from nosa_jax import data
 from nosa_jax import evaluation
 from nosa_jax import model
-
-REPO = __file__.rsplit("/tests/", 1)[0]
+from tests import entry_points
 
 
 def _build(arg):
@@ -66,10 +63,7 @@ class QualityConfigTest(parameterized.TestCase):
 class QualityStudyTest(absltest.TestCase):
 
   def _run(self, *args, timeout=240):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.quality_study", *args], cwd=REPO,
-        env=env, capture_output=True, text=True, timeout=timeout)
+    return entry_points.run("quality_study", *args, timeout=timeout)
 
   @pytest.mark.slow  # ~40 s on 2 cores; the study's pieces are tested above
   def test_two_variants_end_to_end(self):

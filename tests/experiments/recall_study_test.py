@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 from absl.testing import absltest
 import numpy as np
@@ -16,8 +14,8 @@ from nosa_jax import data
 from nosa_jax import evaluation
 from nosa_jax import model
 from nosa_jax import recall
+from tests import entry_points
 
-REPO = __file__.rsplit("/tests/", 1)[0]
 BUCKETS = [n for n, _ in recall.BUCKETS]
 
 
@@ -215,10 +213,7 @@ class ClaimsTest(absltest.TestCase):
 class RecallStudyTest(absltest.TestCase):
 
   def _run(self, *args, timeout=400):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.recall_study", *args], cwd=REPO,
-        env=env, capture_output=True, text=True, timeout=timeout)
+    return entry_points.run("recall_study", *args, timeout=timeout)
 
   @pytest.mark.slow  # ~1-2 min on 2 cores
   def test_runlocal_resumes_skips_and_merges(self):
