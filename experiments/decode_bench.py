@@ -105,6 +105,15 @@ _CONFIGS = {"1b": nosa_1b, "8b": nosa_8b, "tiny": tiny}
 _PART_NAMES = ("ceilings", "gather", "decode", "prefill")
 
 
+def _run_config(name: str, variant: str) -> config_lib.ModelConfig:
+  """`_model_config` with the attention a run uses: the Pallas kernels on
+  the GPU, XLA elsewhere (starts the backend)."""
+  cfg = _model_config(name, variant)
+  impl = "pallas" if jax.default_backend() == "gpu" else "xla"
+  return dataclasses.replace(cfg, sparse=dataclasses.replace(
+      cfg.sparse, implementation=impl))
+
+
 def _model_config(name: str, variant: str) -> config_lib.ModelConfig:
   """The model config with the flag overrides; starts no JAX backend."""
   cfg = config_lib.ExperimentConfig.from_dict(
@@ -171,10 +180,7 @@ def _transfer_ceilings(results: dict, small: bool) -> cost_model.Hardware:
 
 def _decode(results, name, contexts, proto, hw, write, t_start) -> None:
   """The decode part: each planned run, one variant's weights at a time."""
-  cfgs = {v: _model_config(name, v) for v in ("full", "infllmv2", "nosa")}
-  impl = "pallas" if jax.default_backend() == "gpu" else "xla"
-  cfgs = {v: dataclasses.replace(c, sparse=dataclasses.replace(
-      c.sparse, implementation=impl)) for v, c in cfgs.items()}
+  cfgs = {v: _run_config(name, v) for v in ("full", "infllmv2", "nosa")}
   runs = decode_systems.plan(_SYSTEMS.value, cfgs["full"], cfgs["nosa"],
                              contexts, proto, small=_RUNLOCAL.value)
   order = ("full", "infllmv2", "nosa")
@@ -213,10 +219,7 @@ def _decode(results, name, contexts, proto, hw, write, t_start) -> None:
 
 def _prefill(results, name, contexts, write, small) -> None:
   """The prefill part: each prefill system at each context."""
-  impl = "pallas" if jax.default_backend() == "gpu" else "xla"
-  cfg = _model_config(name, "nosa")
-  cfg = dataclasses.replace(cfg, sparse=dataclasses.replace(
-      cfg.sparse, implementation=impl))
+  cfg = _run_config(name, "nosa")
   params = decode_systems.random_params(cfg)
   chunk = 2 * cfg.sparse.block_size if small else _PREFILL_CHUNK.value
   for ctx in contexts:

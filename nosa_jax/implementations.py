@@ -79,6 +79,12 @@ def _auto_fetch(backend: str, decode_attention: str = "xla") -> str:
   return "fused" if decode_attention == "pallas" else "pallas"
 
 
+def serial_fetch() -> str:
+  """The block_fetch that copies before the attention (not fused): the
+  zero-copy gather kernel on the GPU, XLA's copy loop elsewhere."""
+  return _auto_fetch(jax.default_backend())
+
+
 def _auto_dense(backend: str, dtype: Any = jnp.float32) -> str:
   # XLA's path materialises [B, H, T, T] scores (out of memory at 16k with
   # 32 heads on an H100); cuDNN's fused flash attention takes half

@@ -54,6 +54,7 @@ import numpy as np
 from experiments.bench import synthetic
 from nosa_jax import config as config_lib
 from nosa_jax import cost_model
+from nosa_jax import implementations
 from nosa_jax import model
 from nosa_jax.inference import engine
 from nosa_jax.inference import host_memory
@@ -145,10 +146,9 @@ class Run:
 def offload_store(system: str, topk: int, cache_factor: int
                   ) -> stores.HostStore:
   """The host store of an offload system (module docstring)."""
-  if system.endswith("_fused"):
-    fetch = "fused"
-  else:  # serial: a copy, then the attention
-    fetch = "pallas" if jax.default_backend() == "gpu" else "loop"
+  # serial: a copy, then the attention
+  fetch = ("fused" if system.endswith("_fused")
+           else implementations.serial_fetch())
   spare = system.endswith(("_cache", "_prefetch"))
   cache = cache_factor * topk if spare else None
   return stores.HostStore(cache_blocks=cache, fetch=fetch)
@@ -328,7 +328,7 @@ def run_prefill(system: str, cfg: config_lib.ModelConfig, params,
                 context: int, batch: int, chunk: int) -> dict:
   """Times one prefill system (module docstring); returns its record."""
   store = (stores.DeviceStore() if system.startswith("device") else
-           offload_store("prefill", cfg.sparse.topk_blocks, 1))
+           stores.HostStore(fetch=implementations.serial_fetch()))
   tokens = jax.random.randint(jax.random.key(0), (batch, context), 0,
                               cfg.vocab_size)
   lengths = jnp.full((batch,), context, jnp.int32)

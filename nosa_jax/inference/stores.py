@@ -415,7 +415,7 @@ class HostStore:
     c = sp.block_size
     fetch, _ = self.fetch_and_attention(sp)
     if fetch == "fused":  # the fused kernel copies only as it attends
-      fetch = "pallas" if jax.default_backend() == "gpu" else "loop"
+      fetch = implementations.serial_fetch()
     new_map, load_BKP = prefetch_slots(
         kv.slot_map, kv.slot_last, guess_BKQ, pos_B,
         (pos_B // c).astype(jnp.int32) - sp.window_blocks)
@@ -495,28 +495,38 @@ def diff_slots(slot_map_BKP: jax.Array, idx_BKP: jax.Array,
     into each slot (-1 = none, includes a new own block); fetch = load from
     the host store (load minus the own block).
   """
-  p_sel = idx_BKP.shape[-1]
   miss_BKP = (idx_BKP >= 0) & ~jnp.any(
       idx_BKP[..., :, None] == slot_map_BKP[..., None, :], axis=-1)
   n_miss_BK = jnp.sum(miss_BKP, axis=-1)
   big = jnp.iinfo(jnp.int32).max
   miss_ids_BKP = jnp.sort(jnp.where(miss_BKP, idx_BKP, big), axis=-1)
   free_BKP = ~_member(slot_map_BKP, idx_BKP)
+  new_map_BKP, load_BKP = _fill_free_slots(slot_map_BKP, free_BKP, keep_BKP,
+                                           miss_ids_BKP, n_miss_BK)
+  fetch_BKP = (load_BKP >= 0) & (load_BKP != own_B[:, None, None])
+  return new_map_BKP, load_BKP, fetch_BKP
+
+
+def _fill_free_slots(slot_map_BKP, free_BKP, keep_BKP, ids_BKQ, n_BK):
+  """Blocks ids_BKQ[..., :n] (ascending, padding after) into free slots.
+
+  Free slots are taken by rank: with keep_BKP, empty ones first, then the
+  lowest keep value (ties by slot); without, in slot order. Ids beyond the
+  free slots are dropped. Returns (new_map_BKP, load_BKP: the block loaded
+  into each slot, -1 = none).
+  """
   if keep_BKP is None:
     rank_BKP = jnp.cumsum(free_BKP, axis=-1) - 1
-  else:  # rank of each free slot by (non-empty, keep value, slot)
+  else:
     key_BKP = jnp.where(slot_map_BKP < 0, -jnp.inf, keep_BKP.astype(_F32))
     key_BKP = jnp.where(free_BKP, key_BKP, jnp.inf)
     rank_BKP = jnp.argsort(jnp.argsort(key_BKP, axis=-1, stable=True),
                            axis=-1)
-  assign_BKP = free_BKP & (rank_BKP < n_miss_BK[..., None])
-  load_BKP = jnp.where(
-      assign_BKP,
-      jnp.take_along_axis(miss_ids_BKP, jnp.clip(rank_BKP, 0, p_sel - 1),
-                          axis=-1), -1).astype(jnp.int32)
-  new_map_BKP = jnp.where(assign_BKP, load_BKP, slot_map_BKP)
-  fetch_BKP = assign_BKP & (load_BKP != own_B[:, None, None])
-  return new_map_BKP, load_BKP, fetch_BKP
+  assign_BKP = free_BKP & (rank_BKP < n_BK[..., None])
+  load_BKP = jnp.where(assign_BKP, jnp.take_along_axis(
+      ids_BKQ, jnp.clip(rank_BKP, 0, ids_BKQ.shape[-1] - 1), axis=-1),
+                       -1).astype(jnp.int32)
+  return jnp.where(assign_BKP, load_BKP, slot_map_BKP), load_BKP
 
 
 def prefetch_slots(slot_map_BKP: jax.Array, slot_last_BKP: jax.Array,
@@ -538,7 +548,6 @@ def prefetch_slots(slot_map_BKP: jax.Array, slot_last_BKP: jax.Array,
     each slot (-1 = none). Guessed blocks beyond the free slots are
     dropped (lowest block ids are loaded first).
   """
-  q = guess_BKQ.shape[-1]
   want_BKQ = ((guess_BKQ >= 0) & (guess_BKQ < below_B[:, None, None])
               & ~jnp.any(guess_BKQ[..., :, None] == slot_map_BKP[..., None, :],
                          axis=-1))
@@ -552,15 +561,9 @@ def prefetch_slots(slot_map_BKP: jax.Array, slot_last_BKP: jax.Array,
   free_BKP = ((slot_last_BKP < pos_B[:, None, None] - 1)
               & ~_member(slot_map_BKP, guess_BKQ))
   free_BKP |= slot_map_BKP < 0
-  # Rank free slots: empty first, then least recently selected.
-  key_BKP = jnp.where(slot_map_BKP < 0, -1, slot_last_BKP).astype(_F32)
-  key_BKP = jnp.where(free_BKP, key_BKP, jnp.inf)
-  rank_BKP = jnp.argsort(jnp.argsort(key_BKP, axis=-1, stable=True), axis=-1)
-  assign_BKP = free_BKP & (rank_BKP < n_BK[..., None])
-  load_BKP = jnp.where(
-      assign_BKP, jnp.take_along_axis(ids_BKQ, jnp.clip(rank_BKP, 0, q - 1),
-                                      axis=-1), -1).astype(jnp.int32)
-  return jnp.where(assign_BKP, load_BKP, slot_map_BKP), load_BKP
+  # Empty slots first, then the least recently selected.
+  return _fill_free_slots(slot_map_BKP, free_BKP, slot_last_BKP, ids_BKQ,
+                          n_BK)
 
 
 def _loop_copy(src, dst, src_row_F, dst_row_F, count, memory_kind):
