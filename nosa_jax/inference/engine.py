@@ -302,7 +302,9 @@ def prefill_chunked(params: Any, cfg: config_lib.ModelConfig,
   positions), and with the host store every chunk copies each layer's
   store to the device and back (PCIe time grows with the number of chunks)
   and holds the old and the new host store at once (XLA refuses to donate
-  pinned_host buffers here): twice the store's host memory.
+  pinned_host buffers here): twice the store's host memory. Each chunk also
+  rebuilds every layer's selection state over the whole cache, though only
+  the windows it touches change (work per chunk grows with the context).
 
   Args:
     params, cfg, tokens_BT, lengths_B, max_len, store, host_memory_limit:
