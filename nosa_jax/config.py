@@ -77,10 +77,11 @@ class SparseConfig:
       sees as tied tie here too (broken toward the lower index, where
       torch.topk's order is unspecified): closer to the released models'
       selection, not bit-equal (selection.py "Ties").
-    score_implementation: how training, prefill and decode selection
-      compute the query-aware block scores: `xla` (einsum + softmax +
-      block max) or `pallas` (`pallas_kernels.block_scores`, no [T, W]
-      matrix in HBM).
+    score_implementation: how training and prefill selection compute the
+      query-aware block scores: `xla` (einsum + softmax + block max) or
+      `pallas` (`pallas_kernels.block_scores`, no [T, W] matrix in HBM).
+      Decode scores its one query with XLA either way (measured faster,
+      `selection.select_decode_blocks`).
       `xla` by default; the paper configs pick `pallas` (configs/common.py;
       timings in experiments/results/kernels/NOTES.md).
     block_size: tokens per KV block (C); paper 64.

@@ -913,8 +913,13 @@ def select_decode_blocks(q_BHD: jax.Array, kbar_BWKD: Optional[jax.Array],
 
   kbar / ebar must already include the windows the token at pos_B
   completes (its block is the query's own block). The query-aware scores
-  come from `cfg.score_implementation` (XLA, or the block_scores kernel for
-  the one query), as in training.
+  of the one query always come from XLA (`query_aware_scores`), whatever
+  `cfg.score_implementation` says for training and prefill: the
+  block_scores kernel pads the query to a tile and was measured 1.44x
+  slower per 8B decode step at 16k and 3.5x at 128k (H100, 2026-12-07,
+  experiments/results/NOTES.md "Session 11"). Pallas-scored prefill and
+  XLA-scored decode can then differ at near-ties, within the rounding
+  `score_path_agreement` measures.
 
   Args:
     q_BHD: the query (RoPE applied).
@@ -930,17 +935,12 @@ def select_decode_blocks(q_BHD: jax.Array, kbar_BWKD: Optional[jax.Array],
     and the block eviction scores the selection ranked by
     (`eviction_block_scores`; None without an eviction head).
   """
-  # The scores implementation training and prefill use (one switch), so
-  # decode ranks blocks with the same rounding.
-  scores = (query_aware_scores_pallas
-            if implementations.from_config("block_scores", cfg) == "pallas"
-            else query_aware_scores)
-
   def one(q_HD, kbar_WKD, ebar_KW, pos):
     pos_T = pos[None]
     sq_BKTN = se_BKN = None
     if kbar_WKD is not None:
-      sq_BKTN = scores(q_HD[None, None], kbar_WKD[None], pos_T, cfg, n)
+      sq_BKTN = query_aware_scores(q_HD[None, None], kbar_WKD[None], pos_T,
+                                   cfg, n)
     if ebar_KW is not None:
       se_BKN = eviction_block_scores(ebar_KW, pos, cfg, n)[None]
     idx_BKTP, _, _ = select_from_scores(sq_BKTN, se_BKN, pos_T, cfg)

@@ -580,15 +580,19 @@ def _compact(member_BKAZ):
   b, kh, a, z = member_BKAZ.shape
   member_MZ = member_BKAZ.reshape(b * kh * a, z)
   slot_MZ = jnp.cumsum(member_MZ, axis=-1, dtype=jnp.int32) - 1
-  row_M1 = jnp.arange(member_MZ.shape[0], dtype=jnp.int32)[:, None] * z
-  # Non-members aim past the end and are dropped.
-  target_MZ = jnp.where(member_MZ, row_M1 + slot_MZ, member_MZ.size)
-  src_MZ = jnp.broadcast_to(jnp.arange(z, dtype=jnp.int32)[None, :],
-                            member_MZ.shape)
-  idx = jnp.zeros((member_MZ.size,), jnp.int32)
-  idx = idx.at[target_MZ.reshape(-1)].set(src_MZ.reshape(-1), mode="drop")
+  # Non-members aim past the row's end and are dropped. Row-local targets
+  # (a scatter per row) keep every index below Z: a flat index over all
+  # rows overflows int32 once B K A Z reaches 2^31 (a 128k prefill at
+  # batch 16).
+  target_MZ = jnp.where(member_MZ, slot_MZ, z)
+  src_Z = jnp.arange(z, dtype=jnp.int32)
+
+  def row(target_Z):
+    return jnp.zeros((z,), jnp.int32).at[target_Z].set(src_Z, mode="drop")
+
+  idx_MZ = jax.vmap(row)(target_MZ)
   cnt_M = slot_MZ[:, -1] + 1
-  return idx.reshape(b * kh, a, z), cnt_M.reshape(b * kh, a)
+  return idx_MZ.reshape(b * kh, a, z), cnt_M.reshape(b * kh, a)
 
 
 def _dkv_num_items(t, n, block_size, block_q, segment):

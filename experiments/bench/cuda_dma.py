@@ -73,9 +73,13 @@ class Dma:
                                               _NON_BLOCKING),
                 "cudaStreamCreateWithFlags")
     self.has_batch = hasattr(lib, "cudaMemcpyBatchAsync")
+    self.runtime = self.versions()["runtime"]
 
   def _check(self, code: int, what: str) -> None:
     if code != 0:
+      # Clear the runtime's last error: left set, it fails the next XLA
+      # launch in this process ("error before calling cuModuleGetFunction").
+      self.lib.cudaGetLastError()
       self.lib.cudaGetErrorString.restype = ctypes.c_char_p
       raise CudaError(f"{what}: CUDA error {code} "
                       f"({self.lib.cudaGetErrorString(code).decode()})")
@@ -110,11 +114,16 @@ class Dma:
       ptrs = ctypes.c_void_p * n
       attrs = _MemcpyAttributes(srcAccessOrder=_SRC_ACCESS_ORDER_STREAM)
       idx = (ctypes.c_size_t * 1)(0)
-      fail = ctypes.c_size_t()
-      self._check(self.lib.cudaMemcpyBatchAsync(
-          ptrs(*dsts), ptrs(*srcs), (ctypes.c_size_t * n)(*sizes),
-          ctypes.c_size_t(n), ctypes.byref(attrs), idx, ctypes.c_size_t(1),
-          ctypes.byref(fail), self.stream), "cudaMemcpyBatchAsync")
+      args = [ptrs(*dsts), ptrs(*srcs), (ctypes.c_size_t * n)(*sizes),
+              ctypes.c_size_t(n), ctypes.byref(attrs), idx,
+              ctypes.c_size_t(1)]
+      # CUDA 13 dropped the failIdx argument (12.8-12.9 have it): passing
+      # it there puts a pointer where the stream goes (error 400, invalid
+      # resource handle, measured on runtime 13000, 2026-12-07).
+      if self.runtime < 13000:
+        args.append(ctypes.byref(ctypes.c_size_t()))
+      self._check(self.lib.cudaMemcpyBatchAsync(*args, self.stream),
+                  "cudaMemcpyBatchAsync")
       return
     fn = self.lib.cudaMemcpyAsync
     for d, s, z in zip(dsts, srcs, sizes, strict=True):

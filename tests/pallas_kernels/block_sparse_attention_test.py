@@ -337,6 +337,23 @@ class BlockSparseAttentionListsTest(parameterized.TestCase):
     used = int(np.sum(-(-np.asarray(cnt) // segment)))
     self.assertEqual(used, bsa._dkv_num_items(t, n, c, bq, segment))
 
+  def test_compact_orders_members_per_row(self):
+    member = np.random.default_rng(0).random((2, 3, 5, 40)) < 0.3
+    idx, cnt = bsa._compact(jnp.asarray(member))
+    idx, cnt = np.asarray(idx).reshape(-1, 40), np.asarray(cnt).reshape(-1)
+    for m, row in enumerate(member.reshape(-1, 40)):
+      want = np.flatnonzero(row)
+      self.assertEqual(cnt[m], want.size)
+      np.testing.assert_array_equal(idx[m, :want.size], want)
+
+  def test_compact_traces_past_2_31_entries(self):
+    """The offload issue's 128k prefill at batch 16: B K A Z = 2^31 once
+    overflowed a flat int32 scatter index while tracing. Shapes only."""
+    member = jax.ShapeDtypeStruct((16, 2, 2048, 1 << 16), jnp.bool_)
+    idx, cnt = jax.eval_shape(bsa._compact, member)
+    self.assertEqual(idx.shape, (32, 2048, 1 << 16))
+    self.assertEqual(cnt.shape, (32, 2048))
+
   @parameterized.named_parameters(*_BWD_OPTIONS)
   def test_lowers_to_triton(self, fused_dq, transpose_bwd):
     """Triton lowering of all the kernels for an abstract H100."""

@@ -188,8 +188,8 @@ class DecodeMatchesForwardTest(parameterized.TestCase):
 
   def test_pallas_matches_forward(self):
     """The kernels (interpret mode on CPU) in prefill and decode: the
-    attention, and the block scores of the selection (decode scores its one
-    query with the kernel too)."""
+    attention, and the block scores of the prefill's selection (decode
+    scores its one query with XLA, `select_decode_blocks`)."""
     cfg, graphdef, params = _model("nosa")
     cfg = dataclasses.replace(cfg, sparse=dataclasses.replace(
         cfg.sparse, implementation="pallas", score_implementation="pallas"))
