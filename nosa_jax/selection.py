@@ -49,6 +49,8 @@ Ties (NOSA_SPEC §2.5) come in two kinds:
     ratio, and tests/pallas_kernels/block_scores_test.py checks the bound
     (Pallas interpret on the CPU; T = 32k compiled on the GPU). A wrong
     score (a bug) shows as a large eps or a ratio above 2, not as a tie.
+    Measured (H100, 2026-12-07, the benchmark's T = 32k local mask): 3 of
+    65,536 rows differ (6 picks), eps 3.0e-8, worst ratio 0.5: rounding.
 
 `locality_penalty` (project decision 5, not in the paper) is the one
 differentiable function here; `locality_statistics` measures the
