@@ -39,8 +39,10 @@ measured on the plain eval split.
 
 Variants: `configs/quality.py:variant=full|infllmv2|dma|nosa`; the locality
 penalty via `--config.model.sparse.locality_weight=0.1` (the study's
-`--variants=nosa_loc0.1` sets it). `eval` holds the study's evaluation
-settings (`nosa_jax.evaluation.EvalConfig`); `ExperimentConfig` ignores it.
+`--variants=nosa_loc0.1` sets it); exact here, as issue 8 measured it
+(configs/recall.py samples it: `locality_sample_fraction`). `eval` holds
+the study's evaluation settings (`nosa_jax.evaluation.EvalConfig`);
+`ExperimentConfig` ignores it.
 """
 
 import ml_collections

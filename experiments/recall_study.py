@@ -8,7 +8,8 @@ r"""Quality study with recall (issue 24): resumable (variant, seed) units.
   python -m experiments.recall_study --config=configs/recall.py --units= \
       --out_dir=experiments/results/quality/units \
       --summary_dir=experiments/results/quality
-  # the penalty's cost: nosa's step with and without it, one process
+  # the penalty's cost: nosa's step without it, with it exact and sampled
+  # (the config's locality_sample_fraction), one process
   python -m experiments.recall_study --config=configs/recall.py --units= \
       --penalty_overhead --out_dir=$OUT/units
   # CPU smoke run of the whole pipeline on tiny shapes
@@ -60,9 +61,10 @@ _STOP = flags.DEFINE_float("stop_after_minutes", 0.0, "Start no unit after "
 _IGNORE_GATE = flags.DEFINE_bool("ignore_gate", False, "Run sparse units "
                                  "even when the dense gate failed.")
 _PENALTY = flags.DEFINE_bool(
-    "penalty_overhead", False, "First time nosa's train step with and "
-    "without locality_weight=0.1 in this process (OUT_DIR/"
-    "penalty_overhead.json, merged into study.json).")
+    "penalty_overhead", False, "First time nosa's train step without "
+    "locality_weight=0.1, with it exact and with it sampled as the config "
+    "samples it, in this process (OUT_DIR/penalty_overhead.json, merged "
+    "into study.json).")
 _COMMIT = flags.DEFINE_string("commit", "", "Recorded commit (default: "
                               "git's, 'n/a' in a copy without .git).")
 flags.mark_flags_as_required(["out_dir"])
@@ -94,8 +96,9 @@ def main(argv):
     res = dict(study.penalty_overhead(base), stamp=stamp)
     checkpoint.write_json_atomic(
         os.path.join(out, study.PENALTY_FILE), res)
-    logging.info("locality penalty: %+.1f%% of nosa's step time",
-                 100 * res["overhead"])
+    logging.info("locality penalty: %+.1f%% of nosa's step time sampled "
+                 "(fraction %g), %+.1f%% exact", 100 * res["overhead"],
+                 res["sample_fraction"], 100 * res["overhead_exact"])
   start = time.time()
   for unit in units:
     if unit.key in study.finished(dirs):

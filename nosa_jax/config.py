@@ -95,6 +95,10 @@ class SparseConfig:
       (the own block is always selected too); paper 16.
     locality_weight: weight of the differentiable locality penalty
       (project decision 5); 0.0 reproduces the paper.
+    locality_sample_fraction: share of each sequence's query-block
+      segments the penalty is evaluated on per training step, in (0, 1]:
+      1.0 is the exact penalty; below it an unbiased estimate of it at
+      about that share of its cost (`selection.locality_penalty`).
     query_chunk: queries per chunk in the memory-bounded `xla` path.
   """
 
@@ -111,6 +115,7 @@ class SparseConfig:
   sink_blocks: int = 1
   window_blocks: int = 16
   locality_weight: float = 0.0
+  locality_sample_fraction: float = 1.0
   query_chunk: int = 512
 
   def __post_init__(self):
@@ -156,6 +161,10 @@ class SparseConfig:
     _require(isinstance(self.locality_weight, (int, float))
              and self.locality_weight >= 0, f"{p}.locality_weight",
              "must be a number >= 0", self.locality_weight)
+    f = self.locality_sample_fraction
+    _require(isinstance(f, (int, float)) and not isinstance(f, bool)
+             and 0 < f <= 1, f"{p}.locality_sample_fraction",
+             "must be a number in (0, 1] (1.0: the exact penalty)", f)
 
   @property
   def is_sparse(self) -> bool:
@@ -556,12 +565,14 @@ class ExperimentConfig:
 # optimizer shape, the state tree or the data order. Every other field is
 # fixed by the run's checkpoints (model shape and variant, selection
 # constants, parameter dtype, data source and tokenizer, seq_len, batch
-# size, seed).
+# size, seed). The penalty's sample fraction changes the noise of its
+# estimate, not its expectation (selection.locality_penalty).
 RESUME_MUTABLE = frozenset({
     "model.dtype", "model.remat", "model.remat_keeps_selection",
     "model.scan_layers", "model.sparse.implementation",
     "model.sparse.decode_implementation", "model.sparse.score_implementation",
-    "model.sparse.query_chunk", "data.cache_dir", "train.num_steps",
+    "model.sparse.query_chunk", "model.sparse.locality_sample_fraction",
+    "data.cache_dir", "train.num_steps",
     "train.learning_rate", "train.min_lr_ratio", "train.warmup_steps",
     "train.weight_decay", "train.b1", "train.b2", "train.eps",
     "train.grad_clip", "train.log_every", "train.log_locality",

@@ -146,19 +146,21 @@ def logits(params: Any, cfg: config_lib.ModelConfig,
 
 
 def training_attention(sp: config_lib.SparseConfig,
-                       collect_stats: bool = False) -> Attend:
+                       collect_stats: bool = False,
+                       penalty_key: jax.Array | None = None) -> Attend:
   """The causal attention of the training forward (and of prefill).
 
   `full`: dense causal attention. Sparse variants: selection + block-sparse
   attention (`sparse_attention.nosa_attention`). aux holds
-  `locality_penalty`, and with collect_stats the selection statistics and
-  the bias.
+  `locality_penalty` (sampled with `penalty_key` when
+  `sp.locality_sample_fraction` < 1, else exact), and with collect_stats
+  the selection statistics and the bias.
   """
   def attend(q_BTHD, k_BTKD, v_BTKD, bias_BTK):
     if not sp.is_sparse:
       return attention.causal_attention(q_BTHD, k_BTKD, v_BTKD), {}
-    out_BTHD, aux = sparse_attention.nosa_attention(q_BTHD, k_BTKD, v_BTKD,
-                                                    bias_BTK, sp)
+    out_BTHD, aux = sparse_attention.nosa_attention(
+        q_BTHD, k_BTKD, v_BTKD, bias_BTK, sp, penalty_key=penalty_key)
     if not collect_stats:
       return out_BTHD, {"locality_penalty": aux["locality_penalty"]}
     if bias_BTK is not None:
@@ -231,9 +233,19 @@ class Block(nnx.Module):
                           rngs=rngs, bias=cfg.mlp_bias)
 
   def __call__(self, x_BTM: jax.Array, positions_BT: jax.Array,
-               collect_stats: bool = False) -> tuple[jax.Array, Aux]:
+               collect_stats: bool = False,
+               penalty_key: jax.Array | None = None) -> tuple[jax.Array, Aux]:
     return block(nnx.state(self, nnx.Param), self.cfg, x_BTM, positions_BT,
-                 training_attention(self.cfg.sparse, collect_stats))
+                 training_attention(self.cfg.sparse, collect_stats,
+                                    penalty_key))
+
+
+def _layer_keys(key: jax.Array | None, num_layers: int) -> jax.Array | None:
+  """[L] keys fold_in(key, i), one per layer's penalty draw (or None)."""
+  if key is None:
+    return None
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(
+      jnp.arange(num_layers))
 
 
 def _remat_policy(cfg: config_lib.ModelConfig):
@@ -275,7 +287,8 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens_BT: jax.Array,
                positions_BT: jax.Array | None = None, *,
-               collect_stats: bool = False) -> tuple[jax.Array, Aux]:
+               collect_stats: bool = False,
+               penalty_key: jax.Array | None = None) -> tuple[jax.Array, Aux]:
     """Logits for every position.
 
     Args:
@@ -288,6 +301,9 @@ class Transformer(nnx.Module):
         chunked prefill).
       collect_stats: also return per-layer selection statistics (slower;
         used at logging steps, never inside the train step).
+      penalty_key: PRNG key of the sampled locality penalty (the train
+        step's); layer i draws with fold_in(penalty_key, i). None: the
+        exact penalty (`selection.locality_penalty`).
 
     Returns:
       (logits_BTV in fp32, aux) where aux has `locality_penalty` (mean
@@ -301,15 +317,18 @@ class Transformer(nnx.Module):
     x_BTM = embed(top, cfg, tokens_BT)
     penalty = jnp.zeros((), jnp.float32)
     layer_stats = []
+    keys = _layer_keys(penalty_key, cfg.num_layers)
     if cfg.scan_layers and not collect_stats:
-      x_BTM, penalty = self._scan_blocks(x_BTM, positions_BT)
+      x_BTM, penalty = self._scan_blocks(x_BTM, positions_BT, keys)
     else:
-      for blk in self.blocks:
+      for i, blk in enumerate(self.blocks):
+        key = None if keys is None else keys[i]
         if cfg.remat != "none" and not collect_stats:
-          run = nnx.remat(lambda b, x, p: b(x, p), policy=_remat_policy(cfg))
-          x_BTM, aux = run(blk, x_BTM, positions_BT)
+          run = nnx.remat(lambda b, x, p, key: b(x, p, penalty_key=key),
+                          policy=_remat_policy(cfg))
+          x_BTM, aux = run(blk, x_BTM, positions_BT, key)
         else:
-          x_BTM, aux = blk(x_BTM, positions_BT, collect_stats)
+          x_BTM, aux = blk(x_BTM, positions_BT, collect_stats, key)
         penalty = penalty + jnp.asarray(aux.pop("locality_penalty", 0.0),
                                         jnp.float32)
         layer_stats.append(aux)
@@ -320,7 +339,8 @@ class Transformer(nnx.Module):
       out["layers"] = layer_stats
     return logits_BTV, out
 
-  def _scan_blocks(self, x_BTM: jax.Array, positions_BT: jax.Array
+  def _scan_blocks(self, x_BTM: jax.Array, positions_BT: jax.Array,
+                   keys: jax.Array | None = None
                    ) -> tuple[jax.Array, jax.Array]:
     """All blocks as one `lax.scan` step, compiled once (`scan_layers`).
 
@@ -333,6 +353,11 @@ class Transformer(nnx.Module):
     (the matmul weights in the compute dtype, the rest in param dtype) that
     lives until the backward pass has read it, and the gradient is first
     built stacked, then split per layer.
+
+    Args:
+      x_BTM: the embedded tokens.
+      positions_BT: their positions.
+      keys: [L] penalty keys per layer (`_layer_keys`) or None.
 
     Returns:
       (x_BTM after the last block, locality penalty summed over layers).
@@ -354,10 +379,9 @@ class Transformer(nnx.Module):
 
     stacked = jax.tree.map_with_path(stack, *(state for _, state in splits))
 
-    attend = training_attention(self.cfg.sparse)
-
-    def step(carry, p_block):
-      x_BTM, penalty = carry
+    def step(carry, xs):
+      (x_BTM, penalty), (p_block, key) = carry, xs
+      attend = training_attention(self.cfg.sparse, penalty_key=key)
       x_BTM, aux = block(p_block, self.cfg, x_BTM, positions_BT, attend)
       penalty = penalty + jnp.asarray(aux.get("locality_penalty", 0.0),
                                       jnp.float32)
@@ -370,7 +394,7 @@ class Transformer(nnx.Module):
       step = jax.checkpoint(step, policy=_remat_policy(self.cfg),
                             prevent_cse=False)
     carry = (x_BTM, jnp.zeros((), jnp.float32))
-    (x_BTM, penalty), _ = jax.lax.scan(step, carry, stacked)
+    (x_BTM, penalty), _ = jax.lax.scan(step, carry, (stacked, keys))
     return x_BTM, penalty
 
 
@@ -438,10 +462,12 @@ def abstract_params(cfg: config_lib.ModelConfig) -> tuple[nnx.GraphDef, Any]:
 
 def apply(graphdef: nnx.GraphDef, params: Any, tokens_BT: jax.Array,
           positions_BT: jax.Array | None = None, *,
-          collect_stats: bool = False) -> tuple[jax.Array, Aux]:
+          collect_stats: bool = False,
+          penalty_key: jax.Array | None = None) -> tuple[jax.Array, Aux]:
   """Pure forward pass: `Transformer(tokens)` from (graphdef, params)."""
   model = nnx.merge(graphdef, params)
-  return model(tokens_BT, positions_BT, collect_stats=collect_stats)
+  return model(tokens_BT, positions_BT, collect_stats=collect_stats,
+               penalty_key=penalty_key)
 
 
 def count_params(params: Any) -> int:

@@ -53,8 +53,9 @@ Ties (NOSA_SPEC §2.5) come in two kinds:
     65,536 rows differ (6 picks), eps 3.0e-8, worst ratio 0.5: rounding.
 
 `locality_penalty` (project decision 5, not in the paper) is the one
-differentiable function here; `locality_statistics` measures the
-step-to-step overlap of §3.
+differentiable function here, exact or (`locality_sample_fraction` < 1)
+estimated without bias from a random share of its query segments;
+`locality_statistics` measures the step-to-step overlap of §3.
 """
 
 from __future__ import annotations
@@ -817,7 +818,8 @@ def locality_statistics(mask_BKTN: jax.Array, pinned_BKTN: jax.Array,
 
 def locality_penalty(q_BTHD: jax.Array, k_BTKD: jax.Array,
                      cfg: config_lib.SparseConfig,
-                     temperature: float = 1.0) -> jax.Array:
+                     temperature: float = 1.0,
+                     key: Optional[jax.Array] = None) -> jax.Array:
   """Differentiable locality penalty (project decision 5; not in the paper).
 
   A soft version of the query-aware selection compared between consecutive
@@ -838,11 +840,31 @@ def locality_penalty(q_BTHD: jax.Array, k_BTKD: jax.Array,
   by one chunk of [B, H, query_chunk + 1, W] scores. The result is
   unweighted; callers add `cfg.locality_weight * penalty` to the loss.
 
+  Sampled (`cfg.locality_sample_fraction` = f < 1, with a `key`): the same
+  penalty estimated without bias from a random subset of pairs. Segment j
+  holds the pairs whose earlier query t-1 lies in block j (U(t) is the same
+  for all of them); the S = ceil((T-1)/C) - (sink + window + 1) segments
+  with U nonempty partition the pairs counted above. Each sequence draws
+  m = ceil(f S) of its segments uniformly without replacement, and
+
+    estimate = mean over b of (S / m) * sum over its drawn segments j and
+               (k, t in j) of TV(t)  /  (K * n_pairs),
+
+  n_pairs the exact penalty's pair count per (b, k). Every segment is drawn
+  with probability m / S, so E[estimate] = penalty, and its gradient is an
+  unbiased estimate of the penalty's gradient (the draw does not depend on
+  q or k). Only the m (C + 1) rows of each sequence's drawn segments are
+  scored, so the cost is about m (C + 1) / T of the exact one; with m = S
+  every pair is drawn and the estimate equals the penalty up to summation
+  order. f = 1, or no key (evaluation), computes the exact penalty.
+
   Args:
     q_BTHD: queries (RoPE applied).
     k_BTKD: keys (RoPE applied).
-    cfg: selection constants.
+    cfg: selection constants (`locality_sample_fraction` too).
     temperature: tau > 0; below 1 sharpens p toward the top blocks.
+    key: PRNG key of the draw (training passes one per step and layer);
+      None computes the exact penalty whatever the fraction.
 
   Returns:
     Scalar fp32 penalty (0.0 when no pair has a selectable block).
@@ -858,6 +880,9 @@ def locality_penalty(q_BTHD: jax.Array, k_BTKD: jax.Array,
   if n_pairs == 0:
     return jnp.zeros((), _F32)
   kbar_BWKD = compress_keys(k_BTKD, cfg.compress_kernel, cfg.compress_stride)
+  if key is not None and cfg.locality_sample_fraction < 1.0:
+    return _sampled_penalty(q_BTHD, kbar_BWKD, cfg, temperature,
+                            key) / (kk * n_pairs)
   tc = min(cfg.query_chunk, t)
   n_chunks = -(-t // tc)
   # One leading row so each chunk also sees the query before its first one.
@@ -883,6 +908,86 @@ def locality_penalty(q_BTHD: jax.Array, k_BTKD: jax.Array,
   sums = jax.lax.map(lambda i: chunk_tv(i, q_pad, kbar_BWKD),
                      jnp.arange(n_chunks))
   return jnp.sum(sums) / (b * kk * n_pairs)
+
+
+def penalty_segments(length: int, cfg: config_lib.SparseConfig
+                     ) -> tuple[int, int, int]:
+  """(first, S, m) of the sampled locality penalty at T = `length`.
+
+  Segment j >= first = sink_blocks + window_blocks + 1 holds the pairs
+  (t-1, t) with (t-1) // C = j; S segments have a pair (0 if none) and m =
+  min(S, max(1, ceil(locality_sample_fraction * S))) are drawn per sequence.
+  """
+  first = cfg.sink_blocks + cfg.window_blocks + 1
+  count = max(0, num_blocks(length - 1, cfg.block_size) - first)
+  drawn = min(count, max(1, math.ceil(cfg.locality_sample_fraction * count)))
+  return first, count, drawn
+
+
+def _sampled_penalty(q_BTHD, kbar_BWKD, cfg, temperature, key):
+  """`locality_penalty`'s sampled estimate times K * n_pairs: the mean over
+  b of (S / m) * the TV summed over b's drawn segments.
+
+  The drawn rows are gathered once (the backward scatters their gradient
+  into q once) and scored in groups of about `query_chunk` rows under
+  `jax.checkpoint`.
+  """
+  b, t, h, d = q_BTHD.shape
+  c = cfg.block_size
+  n = num_blocks(t, c)
+  first, count, drawn = penalty_segments(t, cfg)
+  # Each sequence draws its own segments: positions, and with them |U(t)|,
+  # vary across the batch.
+  segs = first + jax.vmap(  # [B, m]
+      lambda kb: jax.random.choice(kb, count, (drawn,), replace=False))(
+          jax.random.split(key, b))
+  per_group = max(1, min(drawn, cfg.query_chunk // (c + 1)))
+  groups = -(-drawn // per_group)
+  # Padded segments (weight 0) fill the last group; they read segment
+  # `first`, a valid one, so nothing non-finite enters the sum.
+  segs = jnp.pad(segs, ((0, 0), (0, groups * per_group - drawn)),
+                 constant_values=first)
+  weights = (jnp.arange(groups * per_group) < drawn).astype(_F32)
+  # Rows jC .. jC + C: the earlier queries of segment j and the query after
+  # the last one (past T - 1 for the last segment: clamped, masked below).
+  rows = jnp.minimum(segs[:, :, None] * c + jnp.arange(c + 1)[None, None],
+                     t - 1)  # [B, groups * per_group, C + 1]
+  q_rows_BTHD = jnp.take_along_axis(q_BTHD, rows.reshape(b, -1, 1, 1),
+                                    axis=1)
+  # Groups lead, for lax.map: [groups, B, per_group (C + 1), H, D].
+  q_nBTHD = jnp.moveaxis(
+      q_rows_BTHD.reshape(b, groups, per_group * (c + 1), h, d), 1, 0)
+  segs_n = jnp.moveaxis(segs.reshape(b, groups, per_group), 1, 0)
+  weights_n = weights.reshape(groups, per_group)
+  j_N = jnp.arange(n)
+
+  def one_sequence(q_THD, kbar_WKD, segs, weights):  # segs: [per_group]
+    pos = segs[:, None] * c + jnp.arange(c + 1)[None]  # [per_group, C + 1]
+    sq_KTN = query_aware_scores(q_THD[None], kbar_WKD[None],
+                                jnp.minimum(pos, t - 1).reshape(-1), cfg,
+                                n)[0]
+    # [K, per_group, C + 1, N]: one segment's rows together.
+    logp = (jnp.log(jnp.maximum(sq_KTN, _TINY)) / temperature).reshape(
+        sq_KTN.shape[0], per_group, c + 1, n)
+    # U is fixed within a segment: sink <= j <= seg - window - 1.
+    support = ((j_N[None, :] >= cfg.sink_blocks)
+               & (j_N[None, :] <= segs[:, None] - cfg.window_blocks - 1))
+    support = support[None, :, None, :]
+    p_prev = _masked_softmax(logp[:, :, :-1], support)
+    p_cur = _masked_softmax(logp[:, :, 1:], support)
+    # Total variation per pair: [K, per_group, C].
+    tv = 0.5 * jnp.sum(jnp.abs(p_cur - p_prev), axis=-1)
+    ok = (pos[:, 1:] <= t - 1).astype(_F32) * weights[:, None]
+    return jnp.sum(tv * ok[None])
+
+  @jax.checkpoint
+  def group_tv(q_BTHD, kbar_BWKD, segs, weights):
+    return jnp.sum(jax.vmap(one_sequence, in_axes=(0, 0, 0, None))(
+        q_BTHD, kbar_BWKD, segs, weights))
+
+  sums = jax.lax.map(lambda xs: group_tv(xs[0], kbar_BWKD, xs[1], xs[2]),
+                     (q_nBTHD, segs_n, weights_n))
+  return jnp.sum(sums) * (count / drawn) / b
 
 
 # ------------------------------------------------------------------------------

@@ -264,7 +264,8 @@ SELECTION_CHECKPOINT_NAME = "nosa_block_mask"
 def nosa_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
                    bias_BTK: Optional[jax.Array],
                    cfg: config_lib.SparseConfig,
-                   positions_T: Optional[jax.Array] = None):
+                   positions_T: Optional[jax.Array] = None,
+                   penalty_key: Optional[jax.Array] = None):
   """Selection + sparse attention for one layer (§2.9), what the model calls.
 
   The block mask comes from `selection.select_block_masks` on
@@ -282,13 +283,16 @@ def nosa_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
     positions_T: the queries' positions when q is a chunk of the sequence
       whose keys 0..S-1 are k / v / bias (as `selection.select_blocks`);
       needs implementation `xla` and locality_weight 0. Default 0..T-1.
+    penalty_key: PRNG key of the locality penalty's draw when
+      `cfg.locality_sample_fraction` < 1; None: the exact penalty.
 
   Returns:
     out_BTHD in q's dtype, and aux, a dict of fp32 scalars:
-      locality_penalty: `selection.locality_penalty(q, k, cfg)`, unweighted
-        and differentiable (the caller adds `cfg.locality_weight` times it);
-        0.0 without computing it when locality_weight == 0 or the variant
-        has no query-aware selection (dma, full).
+      locality_penalty: `selection.locality_penalty(q, k, cfg,
+        key=penalty_key)`, unweighted and differentiable (the caller adds
+        `cfg.locality_weight` times it); 0.0 without computing it when
+        locality_weight == 0 or the variant has no query-aware selection
+        (dma, full).
       gamma, changed_query_picks, changed_agnostic_picks, locality_pairs:
         `selection.locality_statistics` of the mask (stop-gradient).
   """
@@ -315,7 +319,8 @@ def nosa_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
   aux = dict(selection.locality_statistics(mask_BKTN, pinned_BKTN,
                                            cfg.topk_blocks))
   if cfg.locality_weight > 0 and cfg.query_aware:
-    aux["locality_penalty"] = selection.locality_penalty(q_BTHD, k_BTKD, cfg)
+    aux["locality_penalty"] = selection.locality_penalty(
+        q_BTHD, k_BTKD, cfg, key=penalty_key)
   else:
     aux["locality_penalty"] = jnp.zeros((), _F32)
   return out_BTHD, aux

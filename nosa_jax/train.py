@@ -90,10 +90,16 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
 
 
 def loss_fn(params, graphdef, cfg: config_lib.ModelConfig,
-            batch_BT1: jax.Array) -> tuple[jax.Array, dict]:
-  """CE loss plus `locality_weight` x locality penalty (decision 5)."""
+            batch_BT1: jax.Array, penalty_key: jax.Array | None = None
+            ) -> tuple[jax.Array, dict]:
+  """CE loss plus `locality_weight` x locality penalty (decision 5).
+
+  `penalty_key` draws the sampled penalty (`locality_sample_fraction` < 1;
+  the train step passes one from its state's RNG); None: the exact one.
+  """
   tokens_BT, targets_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
-  logits_BTV, aux = model_lib.apply(graphdef, params, tokens_BT)
+  logits_BTV, aux = model_lib.apply(graphdef, params, tokens_BT,
+                                    penalty_key=penalty_key)
   ce = cross_entropy(logits_BTV, targets_BT)
   penalty = aux["locality_penalty"]
   loss = ce + cfg.sparse.locality_weight * penalty
@@ -104,11 +110,14 @@ def train_step(state: State, batch_BT1: jax.Array, *, graphdef,
                cfg: config_lib.ModelConfig,
                tx: optax.GradientTransformation) -> tuple[State, dict]:
   """One AdamW step; pure, jitted with the state donated."""
+  # The state's RNG (checkpointed) draws the sampled penalty: a resumed
+  # run draws what the uninterrupted one would.
+  rng, penalty_key = jax.random.split(jax.random.wrap_key_data(state["rng"]))
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (_, metrics), grads = grad_fn(state["params"], graphdef, cfg, batch_BT1)
+  (_, metrics), grads = grad_fn(state["params"], graphdef, cfg, batch_BT1,
+                                penalty_key)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
-  rng, _ = jax.random.split(jax.random.wrap_key_data(state["rng"]))
   metrics["grad_norm"] = optax.tree.norm(grads)
   # A checkpoint of the new state is good only if it is finite.
   metrics["state_finite"] = jnp.all(jnp.stack([

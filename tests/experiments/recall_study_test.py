@@ -2,6 +2,7 @@
 
 import json
 import os
+from unittest import mock
 
 from absl.testing import absltest
 import numpy as np
@@ -208,6 +209,42 @@ class ClaimsTest(absltest.TestCase):
     self.assertIn("dma_s0", found)
     self.assertEqual(study.summarize(study.load_units([d, d2]))["variants"][
         "full"]["heldout_nll"], [1.0, 1.0])
+
+
+class PenaltyOverheadTest(absltest.TestCase):
+
+  def test_times_nosa_then_the_sampled_and_the_exact_penalty(self):
+    d = recall_config.get_config().to_dict()
+    d.pop("study"), d.pop("eval")
+    seconds = {(0.0, 1.0): 1.0, (0.1, 0.04): 1.05, (0.1, 1.0): 2.0}
+    seen = []
+
+    def fake_measure(cfg, steps):
+      sp = cfg.model.sparse
+      seen.append((sp.variant, sp.locality_weight,
+                   sp.locality_sample_fraction, steps))
+      return seconds[seen[-1][1:3]]
+
+    with mock.patch.object(study, "measure_step_seconds", fake_measure):
+      res = study.penalty_overhead(d, steps=3)
+      self.assertEqual(seen, [("nosa", 0.0, 1.0, 3), ("nosa", 0.1, 0.04, 3),
+                              ("nosa", 0.1, 1.0, 3)])
+      self.assertEqual(res["step_seconds"], {
+          "nosa": 1.0, "nosa_loc0.1": 1.05, "nosa_loc0.1_exact": 2.0})
+      self.assertAlmostEqual(res["overhead"], 0.05)
+      self.assertAlmostEqual(res["overhead_exact"], 1.0)
+      self.assertEqual(res["sample_fraction"], 0.04)
+      self.assertEqual(
+          study.penalty_line(dict(res, stamp={"device": "H100"})),
+          "Locality penalty (weight 0.1, sampled at fraction 0.04): +5.0% "
+          "of nosa's step time (exact penalty: +100.0%), one process on "
+          "H100: holding against <= 10%.")
+      # A config with the exact penalty times it once.
+      d["model"]["sparse"]["locality_sample_fraction"] = 1.0
+      seen.clear()
+      res = study.penalty_overhead(d, steps=3)
+    self.assertEqual(len(seen), 2)
+    self.assertEqual(res["overhead"], res["overhead_exact"])
 
 
 class RecallStudyTest(absltest.TestCase):

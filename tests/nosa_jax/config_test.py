@@ -36,6 +36,15 @@ class ConfigTest(parameterized.TestCase):
        "model.sparse.window_blocks"),
       ("bad_impl", {"model": {"sparse": {"implementation": "cuda"}}},
        "model.sparse.implementation"),
+      ("zero_penalty_fraction",
+       {"model": {"sparse": {"locality_sample_fraction": 0.0}}},
+       "model.sparse.locality_sample_fraction"),
+      ("penalty_fraction_above_one",
+       {"model": {"sparse": {"locality_sample_fraction": 1.5}}},
+       "model.sparse.locality_sample_fraction"),
+      ("penalty_fraction_as_bool",
+       {"model": {"sparse": {"locality_sample_fraction": True}}},
+       "model.sparse.locality_sample_fraction"),
       ("odd_head_dim", {"model": {"head_dim": 15}}, "model.head_dim"),
       ("bad_dtype", {"model": {"dtype": "fp8"}}, "model.dtype"),
       ("unknown_field", {"train": {"lenght": 3}}, "train.lenght"),
@@ -73,8 +82,16 @@ class ConfigTest(parameterized.TestCase):
     self.assertEqual(
         (s.block_size, s.compress_kernel, s.compress_stride, s.topk_blocks,
          s.query_topk_blocks, s.sink_blocks, s.window_blocks,
-         s.locality_weight),
-        (64, 32, 16, 64, 33, 1, 16, 0.0))
+         s.locality_weight, s.locality_sample_fraction),
+        (64, 32, 16, 64, 33, 1, 16, 0.0, 1.0))
+
+  def test_penalty_fraction_may_change_on_resume(self):
+    # It changes the noise of the penalty's estimate, not its expectation
+    # nor any shape; the weight changes the objective and stays fixed.
+    changes = {"model.sparse.locality_sample_fraction": (1.0, 0.04),
+               "model.sparse.locality_weight": (0.0, 0.1)}
+    self.assertEqual(config_lib.resume_conflicts(changes),
+                     ["model.sparse.locality_weight"])
 
   def test_variant_predicates(self):
     # (is_sparse, query_aware, has_eviction_head) of each variant (§2.5).

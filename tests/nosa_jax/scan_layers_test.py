@@ -15,6 +15,7 @@ import numpy as np
 
 from nosa_jax import model
 from nosa_jax import sharding
+from nosa_jax import sparse_attention
 from nosa_jax import testing
 from nosa_jax import train
 from tests import tolerances
@@ -101,6 +102,34 @@ class ScanLayersEquivalenceTest(parameterized.TestCase):
         norm = sum(float(np.abs(x).sum())
                    for x in jax.tree.leaves(got[2]["blocks"][i]))
         self.assertGreater(norm, 0.0, msg=f"layer {i}, remat={remat}")
+
+  def test_penalty_key_per_layer_in_scan_and_loop(self):
+    """Layer i gets the penalty key fold_in(key, i) in the loop (here
+    through nnx.remat) and in the scan alike. The attention is a stand-in
+    whose penalty is uniform(key), so only the plumbing compiles; the
+    sampled penalty itself is tested in selection_test."""
+
+    def fake_nosa_attention(q_BTHD, k_BTKD, v_BTKD, bias_BTK, sp,
+                            penalty_key=None):
+      del k_BTKD, v_BTKD, bias_BTK, sp
+      return q_BTHD, {"locality_penalty": jax.random.uniform(penalty_key)}
+
+    batch_BT1 = testing.random_tokens(jax.random.key(1), 1, 17)
+    # Any values do; the same tree for both layouts.
+    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                          model.abstract_params(_cfg("nosa", "none"))[1])
+    key = jax.random.key(7)
+    want = np.mean([jax.random.uniform(jax.random.fold_in(key, i))
+                    for i in range(2)])
+    with mock.patch.object(sparse_attention, "nosa_attention",
+                           fake_nosa_attention):
+      for remat, scan in (("full", False), ("none", True)):
+        cfg = _cfg("nosa", remat, scan_layers=scan)
+        got = jax.jit(lambda p, k, cfg=cfg: model.apply(
+            model.abstract_params(cfg)[0], p, batch_BT1[:, :-1],
+            penalty_key=k)[1]["locality_penalty"])(params, key)
+        self.assertAlmostEqual(float(got), float(want), places=6,
+                               msg=f"remat={remat}, scan={scan}")
 
   def test_bf16_stack_holds_bf16_weights_and_changes_nothing(self):
     """With bf16 compute the stacked matmul weights are bf16 (half the

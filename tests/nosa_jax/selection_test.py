@@ -554,6 +554,83 @@ class LocalityPenaltyTest(parameterized.TestCase):
     self.assertEqual(float(selection.locality_penalty(q, k, _CFG)), 0.0)
 
 
+class SampledLocalityPenaltyTest(parameterized.TestCase):
+  """`locality_sample_fraction` < 1: an unbiased estimate of the penalty.
+
+  T = 93 with C = 8: segments 3..11 (S = 9), the last one with 4 pairs.
+  """
+
+  T = 93
+
+  def _penalty(self, fraction, chunk=48):
+    cfg = _cfg(locality_sample_fraction=fraction, query_chunk=chunk)
+    return lambda q, k, key: selection.locality_penalty(q, k, cfg, key=key)
+
+  def test_segments(self):
+    self.assertEqual(selection.penalty_segments(self.T, _CFG), (3, 9, 9))
+    self.assertEqual(selection.penalty_segments(
+        self.T, _cfg(locality_sample_fraction=0.3)), (3, 9, 3))
+    self.assertEqual(selection.penalty_segments(
+        self.T, _cfg(locality_sample_fraction=1e-3)), (3, 9, 1))
+    self.assertEqual(selection.penalty_segments(25, _CFG)[1:], (0, 0))
+
+  def test_fraction_one_or_no_key_is_the_exact_penalty(self):
+    q, k, _ = _inputs(3, 2, self.T, 4, 2, 8)
+    exact = selection.locality_penalty(q, k, _CFG)
+    key = jax.random.key(0)
+    self.assertEqual(float(self._penalty(1.0)(q, k, key)), float(exact))
+    self.assertEqual(float(self._penalty(0.3)(q, k, None)), float(exact))
+
+  def test_every_segment_drawn_equals_exact(self):
+    # fraction 0.999: m = ceil(0.999 * 9) = S, every pair is scored; in 2
+    # groups of 5 segments (one padded) or 9 groups of 1.
+    q, k, _ = _inputs(3, 2, self.T, 4, 2, 8)
+    want = selection.locality_penalty(q, k, _CFG)
+    for chunk in (48, 8):
+      got = jax.jit(self._penalty(0.999, chunk))(q, k, jax.random.key(4))
+      np.testing.assert_allclose(got, want, rtol=1e-5)
+
+  def test_gradient_reaches_q_and_k_and_is_exact_when_all_drawn(self):
+    # The estimate is (S / m) * the sum of the drawn segments' TV, so its
+    # gradient is the same sum of their gradients: with m = S (fraction
+    # 0.999 < 1, the sampled path) it is the exact penalty's gradient.
+    q, k, _ = _inputs(3, 2, self.T, 4, 2, 8)
+    q, k = jnp.asarray(q), jnp.asarray(k)
+    got = jax.jit(jax.grad(self._penalty(0.999), argnums=(0, 1)))(
+        q, k, jax.random.key(4))
+    want = jax.jit(jax.grad(lambda q, k: selection.locality_penalty(
+        q, k, _CFG), argnums=(0, 1)))(q, k)
+    for g, w in zip(got, want, strict=True):
+      self.assertTrue(np.all(np.isfinite(g)))
+      self.assertGreater(float(jnp.abs(g).sum()), 1e-4)
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
+
+  def test_one_segment_draws_average_to_exact(self):
+    # B = 1, m = 1: each key scores one of the S segments, each with
+    # probability 1 / S, so the mean over the S distinct outcomes is the
+    # expectation, which must be the exact penalty.
+    q, k, _ = _inputs(7, 1, self.T, 4, 2, 8)
+    keys = jax.random.split(jax.random.key(1), 128)
+    vals = np.asarray(jax.jit(jax.vmap(
+        self._penalty(0.1), in_axes=(None, None, 0)))(q, k, keys))
+    outcomes = np.unique(vals)
+    self.assertLen(outcomes, 9)
+    np.testing.assert_allclose(outcomes.mean(),
+                               selection.locality_penalty(q, k, _CFG),
+                               rtol=1e-5)
+
+  def test_mean_over_keys_matches_exact(self):
+    # B = 2, m = 3 of 9 per sequence: within 4 standard errors.
+    q, k, _ = _inputs(8, 2, self.T, 4, 2, 8)
+    keys = jax.random.split(jax.random.key(2), 400)
+    vals = np.asarray(jax.jit(jax.vmap(
+        self._penalty(0.3), in_axes=(None, None, 0)))(q, k, keys))
+    se = vals.std() / np.sqrt(len(vals))
+    self.assertGreater(se, 0.0)  # the draws differ
+    self.assertLess(abs(vals.mean() - float(
+        selection.locality_penalty(q, k, _CFG))), 4 * se)
+
+
 class DecodeLocalityTest(absltest.TestCase):
   """gamma and prefetch coverage of consecutive decode selections."""
 

@@ -252,6 +252,20 @@ class NosaAttentionTest(parameterized.TestCase):
       self.assertTrue(np.all(np.isfinite(g)))
       self.assertGreater(float(jnp.abs(g).sum()), 1e-4)
 
+  def test_sampled_locality_penalty_draws_with_the_key(self):
+    q, k, v, delta_w, _ = self._eviction_setup(2)
+    bias = selection.eviction_bias(v, jnp.array([0.7, -0.4]), delta_w)
+    cfg = dataclasses.replace(_CFG, locality_weight=0.5,
+                              locality_sample_fraction=0.3)
+    key = jax.random.key(3)
+    got = jax.jit(lambda q, k, key: sa.nosa_attention(
+        q, k, v, bias, cfg, penalty_key=key)[1]["locality_penalty"])(
+            q, k, key)
+    want = jax.jit(lambda q, k, key: selection.locality_penalty(
+        q, k, cfg, key=key))(q, k, key)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    self.assertGreater(float(got), 0.0)
+
   @parameterized.parameters("nosa", "infllmv2")
   def test_chunk_attends_as_whole(self, variant):
     # Queries p..p+Tc-1 against the keys 0..S-1 (a chunked prefill) give

@@ -2,6 +2,7 @@
 
 import glob
 import os
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -75,6 +76,32 @@ class LocalityPenaltyTest(parameterized.TestCase):
   def test_no_gradient_when_weight_is_zero(self):
     for g in jax.tree.leaves(self._penalty_grads(0.0)):
       self.assertEqual(float(jnp.abs(g).max()), 0.0)
+
+
+class SampledPenaltyKeyTest(absltest.TestCase):
+
+  def test_train_step_draws_from_the_state_rng(self):
+    # The sampled penalty's key is the second half of the split of the
+    # state's (checkpointed) RNG, whose first half becomes the next
+    # state's: a resumed run draws as the uninterrupted one did.
+    tx = train.make_optimizer(testing.tiny_config().train)
+    params = {"w": jnp.ones((3,))}
+    state = {"params": params, "opt_state": tx.init(params),
+             "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.key_data(jax.random.key(5))}
+
+    def fake_loss(params, graphdef, cfg, batch, penalty_key=None):
+      del graphdef, cfg, batch
+      loss = jnp.sum(params["w"] ** 2)
+      return loss, {"loss": loss, "key": jax.random.key_data(penalty_key)}
+
+    with mock.patch.object(train, "loss_fn", fake_loss):
+      new_state, metrics = jax.jit(lambda s: train.train_step(
+          s, jnp.zeros((1, 9), jnp.int32), graphdef=None, cfg=None,
+          tx=tx))(state)
+    rng, key = jax.random.split(jax.random.key(5))
+    np.testing.assert_array_equal(metrics["key"], jax.random.key_data(key))
+    np.testing.assert_array_equal(new_state["rng"], jax.random.key_data(rng))
 
 
 class TrainEachVariantTest(parameterized.TestCase):
