@@ -24,10 +24,16 @@ Data: the stdlib corpus with 50% of the training windows replaced by
 associative-recall documents (`data.recall_fraction`, nosa_jax/recall.py;
 half MQAR-shaped, half multi-key NIAH) and 20% by passkey documents (so the
 passkey evaluation, and with it the issue-8 question whether the
-penalty's passkey jump survives more seeds, stays meaningful). A recall
-window asks back up to 16 values at once, at distances spread over the
-whole window, against the passkey mix's 1-4 per window: far more retrieval
-targets per token, which is what a dense model needs to learn to retrieve.
+penalty's passkey jump survives more seeds, stays meaningful). Half of the
+recall windows are one document (up to 16 values asked back, at distances
+spread over the whole window); the other half hold 2-16 shorter documents
+(`data.recall_segment_tokens` = 512), so a recall window asks back 15.5
+values on average (5.8 with one document each) and 5.3 of them within 320
+tokens of their record (0.23). Why: with one document per window
+(commit 1f88464) full@0 learnt the passkey (0.84) but recalled nothing,
+not even inside the window (answer NLL ln 10 per digit in every bucket):
+the lookup never formed from 6 mostly distant queries per window
+(experiments/results/quality/NOTES.md, issue 24, session 11).
 
 Sizing (expected, from the issue-8 throughput measured on one H100 with
 this model and context, experiments/results/quality/NOTES.md: full 949k,
@@ -75,6 +81,7 @@ def get_config(arg=None):
   # The nosa_loc* units' penalty, sampled (unbiased; 1.0 = exact): sized so
   # that it costs <= 10% of nosa's step (issue 24), by the estimate above.
   config.model.sparse.locality_sample_fraction = 0.04
+  config.data.recall_segment_tokens = 512
 
   t = config.train
   t.num_steps, t.warmup_steps = 1500, 100

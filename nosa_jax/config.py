@@ -407,6 +407,10 @@ class DataConfig:
     recall_mqar_share: of the recall windows, the share with the MQAR
       shape (8-64 records, 4-16 asked back); the rest are multi-key NIAH
       (1-4 records, 1-4 asked back).
+    recall_segment_tokens: 0 = one recall document per window; else a
+      recall window holds 1 to max(1, (seq_len + 1) // this) documents of
+      random lengths (`recall.RecallBuilder.training_window`), so record
+      to query distances also run short and a window asks back more.
   """
 
   source: str = "stdlib"
@@ -417,6 +421,7 @@ class DataConfig:
   passkey_fraction: float = 0.0
   recall_fraction: float = 0.0
   recall_mqar_share: float = 0.5
+  recall_segment_tokens: int = 0
 
   def __post_init__(self):
     _require(isinstance(self.source, str) and self.source, "data.source",
@@ -432,6 +437,11 @@ class DataConfig:
       _require(isinstance(value, (int, float)) and not isinstance(value, bool)
                and 0.0 <= value <= 1.0, f"data.{name}",
                "must be a number in [0, 1]", value)
+    _require(isinstance(self.recall_segment_tokens, int)
+             and not isinstance(self.recall_segment_tokens, bool)
+             and self.recall_segment_tokens >= 0,
+             "data.recall_segment_tokens", "must be an integer >= 0",
+             self.recall_segment_tokens)
     _require(self.passkey_fraction + self.recall_fraction <= 1.0,
              "data.recall_fraction", "must be at most 1 - "
              f"data.passkey_fraction ({self.passkey_fraction})",

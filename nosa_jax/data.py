@@ -320,8 +320,9 @@ class SyntheticMixStream(TokenStream):
   `passkey.PasskeyBuilder.training_document` (one or more passkey
   documents with random keys and depths; about half of them keep the
   corpus window as the haystack); else with u < `passkey_fraction +
-  recall_fraction`, `recall.RecallBuilder.training_document` drawn from an
-  RNG seeded with (seed, position, 2); else the corpus window. Batches
+  recall_fraction`, `recall.RecallBuilder.training_window` (one document,
+  or several with `recall_segment_tokens`) drawn from an RNG seeded with
+  (seed, position, 2); else the corpus window. Batches
   stay a pure function of the position, so resumed runs see the same data,
   and the passkey rows are what they were before the recall mix existed.
   """
@@ -329,11 +330,13 @@ class SyntheticMixStream(TokenStream):
   def __init__(self, tokens: np.ndarray, seq_len: int, seed: int = 0, *,
                name: str = "token stream", tokenizer: Tokenizer,
                passkey_fraction: float = 0.0, recall_fraction: float = 0.0,
-               recall_mqar_share: float = 0.5):
+               recall_mqar_share: float = 0.5,
+               recall_segment_tokens: int = 0):
     super().__init__(tokens, seq_len, seed, name=name)
     self.passkey_fraction = passkey_fraction
     self.recall_fraction = recall_fraction
     self.recall_mqar_share = recall_mqar_share
+    self.recall_segment_tokens = recall_segment_tokens
     self._passkey = passkey.PasskeyBuilder(tokenizer)
     self._recall = recall.RecallBuilder(tokenizer)
     for field, fraction, need in (
@@ -355,10 +358,11 @@ class SyntheticMixStream(TokenStream):
         batch[i] = self._passkey.training_document(self.seq_len + 1, rng,
                                                    batch[i])
       elif u < self.passkey_fraction + self.recall_fraction:
-        batch[i] = self._recall.training_document(
+        batch[i] = self._recall.training_window(
             self.seq_len + 1, np.random.default_rng(
                 [self.seed, position + i, 2]), batch[i],
-            mqar_share=self.recall_mqar_share).tokens
+            mqar_share=self.recall_mqar_share,
+            segment_tokens=self.recall_segment_tokens).tokens
     return batch
 
 
@@ -782,7 +786,8 @@ def load_datasets(cfg: config_lib.DataConfig, seq_len: int,
         arrays["train"], seq_len, seed, name="train split",
         tokenizer=tokenizer, passkey_fraction=cfg.passkey_fraction,
         recall_fraction=cfg.recall_fraction,
-        recall_mqar_share=cfg.recall_mqar_share)
+        recall_mqar_share=cfg.recall_mqar_share,
+        recall_segment_tokens=cfg.recall_segment_tokens)
   else:
     train = TokenStream(arrays["train"], seq_len, seed, name="train split")
   return Datasets(

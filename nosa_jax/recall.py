@@ -16,7 +16,10 @@ records anywhere before them, so the distance from a record to its query
 spreads over the whole context; the haystack is the corpus window (so the
 model keeps modelling real text around the records) or the passkey's
 filler sentences, with probability 1/2 each. Records overwrite the
-haystack where they land.
+haystack where they land. `training_window` may cut a window into several
+such documents of random lengths (`DataConfig.recall_segment_tokens`), as
+the passkey mix does: then distances run from a few tokens to the whole
+window, and a window asks back several times as many values.
 
 Held-out evaluation (`distance_examples`) builds one document per
 (distance bucket, trial) from another RNG stream, with keys drawn only from
@@ -35,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import string
-from typing import Callable, Protocol
+from typing import Callable, Collection, Protocol
 import zlib
 
 import numpy as np
@@ -54,6 +57,9 @@ MQAR_RECORDS = (8, 64)
 MQAR_QUERIES = (4, 16)
 # Records (and queries) take at most this share of a training window.
 _MAX_RECORD_SHARE = 0.25
+# With segments (`training_window`), the share of windows that stay one
+# document: they hold most of the long record-to-query distances.
+_ONE_DOCUMENT_SHARE = 0.5
 
 # (name, distance in training contexts); "window" = inside the forced
 # blocks, the last bucket's documents are twice the training context long.
@@ -74,14 +80,16 @@ def is_heldout_key(key: str) -> bool:
   return zlib.crc32(key.encode("ascii")) % _HELDOUT_MOD == 0
 
 
-def random_keys(rng: np.random.Generator, count: int, *,
-                heldout: bool) -> list[str]:
-  """`count` distinct keys, all held out (evaluation) or none (training)."""
+def random_keys(rng: np.random.Generator, count: int, *, heldout: bool,
+                avoid: Collection[str] = ()) -> list[str]:
+  """`count` distinct keys, all held out (evaluation) or none (training),
+  none of them in `avoid`."""
   keys: list[str] = []
   while len(keys) < count:
     letters = rng.integers(0, 26, size=KEY_LETTERS)
     key = "".join(string.ascii_lowercase[i] for i in letters)
-    if is_heldout_key(key) == heldout and key not in keys:
+    if (is_heldout_key(key) == heldout and key not in keys
+        and key not in avoid):
       keys.append(key)
   return keys
 
@@ -139,8 +147,9 @@ class RecallBuilder:
 
   def training_document(self, length: int, rng: np.random.Generator,
                         corpus_window: np.ndarray | None = None, *,
-                        mqar_share: float = 0.5) -> RecallDocument:
-    """A random training window of exactly `length` tokens.
+                        mqar_share: float = 0.5,
+                        avoid: Collection[str] = ()) -> RecallDocument:
+    """A random training document of exactly `length` tokens.
 
     Args:
       length: L (seq_len + 1 for a training row).
@@ -148,6 +157,7 @@ class RecallBuilder:
       corpus_window: >= L haystack tokens (e.g. the row it replaces); None
         for the filler sentences only.
       mqar_share: probability of the MQAR shape (else multi-key NIAH).
+      avoid: keys not to use (those of the window's other documents).
 
     Raises:
       ValueError: `length` below `min_document_length()`.
@@ -168,7 +178,7 @@ class RecallBuilder:
     tokens = (np.array(corpus_window[:length], np.int32) if use_corpus
               else self.filler(length))
     tokens[0] = self.bos_id
-    keys = random_keys(rng, n, heldout=False)
+    keys = random_keys(rng, n, heldout=False, avoid=avoid)
     recs = [self.record(k, random_value(rng)) for k in keys]
     asked = rng.permutation(n)[:q]
     tail = np.concatenate([recs[i] for i in asked])
@@ -194,6 +204,64 @@ class RecallBuilder:
       queries.append((pos, pos + int(lens[i]), keys[i]))
       pos += int(lens[i])
     return RecallDocument(tokens=tokens, records=records,
+                          queries=tuple(queries))
+
+  def training_window(self, length: int, rng: np.random.Generator,
+                      corpus_window: np.ndarray | None = None, *,
+                      mqar_share: float = 0.5,
+                      segment_tokens: int = 0) -> RecallDocument:
+    """A training window of `length` tokens: one or more documents.
+
+    With `segment_tokens`, half of the windows are still one document and
+    the other half hold a uniform count of 2 to length // segment_tokens
+    `training_document`s of random lengths (each with its own BOS, records
+    and queries; keys distinct across the window), as
+    `passkey.PasskeyBuilder.training_document` does. Why: one document per
+    8k window asks back about 6 values, at distances spread uniformly over
+    the window (4% under 320 tokens), and a dense model trained on 98M
+    tokens of that never formed the lookup (issue 24, NOTES.md). Short
+    documents give many retrievals at short range, where the lookup forms
+    first; the one-document half keeps the long distances.
+
+    Args:
+      length: L (seq_len + 1 for a training row).
+      rng: all randomness.
+      corpus_window: >= L haystack tokens, or None (see
+        `training_document`).
+      mqar_share: see `training_document`.
+      segment_tokens: 0 = one document (exactly `training_document`).
+
+    Returns:
+      The window; records and queries are offsets into it.
+    """
+    if not segment_tokens:
+      return self.training_document(length, rng, corpus_window,
+                                    mqar_share=mqar_share)
+    min_len = self.min_document_length()
+    most = max(1, min(length // segment_tokens, length // min_len))
+    count = (1 if most == 1 or rng.random() < _ONE_DOCUMENT_SHARE
+             else int(rng.integers(2, most + 1)))
+    if count == 1:
+      return self.training_document(length, rng, corpus_window,
+                                    mqar_share=mqar_share)
+    # Lengths: min_len each plus a random share of the rest.
+    rest = length - count * min_len
+    lengths = min_len + np.floor(rng.dirichlet(np.ones(count)) * max(rest, 0)
+                                 ).astype(int)
+    lengths[-1] = length - lengths[:-1].sum()
+    parts, records, queries, used, start = [], [], [], set(), 0
+    for n in lengths:
+      n = int(n)
+      doc = self.training_document(
+          n, rng, None if corpus_window is None
+          else corpus_window[start:start + n], mqar_share=mqar_share,
+          avoid=used)
+      parts.append(doc.tokens)
+      records += [(s + start, e + start, k) for s, e, k in doc.records]
+      queries += [(s + start, e + start, k) for s, e, k in doc.queries]
+      used.update(k for _, _, k in doc.records)
+      start += n
+    return RecallDocument(tokens=np.concatenate(parts), records=tuple(records),
                           queries=tuple(queries))
 
   def eval_example(self, length: int, place: Callable[[int, int, int], int],
