@@ -11,8 +11,28 @@ Command:  python -m experiments.recall_study --config=configs/recall.py \
             --summary_dir=experiments/results/quality)
 Hardware: one H100 80GB (pallas kernels for the sparse variants, cuDNN for
           `full`); CPU smoke run: --runlocal (or configs/recall.py:runlocal).
-Time:     not measured yet (expected per unit below).
-Result:   not measured yet. Nothing in this file has run on a GPU.
+Time:     full@0, 1,500 steps: 126 s of training at 967k tok/s plus 34 s of
+          evaluation (H100, 2026-12-07).
+Result:   the gate fails. full@0 (1,500 steps, seed 0) recalls 0.000 in
+          every bucket, "window" included, answer NLL ln 10 per digit, in
+          both the one-document mix below (commit 1f88464) and the
+          segmented one (--config.data.recall_segment_tokens=512):
+          experiments/results/quality/NOTES.md, issue 24, session 11.
+          Not a defect of the data or the scoring (tests/nosa_jax/
+          recall_test.py SameQuestionTest): the lookup has not formed.
+
+Gate probe (`configs/recall.py:gate_probe`, one 10-minute device call,
+about 6 min of training, not run yet): full only, 5,000 steps (328M tokens),
+80% recall windows, half of them cut into 2-16 documents: the most recall
+signal the data knobs give (4.3x the queries per step of the plan's mix,
+37x those within 320 tokens; 3.3x the steps). Command:
+          python -m experiments.recall_study \
+            --config=configs/recall.py:gate_probe --units=full@0 \
+            --out_dir=$OUT/probe --work_dir=/tmp/recall_probe
+          (its out_dir is not a --done_dirs of the study: the probe's unit is
+          not the plan's full@0). If it retrieves, size the plan from the step
+          where its recall rose; if not, the recall task needs another shape
+          before any device time (NOTES.md).
 
 Model: configs/quality.py's (8 layers, M=512, GQA 8/2 x 64, SwiGLU 1536,
 tied byte embeddings, 24.26M parameters), 8k context, the same sparsity
@@ -24,16 +44,13 @@ Data: the stdlib corpus with 50% of the training windows replaced by
 associative-recall documents (`data.recall_fraction`, nosa_jax/recall.py;
 half MQAR-shaped, half multi-key NIAH) and 20% by passkey documents (so the
 passkey evaluation, and with it the issue-8 question whether the
-penalty's passkey jump survives more seeds, stays meaningful). Half of the
-recall windows are one document (up to 16 values asked back, at distances
-spread over the whole window); the other half hold 2-16 shorter documents
-(`data.recall_segment_tokens` = 512), so a recall window asks back 15.5
-values on average (5.8 with one document each) and 5.3 of them within 320
-tokens of their record (0.23). Why: with one document per window
-(commit 1f88464) full@0 learnt the passkey (0.84) but recalled nothing,
-not even inside the window (answer NLL ln 10 per digit in every bucket):
-the lookup never formed from 6 mostly distant queries per window
-(experiments/results/quality/NOTES.md, issue 24, session 11).
+penalty's passkey jump survives more seeds, stays meaningful). A recall
+window asks back up to 16 values at once (5.8 on average), at distances
+spread over the whole window (4% within 320 tokens), against the passkey
+mix's 1-4 per window. `data.recall_segment_tokens` cuts half of the recall
+windows into 2 to L // that many documents (more queries, many at short
+range); the plan leaves it at 0, because at 512 the 1,500-step full@0 still
+recalled nothing and its passkey fell from 0.84 to 0.00 (one seed each).
 
 Sizing (expected, from the issue-8 throughput measured on one H100 with
 this model and context, experiments/results/quality/NOTES.md: full 949k,
@@ -73,7 +90,8 @@ PLAN = ("full:3,nosa:3,nosa_loc0.1:3,infllmv2:2,dma:2,nosa_loc0.03:2,"
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, variant="nosa", runlocal=False)
+  arg = common.parse_arg(arg, variant="nosa", runlocal=False,
+                         gate_probe=False)
   config = quality.get_config(f"variant={arg.variant}")
   config.data.passkey_fraction = 0.2
   config.data.recall_fraction = 0.5
@@ -81,7 +99,6 @@ def get_config(arg=None):
   # The nosa_loc* units' penalty, sampled (unbiased; 1.0 = exact): sized so
   # that it costs <= 10% of nosa's step (issue 24), by the estimate above.
   config.model.sparse.locality_sample_fraction = 0.04
-  config.data.recall_segment_tokens = 512
 
   t = config.train
   t.num_steps, t.warmup_steps = 1500, 100
@@ -91,6 +108,14 @@ def get_config(arg=None):
   # What the study runs and how it judges: `gate` is the dense model's
   # mean held-out recall beyond the window below which it stops.
   config.study = ml_collections.ConfigDict(dict(plan=PLAN, gate=0.9))
+
+  if arg.gate_probe:
+    # Does the dense model leave the uniform-digit plateau at all, given
+    # the most recall signal the data knobs allow? (docstring, NOTES.md)
+    config.data.recall_fraction = 0.8
+    config.data.recall_segment_tokens = 512
+    t.num_steps, t.warmup_steps = 5000, 200
+    config.study.plan = "full:1"
 
   if arg.runlocal:
     common.runlocal(config)

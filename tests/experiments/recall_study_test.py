@@ -95,6 +95,17 @@ class UnitsTest(absltest.TestCase):
         self.assertEqual(a.train.seed, 2)
 
 
+  def test_gate_probe_config(self):
+    d = recall_config.get_config("gate_probe").to_dict()
+    spec, _ = d.pop("study"), d.pop("eval")
+    self.assertEqual([u.key for u in study.plan_units(spec["plan"])],
+                     ["full_s0"])
+    cfg = config_lib.ExperimentConfig.from_dict(d)
+    self.assertGreater(cfg.train.num_steps, 1500)
+    self.assertGreater(cfg.data.recall_segment_tokens, 0)
+    self.assertEqual(cfg.data.passkey_fraction + cfg.data.recall_fraction,
+                     1.0)
+
   def test_real_config_buckets(self):
     # The device config's geometry: every bucket but "window" lies beyond
     # the forced blocks, each ctx_ bucket at its share of the context

@@ -8,7 +8,9 @@ import numpy as np
 
 from nosa_jax import config as config_lib
 from nosa_jax import data
+from nosa_jax import evaluation
 from nosa_jax import recall
+from nosa_jax import testing
 
 BYTES = data.ByteTokenizer()
 _RECORD = re.compile(r" <([a-z]{4}):(\d{4})>")
@@ -88,6 +90,121 @@ class TrainingDocumentTest(parameterized.TestCase):
                           np.random.default_rng(0))
 
 
+class TrainingWindowTest(parameterized.TestCase):
+
+  def test_without_segments_it_is_one_document(self):
+    b = recall.RecallBuilder(BYTES)
+    for seed in range(3):
+      one = b.training_document(1025, np.random.default_rng(seed), _corpus())
+      win = b.training_window(1025, np.random.default_rng(seed), _corpus())
+      np.testing.assert_array_equal(win.tokens, one.tokens)
+      self.assertEqual((win.records, win.queries),
+                       (one.records, one.queries))
+
+  @parameterized.parameters(0, 1, 2, 3, 4, 5)
+  def test_segments_layout(self, seed):
+    b = recall.RecallBuilder(BYTES)
+    doc = b.training_window(4097, np.random.default_rng(seed), _corpus(),
+                            segment_tokens=256)
+    self.assertLen(doc.tokens, 4097)
+    self.assertEqual(doc.tokens[0], BYTES.bos_id)
+    keys = [k for _, _, k in doc.records]
+    self.assertLen(set(keys), len(keys))  # distinct across the window
+    record = {k: (s, e) for s, e, k in doc.records}
+    for s, e, key in doc.queries:
+      rs, re_ = record[key]
+      self.assertLess(re_, s + 1)
+      # The record is still there and the query repeats it, value included.
+      self.assertRegex(BYTES.decode(doc.tokens[rs:re_]), _RECORD)
+      np.testing.assert_array_equal(doc.tokens[s:e], doc.tokens[rs:re_])
+      # No BOS (a document boundary) between a record and its query.
+      self.assertNotIn(BYTES.bos_id, doc.tokens[re_:s])
+
+  def test_segments_ask_more_and_nearer(self):
+    b = recall.RecallBuilder(BYTES)
+
+    def stats(segment_tokens):
+      count, dist = 0, []
+      for seed in range(40):
+        doc = b.training_window(8193, np.random.default_rng(seed),
+                                segment_tokens=segment_tokens)
+        start = {k: s for s, _, k in doc.records}
+        dist += [qs - start[k] for qs, _, k in doc.queries]
+        count += len(doc.queries)
+      return count, np.array(dist)
+
+    (n1, d1), (n2, d2) = stats(0), stats(512)
+    self.assertGreater(n2, 2 * n1)
+    self.assertGreater(np.sum(d2 < 320), 10 * max(np.sum(d1 < 320), 1))
+    self.assertGreater(d2.max(), 6000)  # one-document windows stay
+
+  def test_short_window_is_one_document(self):
+    b = recall.RecallBuilder(BYTES)
+    doc = b.training_window(257, np.random.default_rng(0), _corpus(),
+                            segment_tokens=512)
+    self.assertEqual(int(np.sum(doc.tokens == BYTES.bos_id)), 1)
+
+
+def _lookup(tokens_BT, width=1 + 1 + recall.KEY_LETTERS + 1):
+  """A perfect associative recaller (an induction head over `width`
+  tokens): predicts the token that followed the last earlier occurrence
+  of the last `width` tokens, else 0; NLL 0 where it found one."""
+  pred, nll = np.zeros_like(tokens_BT), np.full(tokens_BT.shape, np.log(10))
+  for row, toks in enumerate(np.asarray(tokens_BT)):
+    seen = {}
+    for p in range(width - 1, len(toks) - 1):
+      gram = toks[p - width + 1:p + 1].tobytes()
+      if gram in seen:
+        pred[row, p], nll[row, p] = toks[seen[gram] + 1], 0.0
+      seen[gram] = p
+  return pred, nll
+
+
+class SameQuestionTest(absltest.TestCase):
+  """The training mix and the held-out sets ask the same question: a model
+  that looks a record up by its key answers every query of both."""
+
+  def test_lookup_answers_every_training_query(self):
+    mix = data.SyntheticMixStream(_corpus(), 1024, seed=0, tokenizer=BYTES,
+                                  passkey_fraction=0.2, recall_fraction=0.5,
+                                  recall_segment_tokens=256)
+    rows = mix.batch_at(0, 24)
+    pred, _ = _lookup(rows)
+    asked = 0
+    for row, p in zip(rows, pred, strict=True):
+      # One character per token (BOS/EOS as NUL), so offsets are positions.
+      text = np.where(row < 256, row, 0).astype(np.uint8).tobytes().decode(
+          "latin-1")
+      first = {}
+      for m in _RECORD.finditer(text):
+        if m.group(1) not in first:
+          first[m.group(1)] = m.group(2)
+          continue
+        asked += 1
+        self.assertEqual(m.group(2), first[m.group(1)])
+        vs = m.start(2)  # position vs - 1 predicts the value's first digit
+        np.testing.assert_array_equal(p[vs - 1:vs + recall.VALUE_DIGITS - 1],
+                                      row[vs:vs + recall.VALUE_DIGITS])
+    self.assertGreater(asked, 24)
+
+  def test_lookup_recalls_every_heldout_bucket(self):
+    # Only the value's digits are scored, right after the query's ':'; a
+    # model that reads the record's key but guesses the digits scores 0.
+    kw = dict(context=256, trials=3, distractors=4, seed=1, batch_size=4,
+              sparse=testing.TINY_SPARSE)
+    haystack = _corpus(5000)
+    good = evaluation.recall_by_distance(_lookup, BYTES, haystack, **kw)
+    self.assertEqual(set(good["accuracy"].values()), {1.0})
+
+    def no_value(tokens_BT):
+      pred, nll = _lookup(tokens_BT)
+      digit = (pred >= ord("0")) & (pred <= ord("9"))
+      return np.where(digit, ord("0"), pred), nll
+
+    bad = evaluation.recall_by_distance(no_value, BYTES, haystack, **kw)
+    self.assertLess(max(bad["accuracy"].values()), 0.5)
+
+
 class DistanceExamplesTest(absltest.TestCase):
 
   GEOMETRY = dict(block_size=16, sink_blocks=1, window_blocks=2)
@@ -153,6 +270,9 @@ class MixStreamTest(absltest.TestCase):
     with self.assertRaisesRegex(config_lib.ConfigError,
                                 r"data.recall_mqar_share=2 is invalid"):
       config_lib.DataConfig(recall_mqar_share=2)
+    with self.assertRaisesRegex(config_lib.ConfigError,
+                                r"data.recall_segment_tokens=-1 is invalid"):
+      config_lib.DataConfig(recall_segment_tokens=-1)
     with self.assertRaisesRegex(
         config_lib.ConfigError,
         r"data.recall_fraction=0.5 is invalid with train.seq_len=64"):
