@@ -2,14 +2,11 @@
 
 import json
 import os
-import subprocess
-import sys
 
 from absl.testing import absltest
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+from tests import entry_points
 
 
 class ScalingTest(absltest.TestCase):
@@ -17,11 +14,7 @@ class ScalingTest(absltest.TestCase):
   @pytest.mark.slow  # 39 s, two pretrain runs; meshes: sharding_test
   def test_runlocal(self):
     out = self.create_tempdir().full_path
-    run = subprocess.run(
-        [sys.executable, "-m", "experiments.scaling", "--runlocal",
-         f"--out_dir={out}"], cwd=REPO,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
-        text=True, timeout=300)
+    run = entry_points.run("scaling", "--runlocal", f"--out_dir={out}")
     self.assertEqual(run.returncode, 0, run.stderr[-3000:])
     rows = json.load(open(os.path.join(out, "scaling.json")))["rows"]
     self.assertEqual([r["devices"] for r in rows], [1, 2])
@@ -39,13 +32,9 @@ class ScalingTest(absltest.TestCase):
     self.assertTrue(os.path.getsize(os.path.join(out, "scaling.png")))
 
   def test_bad_mesh_is_one_clear_error(self):
-    # A subprocess: importing the entry point here would clash with the
-    # absl flags of the other experiments' tests in the same worker.
-    run = subprocess.run(
-        [sys.executable, "-m", "experiments.scaling", "--meshes=1,2",
-         f"--out_dir={self.create_tempdir().full_path}"], cwd=REPO,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
-        text=True, timeout=120)
+    run = entry_points.run("scaling", "--meshes=1,2",
+                           f"--out_dir={self.create_tempdir().full_path}",
+                           timeout=120)
     self.assertNotEqual(run.returncode, 0)
     self.assertEqual(run.stderr.strip().splitlines()[-1],
                      "--meshes entry '1,2': expected three positive integers "
