@@ -40,6 +40,7 @@ from experiments.bench import ceilings
 from experiments.bench import decode_report
 from experiments.bench import decode_systems
 from experiments.bench import harness
+from experiments.bench import synthetic
 from nosa_jax import config as config_lib
 from nosa_jax import cost_model
 from nosa_jax.inference import host_memory
@@ -56,6 +57,10 @@ _SYSTEMS = flags.DEFINE_list("systems", list(decode_systems.SYSTEMS),
 _GAMMA_NOSA = flags.DEFINE_float("gamma_nosa", 0.944, "Paper's NOSA gamma.")
 _GAMMA_INFLLM = flags.DEFINE_float("gamma_infllmv2", 0.889,
                                    "Paper's InfLLMv2 gamma.")
+_GAMMA_FROM = flags.DEFINE_string(
+    "gamma_nosa_from", None, "A quality study's summary.json / quality.json: "
+    "NOSA's gamma is the one measured on its trained nosa model instead of "
+    "--gamma_nosa (the benchmark's second locality point).")
 _CACHE_FACTOR = flags.DEFINE_integer("cache_factor", 2,
                                      "nosa_offload_cache slots / topk.")
 _STEPS = flags.DEFINE_integer("steps", 32, "Timed decode steps.")
@@ -128,11 +133,17 @@ def _model_config(name: str, variant: str) -> config_lib.ModelConfig:
   return cfg
 
 
+def _nosa_gamma() -> float:
+  if _GAMMA_FROM.value is None:
+    return _GAMMA_NOSA.value
+  return synthetic.measured_gamma(_GAMMA_FROM.value)
+
+
 def _protocol() -> decode_systems.Protocol:
   return decode_systems.Protocol(
       batch=_BATCH.value,
       offload_batches=tuple(int(b) for b in _OFFLOAD_BATCHES.value),
-      gamma=(("nosa", _GAMMA_NOSA.value), ("infllmv2", _GAMMA_INFLLM.value)),
+      gamma=(("nosa", _nosa_gamma()), ("infllmv2", _GAMMA_INFLLM.value)),
       cache_factor=_CACHE_FACTOR.value, steps=_STEPS.value,
       warmup=_WARMUP.value, gpu_fraction=_GPU_FRACTION.value,
       profile_dir=(os.path.join(_OUT.value, "profile") if _PROFILE.value
@@ -264,7 +275,8 @@ def main(argv):
   t_start = time.perf_counter()
   results = {"meta": harness.stamp(
       "decode_bench", model=name, steps=_STEPS.value, warmup=_WARMUP.value,
-      num_layers_override=_LAYERS.value, kv_heads_override=_KV_HEADS.value),
+      num_layers_override=_LAYERS.value, kv_heads_override=_KV_HEADS.value,
+      gamma_nosa=proto.gamma[0][1], gamma_nosa_from=_GAMMA_FROM.value),
              "records": []}
 
   def write():

@@ -12,6 +12,7 @@ K/V values do not change the bytes a step moves).
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import jax
@@ -145,3 +146,27 @@ def synthetic_state(params: Any, cfg: config_lib.ModelConfig, store: Any,
   state = engine.empty_state(params, cfg, batch, context_len, max_len, store)
   return dataclasses.replace(state, lengths_B=jax.device_put(
       np.full((batch,), context_len, np.int32), jax.devices()[0]))
+
+
+def measured_gamma(path: str, name: str = "nosa") -> float:
+  """The decode gamma a quality study measured on its trained `name`.
+
+  Reads the recall study's summary.json (`{"variants": {name:
+  {"decode_gamma": [per seed]}}}`: the mean over seeds) or the issue-8
+  study's quality.json (`{"rows": [{"name", "gamma"}]}`).
+
+  Raises:
+    ValueError: no gamma in [0, 1] for `name` in the file.
+  """
+  with open(path) as f:
+    data = json.load(f)
+  found: list = []
+  if isinstance(data.get("variants"), dict):
+    found = list(data["variants"].get(name, {}).get("decode_gamma") or [])
+  elif isinstance(data.get("rows"), list):
+    found = [r.get("gamma") for r in data["rows"] if r.get("name") == name]
+  found = [g for g in found if isinstance(g, (int, float)) and 0 <= g <= 1]
+  if not found:
+    raise ValueError(f"{path}: no measured decode gamma of {name!r} (expected "
+                     "a recall-study summary.json or a quality.json)")
+  return float(np.mean(found))

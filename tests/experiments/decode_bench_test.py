@@ -69,9 +69,12 @@ class SmokeTest(absltest.TestCase):
         "decode_bench", "--runlocal", f"--out_dir={out}", "--steps=3",
         "--warmup=2", "--batch=4",
         "--systems=nosa_gpu,nosa_offload,nosa_offload_fused,"
-        "infllmv2_offload")
+        "infllmv2_offload",
+        # The second locality point: the issue-8 study's trained nosa.
+        "--gamma_nosa_from=experiments/results/quality/quality.json")
     self.assertEqual(run.returncode, 0, run.stderr[-3000:])
     res = json.load(open(os.path.join(out, "decode_bench.json")))
+    self.assertAlmostEqual(res["meta"]["gamma_nosa"], 0.917, places=3)
     self.assertEqual([r["system"] for r in res["records"]],
                      ["infllmv2_offload", "nosa_gpu", "nosa_offload",
                       "nosa_offload_fused"])

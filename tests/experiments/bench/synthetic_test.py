@@ -1,6 +1,9 @@
 """Synthetic selections have the locality asked for; synthetic states have
 prefill's types and decode like a cold-started prefill."""
 
+import json
+import os
+
 from absl.testing import absltest
 import jax
 import jax.numpy as jnp
@@ -81,6 +84,40 @@ class SyntheticTest(absltest.TestCase):
     self.assertAlmostEqual(1 - np.mean(fetched[1:]) / sel, 0.9, delta=0.03)
     with self.assertRaisesRegex(ValueError, "too short for a synthetic"):
       synthetic.synthetic_state(params, cfg, store, 2, 100, 300, 0.9)
+
+
+class MeasuredGammaTest(absltest.TestCase):
+
+  def _write(self, data):
+    path = self.create_tempfile().full_path
+    with open(path, "w") as f:
+      json.dump(data, f)
+    return path
+
+  def test_recall_summary_mean_over_seeds(self):
+    path = self._write({"variants": {"nosa": {"decode_gamma": [0.9, 0.95]},
+                                     "full": {"decode_gamma": []}}})
+    self.assertAlmostEqual(synthetic.measured_gamma(path), 0.925)
+
+  def test_quality_rows(self):
+    path = self._write({"rows": [{"name": "full", "gamma": None},
+                                 {"name": "nosa", "gamma": 0.917},
+                                 {"name": "nosa_loc0.1", "gamma": 0.945}]})
+    self.assertAlmostEqual(synthetic.measured_gamma(path), 0.917)
+    self.assertAlmostEqual(synthetic.measured_gamma(path, "nosa_loc0.1"),
+                           0.945)
+
+  def test_no_gamma_is_one_error(self):
+    path = self._write({"rows": [{"name": "full", "gamma": None}]})
+    with self.assertRaisesRegex(ValueError, "no measured decode gamma of "
+                                "'nosa'"):
+      synthetic.measured_gamma(path)
+
+  def test_the_repository_quality_study(self):
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.dirname(os.path.abspath(__file__)))))
+    self.assertAlmostEqual(synthetic.measured_gamma(os.path.join(
+        repo, "experiments/results/quality/quality.json")), 0.917, places=3)
 
 
 if __name__ == "__main__":
