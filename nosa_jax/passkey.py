@@ -186,19 +186,26 @@ class PasskeyBuilder:
     min_len = self.min_document_length(digits)
     count = int(rng.integers(1, max(1, length // SEGMENT_TOKENS) + 1))
     count = max(1, min(count, length // min_len))
-    # Lengths: min_len each plus a random share of the rest.
-    rest = length - count * min_len
-    lengths = min_len + np.floor(rng.dirichlet(np.ones(count)) * max(rest, 0)
-                                 ).astype(int)
-    lengths[-1] = length - lengths[:-1].sum()
     docs, start = [], 0
-    for n in lengths:
+    for n in segment_lengths(length, count, min_len, rng):
       use_corpus = corpus_window is not None and rng.random() < 0.5
       filler = corpus_window[start:start + n] if use_corpus else None
       docs.append(self.example(int(n), float(rng.random()),
                                random_key(rng, digits), filler).tokens)
       start += n
     return np.concatenate(docs)
+
+
+def segment_lengths(length: int, count: int, min_len: int,
+                    rng: np.random.Generator) -> np.ndarray:
+  """`count` document lengths summing to `length`: `min_len` each plus a
+  random (Dirichlet) share of the rest. Training windows of several
+  documents (passkey and recall mixes) cut themselves with it."""
+  rest = length - count * min_len
+  lengths = min_len + np.floor(rng.dirichlet(np.ones(count)) * max(rest, 0)
+                               ).astype(int)
+  lengths[-1] = length - lengths[:-1].sum()
+  return lengths
 
 
 def make_examples(tokenizer: _Tokenizer, lengths: Sequence[int],

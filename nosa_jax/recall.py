@@ -244,13 +244,8 @@ class RecallBuilder:
     if count == 1:
       return self.training_document(length, rng, corpus_window,
                                     mqar_share=mqar_share)
-    # Lengths: min_len each plus a random share of the rest.
-    rest = length - count * min_len
-    lengths = min_len + np.floor(rng.dirichlet(np.ones(count)) * max(rest, 0)
-                                 ).astype(int)
-    lengths[-1] = length - lengths[:-1].sum()
     parts, records, queries, used, start = [], [], [], set(), 0
-    for n in lengths:
+    for n in passkey.segment_lengths(length, count, min_len, rng):
       n = int(n)
       doc = self.training_document(
           n, rng, None if corpus_window is None
