@@ -11,6 +11,12 @@ built on them (experiments/results/decode/NOTES.md has the readings):
   dma_batch   the same blocks in one cudaMemcpyBatchAsync (CUDA >= 12.8)
   xla_static  inside one jit: a static list of dynamic_slice + device_put
               per block from a pinned_host array (XLA's async host copies)
+  ffi_loop    inside one jit: nosa_jax.inference.copy_engine's issue (the
+  ffi_batch   plan read back, copies on its own stream: a cudaMemcpyAsync
+              loop or one cudaMemcpyBatchAsync), the GEMM chain, then wait
+              (the compute stream waits for the copies' event); ffi_empty is
+              the same with every row skipped (the issue's host round trip
+              alone)
 
 For each block size (--block_kib: 16 KiB is one K or V tile of one block
 and KV head; 64 KiB all of a block's K and V for 2 KV heads): GB/s of
@@ -25,6 +31,7 @@ checked against the source.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -38,6 +45,7 @@ from experiments.bench import ceilings
 from experiments.bench import cuda_dma
 from experiments.bench import harness
 from experiments.bench import timing
+from nosa_jax.inference import copy_engine
 
 _OUT = flags.DEFINE_string("out_dir", "/tmp/dma_probe", "Output dir.")
 _BLOCKS = flags.DEFINE_list("block_kib", ["16", "64", "256", "1024"],
@@ -165,7 +173,64 @@ def run(res: dict) -> None:
     row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
   print(row, flush=True)
   res["rows"].append(row)
+  for kib in (int(k) for k in _BLOCKS.value[:2]):
+    for mode in ("ffi_loop", "ffi_batch", "ffi_empty"):
+      row = {"mode": mode, "block_kib": kib}
+      try:
+        row.update(_ffi_row(mode, kib << 10, src, data, store, total, rng,
+                            gemm, gemm_args, t_gemm))
+      except Exception as e:  # pylint: disable=broad-except
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+      print(row, flush=True)
+      res["rows"].append(row)
   del keep
+
+
+def _ffi_row(mode, size, src, data, store, total, rng, gemm, gemm_args,
+             t_gemm):
+  """One jit: issue (copy-engine extension), the GEMM chain, wait."""
+  engine, why = copy_engine.load(batch=mode == "ffi_batch")
+  if engine is None:
+    raise RuntimeError(why)
+  n = total // size
+  src_rows = rng.choice(store // size, n, replace=False).astype(np.int32)
+  dst_rows = rng.permutation(n).astype(np.int32)
+  if mode == "ffi_empty":
+    src_rows[:] = -1
+  plan = jnp.asarray(np.stack([src_rows, dst_rows], 1))
+  dst = jnp.zeros((n * size,), jnp.uint8)
+  issue = functools.partial(engine.issue, src_address=src, row_bytes=size)
+
+  def copies(d, p):
+    return engine.wait(issue(d, p))
+
+  def both(d, p, *g):
+    d = issue(d, p)
+    d, x = jax.lax.optimization_barrier((d, g[0]))
+    y = gemm(x, *g[1:])  # enqueued after the issue, before the wait
+    d, y = jax.lax.optimization_barrier((d, y))
+    return engine.wait(d), y
+
+  copies, both = jax.jit(copies), jax.jit(both)
+  out = np.asarray(copies(dst, plan)).reshape(n, size)
+  engine.counters(reset=True)
+  t = timing.timeit(copies, dst, plan, iters=_ITERS.value)
+  t_both = timing.timeit(both, dst, plan, *gemm_args, iters=_ITERS.value)
+  counts = engine.counters(reset=True)
+  got, _ = both(dst, plan, *gemm_args)
+  got = np.asarray(got).reshape(n, size)
+  row = {"blocks": n, "bytes": 0 if mode == "ffi_empty" else n * size,
+         "ms": 1e3 * t, "gemm_ms": 1e3 * t_gemm, "both_ms": 1e3 * t_both,
+         "copies_per_call": counts["copies"] / max(counts["calls"], 1)}
+  if mode == "ffi_empty":
+    row["bytes_correct"] = bool((out == 0).all() and (got == 0).all())
+    return row
+  want = data.reshape(-1, size)[src_rows[:4]]
+  row.update(gb_s=n * size / t / 1e9,
+             overlap=(t_gemm + t - t_both) / min(t_gemm, t),
+             bytes_correct=bool(np.array_equal(out[dst_rows[:4]], want)
+                                and np.array_equal(got[dst_rows[:4]], want)))
+  return row
 
 
 def table(res: dict) -> str:
@@ -181,7 +246,7 @@ def table(res: dict) -> str:
   f = lambda r, k, p=".2f": format(r[k], p) if k in r else "-"
   for r in res["rows"]:
     lines.append(
-        f"| {r['mode']} | {r['block_kib']} | {r['blocks']} | {f(r, 'ms')} "
+        f"| {r['mode']} | {r['block_kib']} | {r.get('blocks', '-')} | {f(r, 'ms')} "
         f"| {f(r, 'gb_s', '.1f')} | {f(r, 'issue_ms')} | {f(r, 'both_ms')} "
         f"| {f(r, 'overlap')} | {r.get('bytes_correct', '-')} |"
         + (f" error: {r['error'][:100]}" if "error" in r else ""))

@@ -16,10 +16,9 @@ array alive, never donate it).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import glob
-import os
 from typing import Optional, Sequence
+
+from nosa_jax.inference import copy_engine
 
 _DEFAULT = 4  # cudaMemcpyDefault (unified addressing picks the direction)
 _NON_BLOCKING = 1  # cudaStreamNonBlocking
@@ -40,22 +39,9 @@ class _MemcpyAttributes(ctypes.Structure):
               ("flags", ctypes.c_uint)]
 
 
-def _library_paths() -> list[str]:
-  paths = []
-  try:
-    import nvidia.cuda_runtime  # pylint: disable=g-import-not-at-top
-    for root in nvidia.cuda_runtime.__path__:
-      paths += sorted(glob.glob(os.path.join(root, "lib", "libcudart.so*")))
-  except ImportError:
-    pass
-  found = ctypes.util.find_library("cudart")
-  return paths + ([found] if found else []) + ["libcudart.so.12",
-                                              "libcudart.so"]
-
-
 def load() -> Optional[ctypes.CDLL]:
   """The CUDA runtime library, or None where there is none (CPU CI)."""
-  for path in _library_paths():
+  for path in copy_engine.cudart_paths():
     try:
       return ctypes.CDLL(path)
     except OSError:

@@ -1,0 +1,205 @@
+"""Copy-engine block copies issued from inside a jit (an XLA FFI extension).
+
+The offload issue's third transfer candidate: XLA runs a decode step's
+kernels on one stream, so an SM copy kernel (the zero-copy gather) cannot run
+beside the GEMMs; the copy engines can, on a stream of their own. This module
+builds and loads `copy_engine.cc`, a small C++ XLA FFI extension with two
+custom calls, and wraps them:
+
+  issue(dst, plan) -> dst   reads the int32 plan [n, 2] = (source row,
+                            destination row) back to the host, enqueues one
+                            copy of `row_bytes` per row from the pinned
+                            source (by address) into dst on its own stream
+                            (one cudaMemcpyBatchAsync, or a loop of
+                            cudaMemcpyAsync), and records an event; the
+                            compute stream goes on at once.
+  wait(dst) -> dst          the compute stream waits for the oldest pending
+                            issue's event; what follows sees the copies.
+
+Both return dst aliased in place, so the data dependence dst -> issue ->
+wait -> consumer orders them; everything placed between issue and wait can
+overlap the copies. What it costs: the host must know the addresses, so
+`issue` blocks the host thread that enqueues XLA's kernels until the GPU has
+produced the plan (the queue drains at that point, a launch-latency bubble
+per issue). A worker thread that waits instead would remove that bubble; it
+is not built.
+
+Limits (honest): the source is addressed by a raw pointer (`src_address`,
+from `jax.Array.unsafe_buffer_pointer()` outside the jit), so the caller
+keeps that array alive and unmoved while copies may be in flight; issue and
+wait pair in FIFO order per process (one decode loop at a time); CUDA only.
+Off the GPU, or without a compiler or CUDA runtime, `load()` says why and
+returns None; `issue_reference` is the same copy in jnp (tests compare the
+two on the GPU).
+
+Build: `python -m nosa_jax.inference.copy_engine` (g++ with C++17 and the
+FFI headers jaxlib ships; no CUDA toolkit: CUDA is reached through the
+runtime library JAX's CUDA plugin installed, by dlopen). The library is
+cached by source hash under $NOSA_DMA_BUILD_DIR or ~/.cache/nosa_jax.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import dataclasses
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_SOURCE = os.path.join(os.path.dirname(__file__), "copy_engine.cc")
+_ISSUE, _WAIT = "nosa_dma_issue", "nosa_dma_wait"
+
+
+def cudart_paths() -> list[str]:
+  """Candidate CUDA runtime libraries: JAX's pip CUDA first, then the
+  system's."""
+  paths = []
+  try:
+    import nvidia  # pylint: disable=g-import-not-at-top
+    for root in nvidia.__path__:
+      paths += sorted(glob.glob(os.path.join(root, "*", "lib",
+                                             "libcudart.so*")))
+  except ImportError:
+    pass
+  found = ctypes.util.find_library("cudart")
+  return paths + ([found] if found else []) + ["libcudart.so.13",
+                                              "libcudart.so.12",
+                                              "libcudart.so"]
+
+
+def build(build_dir: Optional[str] = None) -> str:
+  """Compiles copy_engine.cc (cached by source hash); returns the .so path.
+
+  Raises RuntimeError with the compiler's message if it fails.
+  """
+  with open(_SOURCE, "rb") as f:
+    digest = hashlib.sha256(f.read() + jax.__version__.encode()).hexdigest()
+  build_dir = build_dir or os.environ.get(
+      "NOSA_DMA_BUILD_DIR", os.path.expanduser("~/.cache/nosa_jax"))
+  os.makedirs(build_dir, exist_ok=True)
+  lib = os.path.join(build_dir, f"copy_engine_{digest[:16]}.so")
+  if os.path.exists(lib):
+    return lib
+  cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+  if cxx is None:
+    raise RuntimeError("copy_engine.build: no C++ compiler (set CXX or "
+                       "install g++)")
+  tmp = f"{lib}.{os.getpid()}.tmp"
+  cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-static-libstdc++",
+         "-static-libgcc", "-Wl,--exclude-libs,ALL", f"-I{jax.ffi.include_dir()}", _SOURCE, "-o", tmp,
+         "-ldl"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if proc.returncode != 0:
+    raise RuntimeError(f"copy_engine.build: {' '.join(cmd)} failed:\n"
+                       f"{proc.stderr[-4000:]}")
+  os.replace(tmp, lib)  # atomic: a concurrent build never sees half a file
+  return lib
+
+
+@dataclasses.dataclass(frozen=True)
+class CopyEngine:
+  """The loaded extension: issue / wait wrappers and its counters."""
+
+  lib: ctypes.CDLL
+  batch: bool
+
+  def issue(self, dst: jax.Array, plan_N2: jax.Array, *, src_address: int,
+            row_bytes: int) -> jax.Array:
+    """Enqueues dst rows <- source rows (plan [n, 2] int32; a negative
+    source row is skipped); returns dst (aliased)."""
+    _check_plan(dst, plan_N2, row_bytes)
+    return jax.ffi.ffi_call(
+        _ISSUE, jax.ShapeDtypeStruct(dst.shape, dst.dtype),
+        input_output_aliases={0: 0}, has_side_effect=True)(
+            dst, plan_N2.astype(jnp.int32), src_base=np.uint64(src_address),
+            row_bytes=np.int64(row_bytes))
+
+  def wait(self, dst: jax.Array) -> jax.Array:
+    """Orders the oldest pending issue's copies before what uses the
+    result."""
+    return jax.ffi.ffi_call(
+        _WAIT, jax.ShapeDtypeStruct(dst.shape, dst.dtype),
+        input_output_aliases={0: 0}, has_side_effect=True)(dst)
+
+  def counters(self, reset: bool = False) -> dict:
+    """Issue calls, copies, bytes and waits since the last reset; pending
+    issues not yet waited for."""
+    out = (ctypes.c_int64 * 5)()
+    self.lib.nosa_dma_counters(out, int(reset))
+    return dict(zip(("calls", "copies", "bytes", "waits", "pending"),
+                    list(out)))
+
+
+def issue_reference(dst: jax.Array, src_rows: jax.Array,
+                    plan_N2: jax.Array) -> jax.Array:
+    """`issue` then `wait` in jnp: dst viewed as rows of src_rows' row
+    shape, rows plan[:, 1] <- src_rows[plan[:, 0]] where plan[:, 0] >= 0."""
+    rows = dst.reshape((-1,) + src_rows.shape[1:])
+    src_N, dst_N = plan_N2[:, 0], plan_N2[:, 1]
+    take = src_N >= 0
+    got = jnp.take(src_rows, jnp.where(take, src_N, 0), axis=0)
+    dst_N = jnp.where(take, dst_N, rows.shape[0])  # out of range: dropped
+    return rows.at[dst_N].set(got, mode="drop").reshape(dst.shape)
+
+
+def _check_plan(dst, plan_N2, row_bytes):
+  if plan_N2.ndim != 2 or plan_N2.shape[1] != 2:
+    raise ValueError(f"plan must be [n, 2] (source row, destination row), "
+                     f"got shape {plan_N2.shape}")
+  nbytes = dst.size * dst.dtype.itemsize
+  if row_bytes <= 0 or nbytes % row_bytes:
+    raise ValueError(f"row_bytes={row_bytes} must be > 0 and divide the "
+                     f"destination's {nbytes} bytes")
+
+
+_LIBS: dict[str, ctypes.CDLL] = {}
+
+
+def load(batch: bool = True) -> tuple[Optional[CopyEngine], str]:
+  """(the engine, "") on a CUDA GPU with a compiler, else (None, why).
+
+  batch: one cudaMemcpyBatchAsync per issue (CUDA >= 12.8) instead of one
+  cudaMemcpyAsync per row. The mode is per process: the last load() sets it
+  for every engine.
+  """
+  if jax.default_backend() != "gpu":
+    return None, f"needs a CUDA GPU (backend {jax.default_backend()!r})"
+  try:
+    path = build()
+  except RuntimeError as e:
+    return None, str(e).splitlines()[0]
+  lib = _LIBS.get(path) or ctypes.CDLL(path)
+  lib.nosa_dma_init.argtypes = [ctypes.c_char_p, ctypes.c_int]
+  code, tried = None, []
+  for cudart in cudart_paths():
+    code = lib.nosa_dma_init(cudart.encode(), int(batch))
+    tried.append(f"{cudart}: {code}")
+    if code != -1:  # -1: dlopen failed, try the next
+      break
+  if code != 0:
+    return None, f"nosa_dma_init failed ({'; '.join(tried)})"
+  if path not in _LIBS:
+    for name, fn in ((_ISSUE, lib.NosaDmaIssue), (_WAIT, lib.NosaDmaWait)):
+      jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn),
+                                  platform="CUDA")
+    _LIBS[path] = lib
+  return CopyEngine(lib, batch), ""
+
+
+def main() -> int:
+  path = build()
+  print(path)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

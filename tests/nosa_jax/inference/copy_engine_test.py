@@ -1,0 +1,105 @@
+"""The copy-engine FFI extension: build, errors, and (GPU) copies in a jit."""
+
+import ctypes
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import absltest
+
+from nosa_jax.inference import copy_engine
+
+_ON_GPU = jax.default_backend() == "gpu"
+
+
+class ReferenceTest(absltest.TestCase):
+
+  def test_reference_copies_planned_rows_and_skips_negative(self):
+    src_RX = jnp.arange(5 * 4, dtype=jnp.float32).reshape(5, 4)
+    dst = jnp.full((3 * 4,), -1.0)
+    plan = jnp.array([[4, 0], [-1, 1], [2, 2]], jnp.int32)
+    got = np.asarray(copy_engine.issue_reference(dst, src_RX, plan))
+    np.testing.assert_array_equal(got.reshape(3, 4),
+                                  [[16, 17, 18, 19], [-1] * 4, [8, 9, 10, 11]])
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="no C++ compiler")
+class BuildTest(absltest.TestCase):
+
+  def test_builds_exports_handlers_and_reports_a_missing_runtime(self):
+    path = copy_engine.build(self.create_tempdir().full_path)
+    lib = ctypes.CDLL(path)
+    for name in ("NosaDmaIssue", "NosaDmaWait", "nosa_dma_init",
+                 "nosa_dma_counters"):
+      self.assertTrue(hasattr(lib, name), name)
+    lib.nosa_dma_init.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    self.assertEqual(lib.nosa_dma_init(b"/no/such/libcudart.so", 0), -1)
+    self.assertEqual(copy_engine.build(self.create_tempdir().full_path)
+                     .rsplit("/", 1)[1], path.rsplit("/", 1)[1])
+
+
+class ErrorsTest(absltest.TestCase):
+
+  @pytest.mark.skipif(_ON_GPU, reason="off-GPU message")
+  def test_load_off_the_gpu_says_why(self):
+    engine, why = copy_engine.load()
+    self.assertIsNone(engine)
+    self.assertIn("needs a CUDA GPU", why)
+
+  def test_bad_plan_and_row_size_are_refused(self):
+    eng = copy_engine.CopyEngine(lib=None, batch=False)
+    dst = jnp.zeros((1024,), jnp.uint8)
+    with self.assertRaisesRegex(ValueError, "plan must be"):
+      eng.issue(dst, jnp.zeros((4, 3), jnp.int32), src_address=0,
+                row_bytes=256)
+    with self.assertRaisesRegex(ValueError, "row_bytes=300"):
+      eng.issue(dst, jnp.zeros((4, 2), jnp.int32), src_address=0,
+                row_bytes=300)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _ON_GPU, reason="needs a GPU")
+class GpuCopyTest(absltest.TestCase):
+
+  def _run(self, batch):
+    engine, why = copy_engine.load(batch=batch)
+    self.assertIsNotNone(engine, why)
+    rows, row_elems, n = 64, 1024, 12
+    rng = np.random.default_rng(0)
+    src_np = rng.standard_normal((rows, row_elems)).astype(np.float32)
+    src = jax.device_put(src_np, jax.memory.Space.Host)
+    plan_np = np.stack([rng.choice(rows, n, replace=False),
+                        rng.permutation(n)], 1).astype(np.int32)
+    plan_np[3, 0] = -1  # skipped: the destination row keeps its value
+    plan = jnp.asarray(plan_np)
+    dst = jnp.full((n * row_elems,), 7.0, jnp.float32)
+
+    @jax.jit
+    def step(d, p, x):
+      d = engine.issue(d, p, src_address=src.unsafe_buffer_pointer(),
+                       row_bytes=row_elems * 4)
+      d, x = jax.lax.optimization_barrier((d, x))
+      y = jnp.tanh(x @ x)  # between issue and wait
+      return engine.wait(d), y
+
+    x = jnp.ones((256, 256))
+    got, _ = step(dst, plan, x)
+    want = copy_engine.issue_reference(dst, jnp.asarray(src_np), plan)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    counts = engine.counters(reset=True)
+    self.assertEqual(counts["copies"], n - 1)
+    self.assertEqual(counts["pending"], 0)
+    del src
+
+  def test_loop_copies_equal_reference(self):
+    self._run(batch=False)
+
+  def test_batch_copies_equal_reference(self):
+    self._run(batch=True)
+
+
+if __name__ == "__main__":
+  absltest.main()
