@@ -9,6 +9,9 @@
 //     host (the host must know the addresses), then the copies are enqueued
 //     on a stream of our own and an event recorded after them, pushed on a
 //     FIFO. The compute stream does not wait for the copies here.
+//   nosa_dma_issue_from(dst, src, plan) -> dst
+//     The same with the source an operand (its address from XLA, rows
+//     bounds-checked) instead of the src_base attribute.
 //   nosa_dma_wait(dst) -> dst          (dst aliased in place)
 //     Pops the oldest pending event and makes the compute stream wait for
 //     it (cudaStreamWaitEvent): work enqueued after this sees the copies.
@@ -122,10 +125,10 @@ ffi::Error TakeEvent(cudaEvent_t* ev) {
   return ffi::Error::Success();
 }
 
-ffi::Error IssueImpl(cudaStream_t compute, ffi::AnyBuffer dst,
-                     ffi::Buffer<ffi::S32> plan,
-                     ffi::Result<ffi::AnyBuffer> out, uint64_t src_base,
-                     int64_t row_bytes) {
+// src_rows: rows in the source, or 0 = unknown (no bounds check).
+ffi::Error DoIssue(cudaStream_t compute, ffi::AnyBuffer dst,
+                   ffi::Buffer<ffi::S32> plan, ffi::Result<ffi::AnyBuffer> out,
+                   uint64_t src_base, int64_t row_bytes, uint64_t src_rows) {
   State& s = S();
   std::lock_guard<std::mutex> lock(s.mu);
   if (!s.ready) return ffi::Error::Internal("nosa_dma: init() not called");
@@ -159,6 +162,10 @@ ffi::Error IssueImpl(cudaStream_t compute, ffi::AnyBuffer dst,
   for (size_t i = 0; i < n; ++i) {
     const int32_t src_row = s.plan_host[2 * i], dst_row = s.plan_host[2 * i + 1];
     if (src_row < 0) continue;
+    if (src_rows != 0 && static_cast<uint64_t>(src_row) >= src_rows)
+      return ffi::Error::InvalidArgument(
+          "nosa_dma_issue: source row " + std::to_string(src_row) +
+          " outside [0, " + std::to_string(src_rows) + ")");
     if (dst_row < 0 || static_cast<uint64_t>(dst_row) >= dst_rows)
       return ffi::Error::InvalidArgument(
           "nosa_dma_issue: destination row " + std::to_string(dst_row) +
@@ -199,6 +206,26 @@ ffi::Error IssueImpl(cudaStream_t compute, ffi::AnyBuffer dst,
   return ffi::Error::Success();
 }
 
+ffi::Error IssueImpl(cudaStream_t compute, ffi::AnyBuffer dst,
+                     ffi::Buffer<ffi::S32> plan,
+                     ffi::Result<ffi::AnyBuffer> out, uint64_t src_base,
+                     int64_t row_bytes) {
+  return DoIssue(compute, dst, plan, out, src_base, row_bytes, 0);
+}
+
+// The source as an operand (a pinned_host array inside the jit): XLA hands
+// over its address, so nothing outside the jit holds a raw pointer.
+ffi::Error IssueFromImpl(cudaStream_t compute, ffi::AnyBuffer dst,
+                         ffi::AnyBuffer src, ffi::Buffer<ffi::S32> plan,
+                         ffi::Result<ffi::AnyBuffer> out, int64_t row_bytes) {
+  if (row_bytes <= 0 || src.size_bytes() % row_bytes)
+    return ffi::Error::InvalidArgument(
+        "nosa_dma_issue_from: row_bytes must divide the source's bytes");
+  return DoIssue(compute, dst, plan, out,
+                 reinterpret_cast<uint64_t>(src.untyped_data()), row_bytes,
+                 src.size_bytes() / row_bytes);
+}
+
 ffi::Error WaitImpl(cudaStream_t compute, ffi::AnyBuffer dst,
                     ffi::Result<ffi::AnyBuffer> out) {
   State& s = S();
@@ -226,6 +253,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NosaDmaIssue, IssueImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<uint64_t>("src_base")
+                                  .Attr<int64_t>("row_bytes"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NosaDmaIssueFrom, IssueFromImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("row_bytes"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NosaDmaWait, WaitImpl,

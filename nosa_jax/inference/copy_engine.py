@@ -13,6 +13,8 @@ custom calls, and wraps them:
                             (one cudaMemcpyBatchAsync, or a loop of
                             cudaMemcpyAsync), and records an event; the
                             compute stream goes on at once.
+  issue_from(dst, src, plan)  the same with the source an operand of the
+                            jit (a pinned_host array; XLA gives its address)
   wait(dst) -> dst          the compute stream waits for the oldest pending
                             issue's event; what follows sees the copies.
 
@@ -56,7 +58,8 @@ import jax.numpy as jnp
 import numpy as np
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "copy_engine.cc")
-_ISSUE, _WAIT = "nosa_dma_issue", "nosa_dma_wait"
+_ISSUE, _ISSUE_FROM, _WAIT = ("nosa_dma_issue", "nosa_dma_issue_from",
+                              "nosa_dma_wait")
 
 
 def cudart_paths() -> list[str]:
@@ -123,6 +126,19 @@ class CopyEngine:
             dst, plan_N2.astype(jnp.int32), src_base=np.uint64(src_address),
             row_bytes=np.int64(row_bytes))
 
+  def issue_from(self, dst: jax.Array, src: jax.Array, plan_N2: jax.Array,
+                 *, row_bytes: int) -> jax.Array:
+    """`issue` with the source an operand of the jit (a pinned_host array):
+    no raw address outside the jit; source rows are bounds-checked."""
+    _check_plan(dst, plan_N2, row_bytes)
+    if (src.size * src.dtype.itemsize) % row_bytes:
+      raise ValueError(f"row_bytes={row_bytes} must divide the source's "
+                       f"{src.size * src.dtype.itemsize} bytes")
+    return jax.ffi.ffi_call(
+        _ISSUE_FROM, jax.ShapeDtypeStruct(dst.shape, dst.dtype),
+        input_output_aliases={0: 0}, has_side_effect=True)(
+            dst, src, plan_N2.astype(jnp.int32), row_bytes=np.int64(row_bytes))
+
   def wait(self, dst: jax.Array) -> jax.Array:
     """Orders the oldest pending issue's copies before what uses the
     result."""
@@ -188,7 +204,9 @@ def load(batch: bool = True) -> tuple[Optional[CopyEngine], str]:
   if code != 0:
     return None, f"nosa_dma_init failed ({'; '.join(tried)})"
   if path not in _LIBS:
-    for name, fn in ((_ISSUE, lib.NosaDmaIssue), (_WAIT, lib.NosaDmaWait)):
+    for name, fn in ((_ISSUE, lib.NosaDmaIssue),
+                     (_ISSUE_FROM, lib.NosaDmaIssueFrom),
+                     (_WAIT, lib.NosaDmaWait)):
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn),
                                   platform="CUDA")
     _LIBS[path] = lib

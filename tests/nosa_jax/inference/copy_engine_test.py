@@ -64,7 +64,7 @@ class ErrorsTest(absltest.TestCase):
 @pytest.mark.skipif(not _ON_GPU, reason="needs a GPU")
 class GpuCopyTest(absltest.TestCase):
 
-  def _run(self, batch):
+  def _run(self, batch, from_operand=False):
     engine, why = copy_engine.load(batch=batch)
     self.assertIsNotNone(engine, why)
     rows, row_elems, n = 64, 1024, 12
@@ -78,15 +78,18 @@ class GpuCopyTest(absltest.TestCase):
     dst = jnp.full((n * row_elems,), 7.0, jnp.float32)
 
     @jax.jit
-    def step(d, p, x):
-      d = engine.issue(d, p, src_address=src.unsafe_buffer_pointer(),
-                       row_bytes=row_elems * 4)
+    def step(d, p, x, src):
+      if from_operand:
+        d = engine.issue_from(d, src, p, row_bytes=row_elems * 4)
+      else:
+        d = engine.issue(d, p, src_address=address, row_bytes=row_elems * 4)
       d, x = jax.lax.optimization_barrier((d, x))
       y = jnp.tanh(x @ x)  # between issue and wait
       return engine.wait(d), y
 
+    address = src.unsafe_buffer_pointer()
     x = jnp.ones((256, 256))
-    got, _ = step(dst, plan, x)
+    got, _ = step(dst, plan, x, src)
     want = copy_engine.issue_reference(dst, jnp.asarray(src_np), plan)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     counts = engine.counters(reset=True)
@@ -99,6 +102,9 @@ class GpuCopyTest(absltest.TestCase):
 
   def test_batch_copies_equal_reference(self):
     self._run(batch=True)
+
+  def test_issue_from_a_pinned_host_operand(self):
+    self._run(batch=True, from_operand=True)
 
 
 if __name__ == "__main__":
