@@ -9,10 +9,11 @@
 //     host (the host must know the addresses), then the copies are enqueued
 //     on a stream of our own and an event recorded after them, pushed on a
 //     FIFO. The compute stream does not wait for the copies here.
-//   nosa_dma_issue_from(dst, src, plan) -> dst
-//     The same with the source an operand (its address from XLA, rows
-//     bounds-checked) instead of the src_base attribute.
-//   nosa_dma_wait(dst) -> dst          (dst aliased in place)
+//   nosa_dma_issue_from(plan, dst_0, src_0, dst_1, src_1, ...) -> dst_j
+//     The same for several (destination, source) pairs under one plan, with
+//     the sources operands (their addresses from XLA, rows bounds-checked)
+//     instead of the src_base attribute; one event after all of them.
+//   nosa_dma_wait(dst_j...) -> dst_j   (aliased in place)
 //     Pops the oldest pending event and makes the compute stream wait for
 //     it (cudaStreamWaitEvent): work enqueued after this sees the copies.
 //
@@ -125,16 +126,22 @@ ffi::Error TakeEvent(cudaEvent_t* ev) {
   return ffi::Error::Success();
 }
 
-// src_rows: rows in the source, or 0 = unknown (no bounds check).
-ffi::Error DoIssue(cudaStream_t compute, ffi::AnyBuffer dst,
-                   ffi::Buffer<ffi::S32> plan, ffi::Result<ffi::AnyBuffer> out,
-                   uint64_t src_base, int64_t row_bytes, uint64_t src_rows) {
+struct Pair {
+  char* dst;
+  uint64_t dst_rows;
+  uint64_t src;  // address
+  uint64_t src_rows;  // 0 = unknown (no bounds check)
+};
+
+// Reads the plan back (the host must know the addresses), then enqueues
+// every pair's planned rows on our stream and one event after them all.
+ffi::Error DoIssue(cudaStream_t compute, ffi::Buffer<ffi::S32> plan,
+                   const std::vector<Pair>& pairs, int64_t row_bytes) {
   State& s = S();
   std::lock_guard<std::mutex> lock(s.mu);
   if (!s.ready) return ffi::Error::Internal("nosa_dma: init() not called");
-  if (out->untyped_data() != dst.untyped_data())
-    return ffi::Error::Internal(
-        "nosa_dma_issue: output not aliased to the destination");
+  if (row_bytes <= 0)
+    return ffi::Error::InvalidArgument("nosa_dma_issue: row_bytes <= 0");
   auto dims = plan.dimensions();
   if (dims.size() != 2 || dims[1] != 2)
     return ffi::Error::InvalidArgument("nosa_dma_issue: plan must be [n, 2]");
@@ -147,32 +154,32 @@ ffi::Error DoIssue(cudaStream_t compute, ffi::AnyBuffer dst,
     s.plan_host = static_cast<int32_t*>(p);  // old one kept: may be in use
     s.plan_capacity = 2 * n;
   }
-  // The host must know the addresses: read the plan back and wait for it.
   CHECK_CUDA(s.cuda.MemcpyAsync(s.plan_host, plan.typed_data(),
                                 2 * n * sizeof(int32_t), kMemcpyDeviceToHost,
                                 compute),
              "cudaMemcpyAsync(plan)");
   CHECK_CUDA(s.cuda.EventRecord(s.plan_ready, compute), "cudaEventRecord");
   CHECK_CUDA(s.cuda.EventSynchronize(s.plan_ready), "cudaEventSynchronize");
-  const uint64_t dst_rows = dst.size_bytes() / row_bytes;
-  char* dst_base = static_cast<char*>(dst.untyped_data());
   std::vector<void*> dsts, srcs;
-  dsts.reserve(n);
-  srcs.reserve(n);
-  for (size_t i = 0; i < n; ++i) {
-    const int32_t src_row = s.plan_host[2 * i], dst_row = s.plan_host[2 * i + 1];
-    if (src_row < 0) continue;
-    if (src_rows != 0 && static_cast<uint64_t>(src_row) >= src_rows)
-      return ffi::Error::InvalidArgument(
-          "nosa_dma_issue: source row " + std::to_string(src_row) +
-          " outside [0, " + std::to_string(src_rows) + ")");
-    if (dst_row < 0 || static_cast<uint64_t>(dst_row) >= dst_rows)
-      return ffi::Error::InvalidArgument(
-          "nosa_dma_issue: destination row " + std::to_string(dst_row) +
-          " outside [0, " + std::to_string(dst_rows) + ")");
-    srcs.push_back(reinterpret_cast<void*>(
-        src_base + static_cast<uint64_t>(src_row) * row_bytes));
-    dsts.push_back(dst_base + static_cast<uint64_t>(dst_row) * row_bytes);
+  dsts.reserve(n * pairs.size());
+  srcs.reserve(n * pairs.size());
+  for (const Pair& pair : pairs) {
+    for (size_t i = 0; i < n; ++i) {
+      const int32_t src_row = s.plan_host[2 * i];
+      const int32_t dst_row = s.plan_host[2 * i + 1];
+      if (src_row < 0) continue;
+      if (pair.src_rows != 0 && static_cast<uint64_t>(src_row) >= pair.src_rows)
+        return ffi::Error::InvalidArgument(
+            "nosa_dma_issue: source row " + std::to_string(src_row) +
+            " outside [0, " + std::to_string(pair.src_rows) + ")");
+      if (dst_row < 0 || static_cast<uint64_t>(dst_row) >= pair.dst_rows)
+        return ffi::Error::InvalidArgument(
+            "nosa_dma_issue: destination row " + std::to_string(dst_row) +
+            " outside [0, " + std::to_string(pair.dst_rows) + ")");
+      srcs.push_back(reinterpret_cast<void*>(
+          pair.src + static_cast<uint64_t>(src_row) * row_bytes));
+      dsts.push_back(pair.dst + static_cast<uint64_t>(dst_row) * row_bytes);
+    }
   }
   const size_t m = dsts.size();
   if (m > 0 && s.batch) {
@@ -210,29 +217,67 @@ ffi::Error IssueImpl(cudaStream_t compute, ffi::AnyBuffer dst,
                      ffi::Buffer<ffi::S32> plan,
                      ffi::Result<ffi::AnyBuffer> out, uint64_t src_base,
                      int64_t row_bytes) {
-  return DoIssue(compute, dst, plan, out, src_base, row_bytes, 0);
-}
-
-// The source as an operand (a pinned_host array inside the jit): XLA hands
-// over its address, so nothing outside the jit holds a raw pointer.
-ffi::Error IssueFromImpl(cudaStream_t compute, ffi::AnyBuffer dst,
-                         ffi::AnyBuffer src, ffi::Buffer<ffi::S32> plan,
-                         ffi::Result<ffi::AnyBuffer> out, int64_t row_bytes) {
-  if (row_bytes <= 0 || src.size_bytes() % row_bytes)
-    return ffi::Error::InvalidArgument(
-        "nosa_dma_issue_from: row_bytes must divide the source's bytes");
-  return DoIssue(compute, dst, plan, out,
-                 reinterpret_cast<uint64_t>(src.untyped_data()), row_bytes,
-                 src.size_bytes() / row_bytes);
-}
-
-ffi::Error WaitImpl(cudaStream_t compute, ffi::AnyBuffer dst,
-                    ffi::Result<ffi::AnyBuffer> out) {
-  State& s = S();
-  std::lock_guard<std::mutex> lock(s.mu);
   if (out->untyped_data() != dst.untyped_data())
     return ffi::Error::Internal(
-        "nosa_dma_wait: output not aliased to the destination");
+        "nosa_dma_issue: output not aliased to the destination");
+  if (row_bytes <= 0)
+    return ffi::Error::InvalidArgument("nosa_dma_issue: row_bytes <= 0");
+  return DoIssue(compute, plan,
+                 {Pair{static_cast<char*>(dst.untyped_data()),
+                       dst.size_bytes() / row_bytes, src_base, 0}},
+                 row_bytes);
+}
+
+// Operands (dst_0, src_0, dst_1, src_1, ...), results dst_j aliased: the
+// sources are operands of the jit (pinned_host arrays), so XLA hands over
+// their addresses and nothing outside the jit holds a raw pointer.
+ffi::Error IssueFromImpl(cudaStream_t compute, ffi::Buffer<ffi::S32> plan,
+                         ffi::RemainingArgs args, ffi::RemainingRets rets,
+                         int64_t row_bytes) {
+  if (row_bytes <= 0)
+    return ffi::Error::InvalidArgument("nosa_dma_issue_from: row_bytes <= 0");
+  if (args.size() % 2 || args.size() / 2 != rets.size())
+    return ffi::Error::InvalidArgument(
+        "nosa_dma_issue_from: operands must be (dst, src) pairs, one result "
+        "per dst");
+  std::vector<Pair> pairs;
+  for (size_t j = 0; j < rets.size(); ++j) {
+    auto dst = args.get<ffi::AnyBuffer>(2 * j);
+    auto src = args.get<ffi::AnyBuffer>(2 * j + 1);
+    auto out = rets.get<ffi::AnyBuffer>(j);
+    if (dst.has_error()) return dst.error();
+    if (src.has_error()) return src.error();
+    if (out.has_error()) return out.error();
+    if ((*out)->untyped_data() != dst->untyped_data())
+      return ffi::Error::Internal(
+          "nosa_dma_issue_from: output not aliased to its destination");
+    if (src->size_bytes() % row_bytes || dst->size_bytes() % row_bytes)
+      return ffi::Error::InvalidArgument(
+          "nosa_dma_issue_from: row_bytes must divide every operand's bytes");
+    pairs.push_back(Pair{static_cast<char*>(dst->untyped_data()),
+                         dst->size_bytes() / row_bytes,
+                         reinterpret_cast<uint64_t>(src->untyped_data()),
+                         src->size_bytes() / row_bytes});
+  }
+  return DoIssue(compute, plan, pairs, row_bytes);
+}
+
+// Operands dst_j, results dst_j aliased: one wait for the oldest issue.
+ffi::Error WaitImpl(cudaStream_t compute, ffi::RemainingArgs args,
+                    ffi::RemainingRets rets) {
+  State& s = S();
+  std::lock_guard<std::mutex> lock(s.mu);
+  if (args.size() != rets.size())
+    return ffi::Error::InvalidArgument("nosa_dma_wait: one result per operand");
+  for (size_t j = 0; j < rets.size(); ++j) {
+    auto dst = args.get<ffi::AnyBuffer>(j);
+    auto out = rets.get<ffi::AnyBuffer>(j);
+    if (dst.has_error()) return dst.error();
+    if (out.has_error()) return out.error();
+    if ((*out)->untyped_data() != dst->untyped_data())
+      return ffi::Error::Internal(
+          "nosa_dma_wait: output not aliased to its operand");
+  }
   if (s.pending.empty()) return ffi::Error::Success();
   cudaEvent_t done = s.pending.front();
   s.pending.pop_front();
@@ -258,17 +303,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NosaDmaIssue, IssueImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NosaDmaIssueFrom, IssueFromImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::AnyBuffer>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
                                   .Attr<int64_t>("row_bytes"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NosaDmaWait, WaitImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .RemainingArgs()
+                                  .RemainingRets());
 
 extern "C" {
 

@@ -13,9 +13,10 @@ custom calls, and wraps them:
                             (one cudaMemcpyBatchAsync, or a loop of
                             cudaMemcpyAsync), and records an event; the
                             compute stream goes on at once.
-  issue_from(dst, src, plan)  the same with the source an operand of the
-                            jit (a pinned_host array; XLA gives its address)
-  wait(dst) -> dst          the compute stream waits for the oldest pending
+  issue_from(pairs, plan)   the same for (dst, src) pairs (K and V) under
+                            one plan, the sources operands of the jit
+                            (pinned_host arrays; XLA gives their addresses)
+  wait(*dsts) -> dsts       the compute stream waits for the oldest pending
                             issue's event; what follows sees the copies.
 
 Both return dst aliased in place, so the data dependence dst -> issue ->
@@ -126,25 +127,33 @@ class CopyEngine:
             dst, plan_N2.astype(jnp.int32), src_base=np.uint64(src_address),
             row_bytes=np.int64(row_bytes))
 
-  def issue_from(self, dst: jax.Array, src: jax.Array, plan_N2: jax.Array,
-                 *, row_bytes: int) -> jax.Array:
-    """`issue` with the source an operand of the jit (a pinned_host array):
-    no raw address outside the jit; source rows are bounds-checked."""
-    _check_plan(dst, plan_N2, row_bytes)
-    if (src.size * src.dtype.itemsize) % row_bytes:
-      raise ValueError(f"row_bytes={row_bytes} must divide the source's "
-                       f"{src.size * src.dtype.itemsize} bytes")
-    return jax.ffi.ffi_call(
-        _ISSUE_FROM, jax.ShapeDtypeStruct(dst.shape, dst.dtype),
-        input_output_aliases={0: 0}, has_side_effect=True)(
-            dst, src, plan_N2.astype(jnp.int32), row_bytes=np.int64(row_bytes))
+  def issue_from(self, pairs, plan_N2: jax.Array, *,
+                 row_bytes: int) -> tuple[jax.Array, ...]:
+    """`issue` for several (dst, src) pairs under one plan, the sources
+    operands of the jit (pinned_host arrays: no raw address outside the
+    jit; source rows are bounds-checked); returns the dsts (aliased)."""
+    pairs = tuple(pairs)
+    for dst, src in pairs:
+      _check_plan(dst, plan_N2, row_bytes)
+      if (src.size * src.dtype.itemsize) % row_bytes:
+        raise ValueError(f"row_bytes={row_bytes} must divide the source's "
+                         f"{src.size * src.dtype.itemsize} bytes")
+    dsts = [d for d, _ in pairs]
+    return tuple(jax.ffi.ffi_call(
+        _ISSUE_FROM, [jax.ShapeDtypeStruct(d.shape, d.dtype) for d in dsts],
+        input_output_aliases={1 + 2 * j: j for j in range(len(pairs))},
+        has_side_effect=True)(
+            plan_N2.astype(jnp.int32), *[x for pair in pairs for x in pair],
+            row_bytes=np.int64(row_bytes)))
 
-  def wait(self, dst: jax.Array) -> jax.Array:
+  def wait(self, *dsts: jax.Array):
     """Orders the oldest pending issue's copies before what uses the
-    result."""
-    return jax.ffi.ffi_call(
-        _WAIT, jax.ShapeDtypeStruct(dst.shape, dst.dtype),
-        input_output_aliases={0: 0}, has_side_effect=True)(dst)
+    results; returns the dsts (aliased; one array if one was given)."""
+    out = jax.ffi.ffi_call(
+        _WAIT, [jax.ShapeDtypeStruct(d.shape, d.dtype) for d in dsts],
+        input_output_aliases={j: j for j in range(len(dsts))},
+        has_side_effect=True)(*dsts)
+    return out[0] if len(dsts) == 1 else tuple(out)
 
   def counters(self, reset: bool = False) -> dict:
     """Issue calls, copies, bytes and waits since the last reset; pending

@@ -80,7 +80,7 @@ class GpuCopyTest(absltest.TestCase):
     @jax.jit
     def step(d, p, x, src):
       if from_operand:
-        d = engine.issue_from(d, src, p, row_bytes=row_elems * 4)
+        d, = engine.issue_from([(d, src)], p, row_bytes=row_elems * 4)
       else:
         d = engine.issue(d, p, src_address=address, row_bytes=row_elems * 4)
       d, x = jax.lax.optimization_barrier((d, x))
@@ -105,6 +105,29 @@ class GpuCopyTest(absltest.TestCase):
 
   def test_issue_from_a_pinned_host_operand(self):
     self._run(batch=True, from_operand=True)
+
+  def test_issue_from_two_pairs_one_plan(self):
+    engine, why = copy_engine.load(batch=True)
+    self.assertIsNotNone(engine, why)
+    rng = np.random.default_rng(1)
+    k_np, v_np = (rng.standard_normal((32, 256)).astype(np.float32)
+                  for _ in range(2))
+    k_src, v_src = (jax.device_put(x, jax.memory.Space.Host)
+                    for x in (k_np, v_np))
+    plan = jnp.asarray(np.stack([rng.choice(32, 6, replace=False),
+                                 rng.permutation(6)], 1).astype(np.int32))
+
+    @jax.jit
+    def step(kd, vd, p, ks, vs):
+      kd, vd = engine.issue_from([(kd, ks), (vd, vs)], p, row_bytes=1024)
+      return engine.wait(kd, vd)
+
+    zeros = jnp.zeros((6 * 256,), jnp.float32)
+    kd, vd = step(zeros, zeros, plan, k_src, v_src)
+    for got, src in ((kd, k_np), (vd, v_np)):
+      np.testing.assert_array_equal(
+          np.asarray(got), np.asarray(copy_engine.issue_reference(
+              zeros, jnp.asarray(src), plan)))
 
 
 if __name__ == "__main__":
