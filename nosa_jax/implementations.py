@@ -16,6 +16,9 @@ off the GPU, so every config runs everywhere, slowly off the GPU).
   block_fetch             HostStore.fetch (auto, loop, pallas, fused); auto
                           = fused on the GPU when decode attention is
                           pallas, else pallas on the GPU, loop elsewhere
+  block_prefetch          HostStore.prefetch_copy (fetch, dma): how the
+                          lookahead prefetch copies; dma off the GPU runs
+                          the serial fetch (its reference)
   dense_attention         none (automatic: cudnn for bf16 / fp16 on the GPU,
                           else xla)
 
@@ -133,6 +136,16 @@ IMPLEMENTATIONS: dict[str, Op] = {
         kernels={"pallas": pallas_kernels.gather_blocks,
                  "fused": pallas_kernels.sparse_decode_fetch},
         auto=_auto_fetch),
+    "block_prefetch": Op(
+        field="HostStore.prefetch_copy",
+        implementations={
+            "fetch": "the serial fetch's copy (block_fetch's loop or zero-"
+                     "copy gather; fused prefetches with the gather) in line",
+            "dma": "nosa_jax.inference.copy_engine: copy-engine copies on "
+                   "a stream of their own, issued a layer ahead, waited for "
+                   "before the layer attends (off the GPU: the serial "
+                   "fetch, its reference)"},
+        kernels={}),
     "dense_attention": Op(
         field="dense attention (automatic, no field)",
         implementations={

@@ -26,7 +26,7 @@ def verdicts(records: list[dict]) -> list[str]:
   out = []
   for (system, ctx, b), r in sorted(by.items()):
     if not system.endswith(("_offload", "_offload_fused",
-                            "_offload_prefetch")):
+                            "_offload_prefetch", "_offload_dma")):
       continue
     variant, kind = system.split("_", 1)
     resident = by.get((f"{variant}_gpu", ctx, b))

@@ -18,6 +18,12 @@
                       `synthetic.SyntheticGuess` at prefetch_accuracy (1 =
                       an oracle), so the figure is the engine's cost at
                       that hit rate, not a model's
+  nosa_offload_dma    nosa_offload_prefetch with the prefetch's loads on
+                      the copy engines (HostStore prefetch_copy="dma",
+                      nosa_jax.inference.copy_engine): issued a layer
+                      ahead on a stream of their own, so they can overlap
+                      the previous layer's compute; misses are still
+                      fetched serially (off the GPU: the serial copy)
   <v>_offload_fused   the same with the fetch fused into the decode
                       attention kernel (HostStore fetch="fused"): the PCIe
                       reads overlap the attention's own HBM reads and math,
@@ -63,7 +69,7 @@ from nosa_jax.inference import stores
 SYSTEMS = ("full_gpu", "full_gpu_max", "infllmv2_gpu", "nosa_gpu",
            "infllmv2_offload", "nosa_offload", "nosa_offload_cache",
            "infllmv2_offload_fused", "nosa_offload_fused",
-           "nosa_offload_prefetch")
+           "nosa_offload_prefetch", "nosa_offload_dma")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,9 +155,11 @@ def offload_store(system: str, topk: int, cache_factor: int
   # serial: a copy, then the attention
   fetch = ("fused" if system.endswith("_fused")
            else implementations.serial_fetch())
-  spare = system.endswith(("_cache", "_prefetch"))
+  spare = system.endswith(("_cache", "_prefetch", "_dma"))
   cache = cache_factor * topk if spare else None
-  return stores.HostStore(cache_blocks=cache, fetch=fetch)
+  return stores.HostStore(
+      cache_blocks=cache, fetch=fetch,
+      prefetch_copy="dma" if system.endswith("_dma") else "fetch")
 
 
 def largest_store_bytes(cfg: config_lib.ModelConfig, systems, contexts,
@@ -213,7 +221,7 @@ def plan(systems, cfg_full, cfg_sparse, contexts, proto: Protocol,
         for bb in sorted(set(x for x in batches if x >= 1)):
           runs.append(Run(system, variant, ctx, bb, "offload", store,
                           dict(proto.gamma)[variant],
-                          prefetch=system.endswith("_prefetch")))
+                          prefetch=system.endswith(("_prefetch", "_dma"))))
   return runs
 
 

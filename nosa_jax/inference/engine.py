@@ -505,8 +505,10 @@ def _decode_step(params, cfg: config_lib.ModelConfig, state: DecodeState,
                            pos_B, n)
       if guess is not None:
         guess_BKP = guess(guess_BKP, pos_B, n, i + 1)
-      kvs[i + 1], loaded_L[i + 1] = store.prefetch(kvs[i + 1], guess_BKP,
-                                                   pos_B, sp)
+      kvs[i + 1], loaded_L[i + 1], x_B1M = store.prefetch(
+          kvs[i + 1], guess_BKP, pos_B, sp, after=x_B1M)
+    if loaded_L[i] is not None:  # copies issued a layer ago have landed
+      kvs[i], x_B1M = store.settle(kvs[i], before=x_B1M)
     layer = dataclasses.replace(layer, kv=kvs[i])
 
     def attend(q_B1HD, k_B1KD, v_B1KD, bias_B1K, layer=layer, i=i):

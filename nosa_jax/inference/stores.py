@@ -97,6 +97,7 @@ import jax.numpy as jnp
 from nosa_jax import config as config_lib
 from nosa_jax import implementations
 from nosa_jax import sparse_attention
+from nosa_jax.inference import copy_engine
 from nosa_jax.inference import host_memory
 
 _F32 = jnp.float32
@@ -191,7 +192,7 @@ class DeviceStore:
   def read_all(self, kv: DeviceKV):
     return kv.k_BKSD, kv.v_BKSD
 
-  def prefetch(self, kv, guess_BKQ, pos_B, sp):
+  def prefetch(self, kv, guess_BKQ, pos_B, sp, after=None):
     raise ValueError("prefetch needs the host store: the device store holds "
                      "every block already")
 
@@ -227,15 +228,20 @@ class HostStore:
       query-agnostic selection ranks by, §2.4) or, for infllmv2, the least
       recently selected one.
     gather_programs: persistent grid of the Pallas copy kernel.
+    prefetch_copy: how `prefetch` copies: "fetch" (the serial fetch's copy,
+      in line) or "dma" (copy-engine copies on their own stream through
+      `copy_engine`, completed by `settle`; off the GPU the serial fetch).
   """
 
   fetch: str = "auto"
   cache_blocks: Optional[int] = None
   gather_programs: int = 528
+  prefetch_copy: str = "fetch"
   writes_back = True
 
   def __post_init__(self):
     implementations.check("block_fetch", self.fetch)
+    implementations.check("block_prefetch", self.prefetch_copy)
     if self.gather_programs < 1:
       raise ValueError("HostStore.gather_programs must be >= 1, got "
                        f"{self.gather_programs}")
@@ -398,8 +404,14 @@ class HostStore:
     return tuple(jax.device_put(x, _DEVICE).reshape(b, nkv, n * c, d)
                  for x in (kv.k_host, kv.v_host))
 
+  def copies_async(self) -> bool:
+    """Whether `prefetch` leaves copies in flight that `settle` completes
+    (prefetch_copy "dma" on the GPU)."""
+    return (implementations.resolve("block_prefetch", self.prefetch_copy)
+            == "dma" and jax.default_backend() == "gpu")
+
   def prefetch(self, kv: HostKV, guess_BKQ, pos_B,
-               sp: config_lib.SparseConfig):
+               sp: config_lib.SparseConfig, after=None):
     """Loads the guessed blocks that are not resident (module docstring).
 
     Args:
@@ -407,10 +419,13 @@ class HostStore:
       guess_BKQ: int32 guessed block ids (-1 = none), any width Q.
       pos_B: the positions this step attends at.
       sp: the selection constants.
+      after: arrays computed only once the copies are issued (the next
+        layer's input), so that their work can overlap the copies.
 
     Returns:
-      (kv, loaded_BKP): the store with the blocks in their slots, and the
-      block loaded into each slot (-1 = none).
+      (kv, loaded_BKP, after): the store with the blocks in their slots (in
+      flight until `settle` when `copies_async`), the block loaded into
+      each slot (-1 = none), and `after`.
     """
     c = sp.block_size
     fetch, _ = self.fetch_and_attention(sp)
@@ -419,14 +434,42 @@ class HostStore:
     new_map, load_BKP = prefetch_slots(
         kv.slot_map, kv.slot_last, guess_BKQ, pos_B,
         (pos_B // c).astype(jnp.int32) - sp.window_blocks)
-    k_slot, v_slot = self._copy_misses(kv, load_BKP, load_BKP >= 0, fetch)
+    if self.copies_async():
+      k_slot, v_slot = self._issue_copies(kv, load_BKP)
+      k_slot, v_slot, after = jax.lax.optimization_barrier(
+          (k_slot, v_slot, after))
+    else:
+      k_slot, v_slot = self._copy_misses(kv, load_BKP, load_BKP >= 0, fetch)
     # Loaded slots count as selected at the previous step, so that the
     # attend's retention keeps them like the blocks used then.
     slot_last = jnp.where(load_BKP >= 0, pos_B[:, None, None] - 1,
                           kv.slot_last).astype(jnp.int32)
     return dataclasses.replace(kv, k_slot=k_slot, v_slot=v_slot,
                                slot_map=new_map, slot_last=slot_last), \
-        load_BKP
+        load_BKP, after
+
+  def settle(self, kv: HostKV, before=None):
+    """(kv, before): kv once `prefetch`'s copies have landed, ordered after
+    `before` is computed (this layer's input), so that the wait does not
+    move ahead of the work it overlaps. Identity unless `copies_async`."""
+    if not self.copies_async():
+      return kv, before
+    k_slot, v_slot, before = jax.lax.optimization_barrier(
+        (kv.k_slot, kv.v_slot, before))
+    k_slot, v_slot = _dma_engine().wait(k_slot, v_slot)
+    return dataclasses.replace(kv, k_slot=k_slot, v_slot=v_slot), before
+
+  def _issue_copies(self, kv: HostKV, load_BKP):
+    """Enqueues the loads on the copy engines (copy_engine.issue_from)."""
+    b, nkv, p = kv.slot_map.shape
+    n, c, d = kv.k_host.shape[2:]
+    f_F = jnp.arange(b * nkv * p, dtype=jnp.int32)
+    load_F = load_BKP.reshape(-1)
+    src_F = jnp.where(load_F >= 0, (f_F // p) * n + load_F, -1)
+    plan_F2 = jnp.stack([src_F, f_F], axis=1).astype(jnp.int32)
+    return _dma_engine().issue_from(
+        [(kv.k_slot, kv.k_host), (kv.v_slot, kv.v_host)], plan_F2,
+        row_bytes=c * d * kv.k_slot.dtype.itemsize)
 
   def _copy_misses(self, kv: HostKV, load_BKP, fetch_BKP, fetch: str):
     """Copies the missing blocks host -> device slots, one tile each."""
@@ -527,6 +570,13 @@ def _fill_free_slots(slot_map_BKP, free_BKP, keep_BKP, ids_BKQ, n_BK):
       ids_BKQ, jnp.clip(rank_BKP, 0, ids_BKQ.shape[-1] - 1), axis=-1),
                        -1).astype(jnp.int32)
   return jnp.where(assign_BKP, load_BKP, slot_map_BKP), load_BKP
+
+
+def _dma_engine():
+  engine, why = copy_engine.load(batch=True)
+  if engine is None:
+    raise ValueError(f"HostStore.prefetch_copy='dma' cannot run: {why}")
+  return engine
 
 
 def prefetch_slots(slot_map_BKP: jax.Array, slot_last_BKP: jax.Array,

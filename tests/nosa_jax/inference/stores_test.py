@@ -95,6 +95,9 @@ class HostStoreTest(absltest.TestCase):
   def test_options_validation(self):
     with self.assertRaisesRegex(ValueError, "HostStore.fetch='dma'"):
       stores.HostStore(fetch="dma")
+    with self.assertRaisesRegex(ValueError,
+                                "HostStore.prefetch_copy='sm' is invalid"):
+      stores.HostStore(prefetch_copy="sm")
     with self.assertRaisesRegex(ValueError, "cache_blocks"):
       stores.HostStore(cache_blocks=0)
     with self.assertRaisesRegex(ValueError, "gather_programs"):
