@@ -2,20 +2,22 @@
 // jitted computation (XLA FFI). Built and loaded by copy_engine.py; the
 // design, its limits and what was measured are in that file's docstring.
 //
-// Two handlers:
-//   nosa_dma_issue(dst, plan) -> dst   (dst aliased in place)
-//     plan int32[n, 2]: (source row, destination row), rows of `row_bytes`
-//     bytes; a negative source row is skipped. The plan is read back to the
-//     host (the host must know the addresses), then the copies are enqueued
-//     on a stream of our own and an event recorded after them, pushed on a
-//     FIFO. The compute stream does not wait for the copies here.
+// Handlers (every destination is aliased in place to its result):
+//   nosa_dma_issue(dst, plan; src_base, row_bytes) -> dst
 //   nosa_dma_issue_from(plan, dst_0, src_0, dst_1, src_1, ...) -> dst_j
-//     The same for several (destination, source) pairs under one plan, with
-//     the sources operands (their addresses from XLA, rows bounds-checked)
-//     instead of the src_base attribute; one event after all of them.
-//   nosa_dma_wait(dst_j...) -> dst_j   (aliased in place)
-//     Pops the oldest pending event and makes the compute stream wait for
-//     it (cudaStreamWaitEvent): work enqueued after this sees the copies.
+//     plan int32[n, 2]: (source row, destination row), rows of `row_bytes`
+//     bytes; a negative source row is skipped. Enqueues, on the compute
+//     stream, the plan's copy back to pinned host memory and an event after
+//     it, and records a job (the pairs' addresses: src_base, or the sources
+//     as operands) on a FIFO. Returns at once: nothing waits here.
+//   nosa_dma_wait(dst_j...) -> dst_j
+//     Takes the oldest job, waits on the host until the GPU has produced
+//     its plan (by then the work enqueued between issue and wait is queued
+//     behind it, so the GPU keeps busy), enqueues the copies on a stream of
+//     our own (one cudaMemcpyBatchAsync, or a cudaMemcpyAsync loop) and an
+//     event after them, and makes the compute stream wait for that event:
+//     the copies overlap the work queued between issue and wait that the
+//     GPU has not yet run, and what follows the wait sees them.
 //
 // CUDA is reached through the runtime library the Python side found
 // (dlopen), so the extension builds without the CUDA toolkit.
@@ -23,6 +25,7 @@
 #include <dlfcn.h>
 
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <deque>
 #include <mutex>
@@ -73,17 +76,36 @@ struct Cuda {
   int (*RuntimeGetVersion)(int*);
 };
 
+struct Pair {
+  char* dst;
+  uint64_t dst_rows;
+  uint64_t src;       // address
+  uint64_t src_rows;  // 0 = unknown (no bounds check)
+};
+
+struct PlanBuffer {
+  int32_t* host = nullptr;  // pinned
+  size_t capacity = 0;      // int32 entries
+};
+
+// One issue: where its plan lands on the host, when it has, and the pairs.
+struct Job {
+  PlanBuffer plan;
+  size_t n = 0;
+  cudaEvent_t plan_ready = nullptr;
+  std::vector<Pair> pairs;
+  int64_t row_bytes = 0;
+};
+
 struct State {
   std::mutex mu;
   bool ready = false;
   Cuda cuda{};
   int runtime = 0;
-  int batch = 0;  // 1: one cudaMemcpyBatchAsync per issue; 0: a loop
+  int batch = 0;  // 1: one cudaMemcpyBatchAsync per job; 0: a loop
   cudaStream_t stream = nullptr;
-  cudaEvent_t plan_ready = nullptr;
-  int32_t* plan_host = nullptr;  // pinned
-  size_t plan_capacity = 0;      // int32 entries
-  std::deque<cudaEvent_t> pending;
+  std::deque<Job> pending;
+  std::vector<PlanBuffer> free_plans;
   std::vector<cudaEvent_t> free_events;
   // Counters since the last reset.
   int64_t issued_calls = 0, issued_copies = 0, issued_bytes = 0, waits = 0;
@@ -108,12 +130,13 @@ ffi::Error CudaErr(int code, const char* what) {
                               s.cuda.GetErrorString(code) + ")");
 }
 
-#define CHECK_CUDA(call, what)                 \
-  do {                                         \
-    int code__ = (call);                       \
+#define CHECK_CUDA(call, what)                     \
+  do {                                             \
+    int code__ = (call);                           \
     if (code__ != 0) return CudaErr(code__, what); \
   } while (0)
 
+// Under s.mu.
 ffi::Error TakeEvent(cudaEvent_t* ev) {
   State& s = S();
   if (!s.free_events.empty()) {
@@ -126,17 +149,26 @@ ffi::Error TakeEvent(cudaEvent_t* ev) {
   return ffi::Error::Success();
 }
 
-struct Pair {
-  char* dst;
-  uint64_t dst_rows;
-  uint64_t src;  // address
-  uint64_t src_rows;  // 0 = unknown (no bounds check)
-};
+// Under s.mu: a pinned buffer of at least `entries` int32.
+ffi::Error TakePlan(size_t entries, PlanBuffer* out) {
+  State& s = S();
+  for (size_t i = 0; i < s.free_plans.size(); ++i) {
+    if (s.free_plans[i].capacity >= entries) {
+      *out = s.free_plans[i];
+      s.free_plans.erase(s.free_plans.begin() + i);
+      return ffi::Error::Success();
+    }
+  }
+  void* p = nullptr;
+  CHECK_CUDA(s.cuda.HostAlloc(&p, entries * sizeof(int32_t), 0),
+             "cudaHostAlloc");
+  *out = PlanBuffer{static_cast<int32_t*>(p), entries};
+  return ffi::Error::Success();
+}
 
-// Reads the plan back (the host must know the addresses), then enqueues
-// every pair's planned rows on our stream and one event after them all.
+// Enqueues the plan's copy to the host and records the job; no waiting.
 ffi::Error DoIssue(cudaStream_t compute, ffi::Buffer<ffi::S32> plan,
-                   const std::vector<Pair>& pairs, int64_t row_bytes) {
+                   std::vector<Pair> pairs, int64_t row_bytes) {
   State& s = S();
   std::lock_guard<std::mutex> lock(s.mu);
   if (!s.ready) return ffi::Error::Internal("nosa_dma: init() not called");
@@ -145,45 +177,53 @@ ffi::Error DoIssue(cudaStream_t compute, ffi::Buffer<ffi::S32> plan,
   auto dims = plan.dimensions();
   if (dims.size() != 2 || dims[1] != 2)
     return ffi::Error::InvalidArgument("nosa_dma_issue: plan must be [n, 2]");
-  const size_t n = static_cast<size_t>(dims[0]);
-  if (2 * n > s.plan_capacity) {
-    // Grows once per new plan size (compile-time constant per call site).
-    void* p = nullptr;
-    CHECK_CUDA(s.cuda.HostAlloc(&p, 2 * n * sizeof(int32_t), 0),
-               "cudaHostAlloc");
-    s.plan_host = static_cast<int32_t*>(p);  // old one kept: may be in use
-    s.plan_capacity = 2 * n;
-  }
-  CHECK_CUDA(s.cuda.MemcpyAsync(s.plan_host, plan.typed_data(),
-                                2 * n * sizeof(int32_t), kMemcpyDeviceToHost,
-                                compute),
-             "cudaMemcpyAsync(plan)");
-  CHECK_CUDA(s.cuda.EventRecord(s.plan_ready, compute), "cudaEventRecord");
-  CHECK_CUDA(s.cuda.EventSynchronize(s.plan_ready), "cudaEventSynchronize");
+  Job job;
+  job.n = static_cast<size_t>(dims[0]);
+  job.pairs = std::move(pairs);
+  job.row_bytes = row_bytes;
+  if (auto e = TakePlan(std::max<size_t>(2 * job.n, 1), &job.plan);
+      e.failure())
+    return e;
+  if (auto e = TakeEvent(&job.plan_ready); e.failure()) return e;
+  if (job.n > 0)
+    CHECK_CUDA(s.cuda.MemcpyAsync(job.plan.host, plan.typed_data(),
+                                  2 * job.n * sizeof(int32_t),
+                                  kMemcpyDeviceToHost, compute),
+               "cudaMemcpyAsync(plan)");
+  CHECK_CUDA(s.cuda.EventRecord(job.plan_ready, compute), "cudaEventRecord");
+  s.pending.push_back(std::move(job));
+  s.issued_calls += 1;
+  return ffi::Error::Success();
+}
+
+// Under s.mu: the job's copies on our stream (its plan has landed).
+ffi::Error EnqueueCopies(const Job& job) {
+  State& s = S();
+  const int32_t* plan = job.plan.host;
+  const uint64_t row_bytes = static_cast<uint64_t>(job.row_bytes);
   std::vector<void*> dsts, srcs;
-  dsts.reserve(n * pairs.size());
-  srcs.reserve(n * pairs.size());
-  for (const Pair& pair : pairs) {
-    for (size_t i = 0; i < n; ++i) {
-      const int32_t src_row = s.plan_host[2 * i];
-      const int32_t dst_row = s.plan_host[2 * i + 1];
+  dsts.reserve(job.n * job.pairs.size());
+  srcs.reserve(job.n * job.pairs.size());
+  for (const Pair& pair : job.pairs) {
+    for (size_t i = 0; i < job.n; ++i) {
+      const int32_t src_row = plan[2 * i], dst_row = plan[2 * i + 1];
       if (src_row < 0) continue;
-      if (pair.src_rows != 0 && static_cast<uint64_t>(src_row) >= pair.src_rows)
+      if (pair.src_rows != 0 &&
+          static_cast<uint64_t>(src_row) >= pair.src_rows)
         return ffi::Error::InvalidArgument(
-            "nosa_dma_issue: source row " + std::to_string(src_row) +
+            "nosa_dma: source row " + std::to_string(src_row) +
             " outside [0, " + std::to_string(pair.src_rows) + ")");
       if (dst_row < 0 || static_cast<uint64_t>(dst_row) >= pair.dst_rows)
         return ffi::Error::InvalidArgument(
-            "nosa_dma_issue: destination row " + std::to_string(dst_row) +
+            "nosa_dma: destination row " + std::to_string(dst_row) +
             " outside [0, " + std::to_string(pair.dst_rows) + ")");
-      srcs.push_back(reinterpret_cast<void*>(
-          pair.src + static_cast<uint64_t>(src_row) * row_bytes));
-      dsts.push_back(pair.dst + static_cast<uint64_t>(dst_row) * row_bytes);
+      srcs.push_back(reinterpret_cast<void*>(pair.src + src_row * row_bytes));
+      dsts.push_back(pair.dst + dst_row * row_bytes);
     }
   }
   const size_t m = dsts.size();
   if (m > 0 && s.batch) {
-    std::vector<size_t> sizes(m, static_cast<size_t>(row_bytes));
+    std::vector<size_t> sizes(m, row_bytes);
     MemcpyAttributes attrs{};
     attrs.srcAccessOrder = kSrcAccessOrderStream;
     size_t attr_idx = 0;
@@ -203,11 +243,6 @@ ffi::Error DoIssue(cudaStream_t compute, ffi::Buffer<ffi::S32> plan,
                                     kMemcpyDefault, s.stream),
                  "cudaMemcpyAsync");
   }
-  cudaEvent_t done;
-  if (auto e = TakeEvent(&done); e.failure()) return e;
-  CHECK_CUDA(s.cuda.EventRecord(done, s.stream), "cudaEventRecord");
-  s.pending.push_back(done);
-  s.issued_calls += 1;
   s.issued_copies += m;
   s.issued_bytes += m * row_bytes;
   return ffi::Error::Success();
@@ -220,8 +255,9 @@ ffi::Error IssueImpl(cudaStream_t compute, ffi::AnyBuffer dst,
   if (out->untyped_data() != dst.untyped_data())
     return ffi::Error::Internal(
         "nosa_dma_issue: output not aliased to the destination");
-  if (row_bytes <= 0)
-    return ffi::Error::InvalidArgument("nosa_dma_issue: row_bytes <= 0");
+  if (row_bytes <= 0 || dst.size_bytes() % row_bytes)
+    return ffi::Error::InvalidArgument(
+        "nosa_dma_issue: row_bytes must be > 0 and divide dst's bytes");
   return DoIssue(compute, plan,
                  {Pair{static_cast<char*>(dst.untyped_data()),
                        dst.size_bytes() / row_bytes, src_base, 0}},
@@ -259,10 +295,11 @@ ffi::Error IssueFromImpl(cudaStream_t compute, ffi::Buffer<ffi::S32> plan,
                          reinterpret_cast<uint64_t>(src->untyped_data()),
                          src->size_bytes() / row_bytes});
   }
-  return DoIssue(compute, plan, pairs, row_bytes);
+  return DoIssue(compute, plan, std::move(pairs), row_bytes);
 }
 
-// Operands dst_j, results dst_j aliased: one wait for the oldest issue.
+// Operands dst_j, results dst_j aliased: the oldest job's copies, ordered
+// before what follows on the compute stream.
 ffi::Error WaitImpl(cudaStream_t compute, ffi::RemainingArgs args,
                     ffi::RemainingRets rets) {
   State& s = S();
@@ -279,11 +316,21 @@ ffi::Error WaitImpl(cudaStream_t compute, ffi::RemainingArgs args,
           "nosa_dma_wait: output not aliased to its operand");
   }
   if (s.pending.empty()) return ffi::Error::Success();
-  cudaEvent_t done = s.pending.front();
+  Job job = std::move(s.pending.front());
   s.pending.pop_front();
+  // The GPU is past the issue point once its plan has landed; the work
+  // enqueued after the issue is queued behind it.
+  CHECK_CUDA(s.cuda.EventSynchronize(job.plan_ready), "cudaEventSynchronize");
+  s.free_events.push_back(job.plan_ready);
+  ffi::Error copied = EnqueueCopies(job);
+  s.free_plans.push_back(job.plan);  // read: reusable
+  if (copied.failure()) return copied;
+  cudaEvent_t done;
+  if (auto e = TakeEvent(&done); e.failure()) return e;
+  CHECK_CUDA(s.cuda.EventRecord(done, s.stream), "cudaEventRecord");
   CHECK_CUDA(s.cuda.StreamWaitEvent(compute, done, 0), "cudaStreamWaitEvent");
-  // Safe to reuse once re-recorded: a later record supersedes this one only
-  // for waits enqueued after it, and this wait is already enqueued.
+  // Reusable at once: a wait already enqueued is not affected by a later
+  // record of the same event (CUDA's cudaStreamWaitEvent semantics).
   s.free_events.push_back(done);
   s.waits += 1;
   return ffi::Error::Success();
@@ -347,8 +394,6 @@ int nosa_dma_init(const char* cudart_path, int batch) {
   c.BatchAsync13 = reinterpret_cast<decltype(c.BatchAsync13)>(batch_fn);
   if (batch && batch_fn == nullptr) return -3;
   int code = c.StreamCreateWithFlags(&s.stream, kStreamNonBlocking);
-  if (code != 0) return code;
-  code = c.EventCreateWithFlags(&s.plan_ready, kEventDisableTiming);
   if (code != 0) return code;
   s.batch = batch;
   s.ready = true;

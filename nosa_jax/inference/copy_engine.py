@@ -6,26 +6,27 @@ beside the GEMMs; the copy engines can, on a stream of their own. This module
 builds and loads `copy_engine.cc`, a small C++ XLA FFI extension with two
 custom calls, and wraps them:
 
-  issue(dst, plan) -> dst   reads the int32 plan [n, 2] = (source row,
-                            destination row) back to the host, enqueues one
-                            copy of `row_bytes` per row from the pinned
-                            source (by address) into dst on its own stream
-                            (one cudaMemcpyBatchAsync, or a loop of
-                            cudaMemcpyAsync), and records an event; the
-                            compute stream goes on at once.
+  issue(dst, plan) -> dst   enqueues the int32 plan [n, 2] = (source row,
+                            destination row)'s copy back to the host and
+                            records a job; returns at once (nothing waits)
   issue_from(pairs, plan)   the same for (dst, src) pairs (K and V) under
                             one plan, the sources operands of the jit
                             (pinned_host arrays; XLA gives their addresses)
-  wait(*dsts) -> dsts       the compute stream waits for the oldest pending
-                            issue's event; what follows sees the copies.
+  wait(*dsts) -> dsts       takes the oldest job: waits on the host until
+                            the GPU has produced its plan, enqueues one copy
+                            of `row_bytes` per planned row on a stream of
+                            its own (one cudaMemcpyBatchAsync, or a loop of
+                            cudaMemcpyAsync), and makes the compute stream
+                            wait for them
 
-Both return dst aliased in place, so the data dependence dst -> issue ->
-wait -> consumer orders them; everything placed between issue and wait can
-overlap the copies. What it costs: the host must know the addresses, so
-`issue` blocks the host thread that enqueues XLA's kernels until the GPU has
-produced the plan (the queue drains at that point, a launch-latency bubble
-per issue). A worker thread that waits instead would remove that bubble; it
-is not built.
+Every dst comes back aliased in place, so the data dependence dst -> issue
+-> wait -> consumer orders them. The host must know the addresses, and the
+plan is computed on the GPU: so the copies start only once the host, in
+`wait`, has seen the plan, and they overlap the work placed between issue and
+wait that the GPU has not run by then. Because the host waits in `wait` and
+not in `issue`, the GPU queue never drains at the issue (the work after the
+issue is already enqueued behind the plan); the host runs at most one
+issue-to-wait span ahead of the GPU.
 
 Limits (honest): the source is addressed by a raw pointer (`src_address`,
 from `jax.Array.unsafe_buffer_pointer()` outside the jit), so the caller
