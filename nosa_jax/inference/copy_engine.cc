@@ -316,6 +316,17 @@ ffi::Error WaitImpl(cudaStream_t compute, ffi::RemainingArgs args,
           "nosa_dma_wait: output not aliased to its operand");
   }
   if (s.pending.empty()) return ffi::Error::Success();
+  // Issue and wait pair in FIFO order; a wait on other buffers than the
+  // oldest issue's destinations means the order broke: refuse.
+  const Job& front = s.pending.front();
+  bool same = front.pairs.size() == args.size();
+  for (size_t j = 0; same && j < args.size(); ++j)
+    same = static_cast<void*>(front.pairs[j].dst) ==
+           args.get<ffi::AnyBuffer>(j)->untyped_data();
+  if (!same)
+    return ffi::Error::Internal(
+        "nosa_dma_wait: its buffers are not the oldest issue's destinations "
+        "(issue and wait must pair in FIFO order)");
   Job job = std::move(s.pending.front());
   s.pending.pop_front();
   // The GPU is past the issue point once its plan has landed; the work
