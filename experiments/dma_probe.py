@@ -246,7 +246,8 @@ def table(res: dict) -> str:
   f = lambda r, k, p=".2f": format(r[k], p) if k in r else "-"
   for r in res["rows"]:
     lines.append(
-        f"| {r['mode']} | {r['block_kib']} | {r.get('blocks', '-')} | {f(r, 'ms')} "
+        f"| {r['mode']} | {r['block_kib']} | {r.get('blocks', '-')} "
+        f"| {f(r, 'ms')} "
         f"| {f(r, 'gb_s', '.1f')} | {f(r, 'issue_ms')} | {f(r, 'both_ms')} "
         f"| {f(r, 'overlap')} | {r.get('bytes_correct', '-')} |"
         + (f" error: {r['error'][:100]}" if "error" in r else ""))

@@ -99,9 +99,11 @@ def build(build_dir: Optional[str] = None) -> str:
     raise RuntimeError("copy_engine.build: no C++ compiler (set CXX or "
                        "install g++)")
   tmp = f"{lib}.{os.getpid()}.tmp"
+  # libstdc++ linked in and its symbols hidden: the library loads beside
+  # whatever libstdc++ jaxlib brought, on machines older than the builder.
   cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-static-libstdc++",
-         "-static-libgcc", "-Wl,--exclude-libs,ALL", f"-I{jax.ffi.include_dir()}", _SOURCE, "-o", tmp,
-         "-ldl"]
+         "-static-libgcc", "-Wl,--exclude-libs,ALL",
+         f"-I{jax.ffi.include_dir()}", _SOURCE, "-o", tmp, "-ldl"]
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if proc.returncode != 0:
     raise RuntimeError(f"copy_engine.build: {' '.join(cmd)} failed:\n"
@@ -162,19 +164,19 @@ class CopyEngine:
     out = (ctypes.c_int64 * 5)()
     self.lib.nosa_dma_counters(out, int(reset))
     return dict(zip(("calls", "copies", "bytes", "waits", "pending"),
-                    list(out)))
+                    list(out), strict=True))
 
 
 def issue_reference(dst: jax.Array, src_rows: jax.Array,
                     plan_N2: jax.Array) -> jax.Array:
-    """`issue` then `wait` in jnp: dst viewed as rows of src_rows' row
-    shape, rows plan[:, 1] <- src_rows[plan[:, 0]] where plan[:, 0] >= 0."""
-    rows = dst.reshape((-1,) + src_rows.shape[1:])
-    src_N, dst_N = plan_N2[:, 0], plan_N2[:, 1]
-    take = src_N >= 0
-    got = jnp.take(src_rows, jnp.where(take, src_N, 0), axis=0)
-    dst_N = jnp.where(take, dst_N, rows.shape[0])  # out of range: dropped
-    return rows.at[dst_N].set(got, mode="drop").reshape(dst.shape)
+  """`issue` then `wait` in jnp: dst viewed as rows of src_rows' row
+  shape, rows plan[:, 1] <- src_rows[plan[:, 0]] where plan[:, 0] >= 0."""
+  rows = dst.reshape((-1,) + src_rows.shape[1:])
+  src_N, dst_N = plan_N2[:, 0], plan_N2[:, 1]
+  take_N = src_N >= 0
+  got = jnp.take(src_rows, jnp.where(take_N, src_N, 0), axis=0)
+  dst_N = jnp.where(take_N, dst_N, rows.shape[0])  # out of range: dropped
+  return rows.at[dst_N].set(got, mode="drop").reshape(dst.shape)
 
 
 def _check_plan(dst, plan_N2, row_bytes):
