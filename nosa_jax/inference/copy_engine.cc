@@ -57,6 +57,7 @@ constexpr int kMemcpyDeviceToHost = 2;
 constexpr unsigned kStreamNonBlocking = 1;
 constexpr unsigned kEventDisableTiming = 2;
 constexpr int kSrcAccessOrderStream = 1;
+constexpr unsigned kPreferOverlapWithCompute = 1;  // cudaMemcpyFlag...
 
 struct Cuda {
   int (*MemcpyAsync)(void*, const void*, size_t, int, cudaStream_t);
@@ -226,6 +227,7 @@ ffi::Error EnqueueCopies(const Job& job) {
     std::vector<size_t> sizes(m, row_bytes);
     MemcpyAttributes attrs{};
     attrs.srcAccessOrder = kSrcAccessOrderStream;
+    attrs.flags = kPreferOverlapWithCompute;  // a hint (CUDA >= 12.8)
     size_t attr_idx = 0;
     int code;
     if (s.runtime >= 13000) {
