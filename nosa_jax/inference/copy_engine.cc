@@ -58,6 +58,7 @@ constexpr unsigned kStreamNonBlocking = 1;
 constexpr unsigned kEventDisableTiming = 2;
 constexpr int kSrcAccessOrderStream = 1;
 constexpr unsigned kPreferOverlapWithCompute = 1;  // cudaMemcpyFlag...
+constexpr int kErrorInvalidValue = 1;
 
 struct Cuda {
   int (*MemcpyAsync)(void*, const void*, size_t, int, cudaStream_t);
@@ -104,6 +105,7 @@ struct State {
   Cuda cuda{};
   int runtime = 0;
   int batch = 0;  // 1: one cudaMemcpyBatchAsync per job; 0: a loop
+  bool overlap_hint = true;
   cudaStream_t stream = nullptr;
   std::deque<Job> pending;
   std::vector<PlanBuffer> free_plans;
@@ -227,16 +229,23 @@ ffi::Error EnqueueCopies(const Job& job) {
     std::vector<size_t> sizes(m, row_bytes);
     MemcpyAttributes attrs{};
     attrs.srcAccessOrder = kSrcAccessOrderStream;
-    attrs.flags = kPreferOverlapWithCompute;  // a hint (CUDA >= 12.8)
+    // A hint (CUDA >= 12.8); dropped for good if the runtime refuses it.
+    attrs.flags = s.overlap_hint ? kPreferOverlapWithCompute : 0;
     size_t attr_idx = 0;
-    int code;
-    if (s.runtime >= 13000) {
-      code = s.cuda.BatchAsync13(dsts.data(), srcs.data(), sizes.data(), m,
-                                 &attrs, &attr_idx, 1, s.stream);
-    } else {
+    auto batch = [&]() {
+      if (s.runtime >= 13000)
+        return s.cuda.BatchAsync13(dsts.data(), srcs.data(), sizes.data(), m,
+                                   &attrs, &attr_idx, 1, s.stream);
       size_t fail_idx = 0;
-      code = s.cuda.BatchAsync12(dsts.data(), srcs.data(), sizes.data(), m,
+      return s.cuda.BatchAsync12(dsts.data(), srcs.data(), sizes.data(), m,
                                  &attrs, &attr_idx, 1, &fail_idx, s.stream);
+    };
+    int code = batch();
+    if (code == kErrorInvalidValue && attrs.flags != 0) {
+      s.cuda.GetLastError();
+      s.overlap_hint = false;
+      attrs.flags = 0;
+      code = batch();
     }
     if (code != 0) return CudaErr(code, "cudaMemcpyBatchAsync");
   } else {
