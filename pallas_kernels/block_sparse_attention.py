@@ -632,6 +632,37 @@ def _dkv_work_items(cnt_XN, segment, num_items):
   return blk_XW, jnp.where(real_XW, start_XW, 0), cnt_XW
 
 
+def _to_rows(q_BTHD, k_BTKD, v_BTKD, bias_BTK, tp, gp, dp, s):
+  """The kernels' operands, flattened to X = B * K and zero-padded.
+
+  Query rows [X, Tp * Gp, Dp]: row t * Gp + g is (token t, head g of the
+  group), tokens padded to Tp, heads to Gp, D to Dp; keys, values [X, S, Dp]
+  and the fp32 bias [X, S] (0 for None) padded to S keys.
+  """
+  b, t, h, d = q_BTHD.shape
+  kh = k_BTKD.shape[2]
+  q_BKTGD = q_BTHD.reshape(b, t, kh, h // kh, d).transpose(0, 2, 1, 3, 4)
+  q_BKTGD = jnp.pad(q_BKTGD, ((0, 0), (0, 0), (0, tp - t),
+                              (0, gp - h // kh), (0, dp - d)))
+  q_XRD = q_BKTGD.reshape(b * kh, tp * gp, dp)
+  kv_pad = ((0, 0), (0, 0), (0, s - t), (0, dp - d))
+  k_XSD = jnp.pad(k_BTKD.transpose(0, 2, 1, 3), kv_pad).reshape(b * kh, s, dp)
+  v_XSD = jnp.pad(v_BTKD.transpose(0, 2, 1, 3), kv_pad).reshape(b * kh, s, dp)
+  if bias_BTK is None:
+    return q_XRD, k_XSD, v_XSD, jnp.zeros((b * kh, s), _F32)
+  bias_BKS = bias_BTK.astype(_F32).transpose(0, 2, 1)
+  bias_XS = jnp.pad(bias_BKS, ((0, 0), (0, 0), (0, s - t)))
+  return q_XRD, k_XSD, v_XSD, bias_XS.reshape(b * kh, s)
+
+
+def _from_rows(x_XR, b, t, h, kh, gp):
+  """[B, T, H, ...] from query rows [B*K, Tp * Gp, ...] (`_to_rows`'
+  layout), the padded tokens and heads sliced off."""
+  rest = x_XR.shape[2:]
+  x_BKTG = x_XR.reshape(b, kh, -1, gp, *rest)[:, :, :t, :h // kh]
+  return jnp.moveaxis(x_BKTG, 1, 2).reshape(b, t, h, *rest)
+
+
 def _check(q_BTHD, k_BTKD, v_BTKD, bias_BTK, mask_BKTN, block_size):
   b, t, h, d = q_BTHD.shape
   kh = k_BTKD.shape[2] if k_BTKD.ndim == 4 else 0
@@ -751,24 +782,10 @@ def block_sparse_attention(
     _check_triton(st, dp)
   tile_lcm = math.lcm(*(getattr(st, f) for f in _tile_fields(st)))
   tp = common.cdiv(t, tile_lcm) * tile_lcm
-  s = n * c
-
-  # Query rows [B*K, T*G, D]: row t * G + g is (token t, head g of the group).
-  # Padded heads and tokens are zero and sliced off; padded tokens select
-  # nothing and padded heads get zero cotangents, so neither affects grads.
-  q_BKTGD = q_BTHD.reshape(b, t, kh, g, d).transpose(0, 2, 1, 3, 4)
-  q_BKTGD = jnp.pad(q_BKTGD, ((0, 0), (0, 0), (0, tp - t), (0, gp - g),
-                              (0, dp - d)))
-  q_XRD = q_BKTGD.reshape(b * kh, tp * gp, dp)
-  kv_pad = ((0, 0), (0, 0), (0, s - t), (0, dp - d))
-  k_XSD = jnp.pad(k_BTKD.transpose(0, 2, 1, 3), kv_pad).reshape(b * kh, s, dp)
-  v_XSD = jnp.pad(v_BTKD.transpose(0, 2, 1, 3), kv_pad).reshape(b * kh, s, dp)
-  if bias_BTK is None:
-    bias_XS = jnp.zeros((b * kh, s), _F32)
-  else:
-    bias_BKS = bias_BTK.astype(_F32).transpose(0, 2, 1)
-    bias_XS = jnp.pad(bias_BKS, ((0, 0), (0, 0), (0, s - t)))
-    bias_XS = bias_XS.reshape(b * kh, s)
+  # Padded tokens select nothing and padded heads get zero cotangents, so
+  # neither affects grads.
+  q_XRD, k_XSD, v_XSD, bias_XS = _to_rows(q_BTHD, k_BTKD, v_BTKD, bias_BTK,
+                                          tp, gp, dp, n * c)
 
   # Index structures (XLA; the selection carries no gradient).
   mask_BKTN = jnp.pad(lax.stop_gradient(mask_BKTN).astype(bool),
@@ -787,8 +804,7 @@ def block_sparse_attention(
                    _compact(_tile_unions(mask_BKTN, st.block_q_dq, c)))
 
   out_XRD = _attention(st, q_XRD, k_XSD, v_XSD, bias_XS, sel_XNT, lists)
-  out_BKTGD = out_XRD.reshape(b, kh, tp, gp, dp)[:, :, :t, :g, :d]
-  return out_BKTGD.transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
+  return _from_rows(out_XRD, b, t, h, kh, gp)[..., :d]
 
 
 # ---------------------------------------------------------------------------
