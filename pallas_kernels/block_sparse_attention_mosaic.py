@@ -82,6 +82,7 @@ class _Static:
   groups: int  # G padded to a power of 2
   compute_wgs: int
   warp_specialized: bool
+  full_fast_path: bool
   max_concurrent_steps: int
   scale: float
   interpret: bool
@@ -142,19 +143,44 @@ def _consumer(st, q_ref, bits_ref, idx_ref, o_ref, lse_ref, smem, barriers,
   plgpu.barrier_wait(q_bar.at[wg])
 
   shape = (_ROWS, c)
-  row = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
   col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+  # Per-row quantities live in the row layout of the logits, [64] (each
+  # thread holds its rows' values), and are broadcast along the keys.
+  row = plgpu.broadcasted_iota(jnp.int32, (_ROWS,), 0,
+                               layout=plgpu.Layout.WGMMA.reduce(1))
   row_tok = lax.shift_right_logical(row, int(math.log2(st.groups)))
   row_pos = first_tok + row_tok
   bit = lax.bitwise_and(row_tok, _WORD - 1)
 
   def token_mask(j):
-    """[64, C] bool: the row's token selected block j, and key <= query."""
+    """[64, C] bool: the row's token selected block j, and key <= query.
+
+    As one compare per entry: key j * C + col is visible to a row iff col
+    <= its limit, row_pos - j * C if the token selected block j, else -1.
+    """
     words = [bits_ref[x, qi, j, wg * st.words + w] for w in range(st.words)]
     word = words[0] if st.words == 1 else jnp.where(row_tok >= _WORD,
                                                     words[1], words[0])
     sel = lax.bitwise_and(lax.shift_right_logical(word, bit), 1) != 0
-    return sel & (j * c + col <= row_pos)
+    limit = jnp.where(sel, row_pos - j * c, -1)
+    return col <= lax.broadcast_in_dim(limit, shape, [0])
+
+  all_tokens = -1 if st.wg_tokens >= _WORD else (1 << st.wg_tokens) - 1
+
+  def is_full(j):
+    """[] bool: every token of the warpgroup selected block j, and the block
+    ends at or before its first token: no mask needed (most pairs on local
+    selections, as the Triton kernel's `full_fast_path`)."""
+    full = j * c + c - 1 <= first_tok
+    for w in range(st.words):
+      full &= bits_ref[x, qi, j, wg * st.words + w] == all_tokens
+    return full
+
+  def masked_logits(s, j):
+    masked = lambda s: jnp.where(token_mask(j), s, common.MASK_VALUE)
+    if not st.full_fast_path:
+      return masked(s)
+    return lax.cond(is_full(j), lambda s: s, masked, s)
 
   def body(i, carry):
     acc, m_prev, l_prev = carry
@@ -174,7 +200,7 @@ def _consumer(st, q_ref, bits_ref, idx_ref, o_ref, lse_ref, smem, barriers,
     # Base 2, so that the softmax uses exp2 (as the Triton kernel).
     s = (s * (st.scale * _LOG2E)
          + lax.broadcast_in_dim(bias * _LOG2E, shape, [1]))
-    s = jnp.where(token_mask(j), s, common.MASK_VALUE)
+    s = masked_logits(s, j)
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
     # In a row masked so far m_next is MASK_VALUE itself: subtract 0 there,
     # so that its masked entries give exp2(MASK_VALUE) = 0.
@@ -418,7 +444,8 @@ def _check_mosaic(q_BTHD, k_BTKD, block_size, compute_wgs, warp_specialized,
 @functools.partial(
     jax.jit,
     static_argnames=("block_size", "compute_wgs", "warp_specialized",
-                     "max_concurrent_steps", "return_lse", "interpret"))
+                     "full_fast_path", "max_concurrent_steps", "return_lse",
+                     "interpret"))
 def block_sparse_attention_mosaic(
     q_BTHD: jax.Array,
     k_BTKD: jax.Array,
@@ -429,6 +456,7 @@ def block_sparse_attention_mosaic(
     *,
     compute_wgs: int | None = None,
     warp_specialized: bool | None = None,
+    full_fast_path: bool = True,
     max_concurrent_steps: int = 2,
     return_lse: bool = False,
     interpret: bool = False,
@@ -454,6 +482,9 @@ def block_sparse_attention_mosaic(
       an XLA program whose barrier waits hold one of XLA's CPU threads:
       the producer variant's 3-4 threads deadlock when the machine has
       fewer cores than that (measured on 2 cores).
+    full_fast_path: branch (lax.cond), per (warpgroup, block), to logits
+      without the token mask when every token of the warpgroup selected
+      the block and the block lies wholly before them (the same result).
     max_concurrent_steps: SMEM slots of the K/V/bias ring (blocks in
       flight).
     return_lse: also return the log-sum-exp of each row's logits.
@@ -479,6 +510,7 @@ def block_sparse_attention_mosaic(
   gp = common.next_power_of_2(g)
   st = _Static(groups=gp, compute_wgs=compute_wgs,
                warp_specialized=warp_specialized,
+               full_fast_path=full_fast_path,
                max_concurrent_steps=max_concurrent_steps,
                scale=1.0 / math.sqrt(d), interpret=interpret)
   tp = common.cdiv(t, st.block_q) * st.block_q

@@ -157,14 +157,22 @@ class _MosaicCases(parameterized.TestCase):
     out = self._compare(q, k, v, bias, jnp.asarray(mask))
     np.testing.assert_array_equal(_f32(out)[:, empty], 0.0)
 
-  @pytest.mark.slow
-  def test_nosa_like_many_blocks(self):
-    # Sink + window + random blocks: lists longer than the SMEM ring, so
-    # every slot is reused; 3 slots.
-    b, t, kh, g, d = 1, 400, 1, 8, 64
+  @parameterized.parameters(True, False)
+  @pytest.mark.slow  # inside: the generated cases copy the mark
+  def test_nosa_like_full_fast_path(self, full_fast_path):
+    # Sink + window + random blocks with 8 tokens per warpgroup: most
+    # (warpgroup, block) pairs are full and skip the mask; the own blocks
+    # (causal inside) and blocks only some tokens picked do not. A wrong
+    # full-pair test (any token instead of all, or the causal bound off by
+    # one) attends keys it must not. Every third token of the second KV
+    # head selects nothing. Lists are longer than the 3-slot ring, so every
+    # slot is reused.
+    b, t, kh, g, d = 1, 400, 2, 8, 64
     q, k, v, bias = _inputs(5, b, t, kh * g, kh, d, _BF16, True)
-    mask = _nosa_like_mask(5, b, kh, t, sink=1, window=3, extra=1)
-    self._compare(q, k, v, bias, mask, max_concurrent_steps=3)
+    mask = np.array(_nosa_like_mask(5, b, kh, t, sink=1, window=3, extra=1))
+    mask[:, 1, np.arange(t) % 3 == 0] = False
+    self._compare(q, k, v, bias, jnp.asarray(mask), max_concurrent_steps=3,
+                  full_fast_path=full_fast_path)
 
   def test_shape_errors(self):
     q, k, v, bias = _inputs(0, 1, 70, 4, 2, 64, _BF16, True)
