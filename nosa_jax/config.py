@@ -65,12 +65,15 @@ class SparseConfig:
       `dma` (eviction score only, with bias) or `nosa` (two-phase, §2.5).
     implementation: `xla` (pure JAX) or `pallas` (GPU kernels) for the
       block-sparse attention of training / prefill, and for decode
-      attention unless `decode_implementation` says otherwise. Kernels run
-      in Pallas interpret mode off the GPU (nosa_jax/implementations.py
-      resolves every kernel choice).
+      attention unless `decode_implementation` says otherwise; `mosaic`
+      (the Mosaic GPU forward, bf16 / fp16, D % 64 == 0, C = 64) for
+      forward-only use: it has no backward, and differentiating it is an
+      error. Kernels run in Pallas interpret mode off the GPU
+      (nosa_jax/implementations.py resolves every kernel choice).
     decode_implementation: decode attention over the cached blocks: `auto`
-      (the same as `implementation`), `xla`, `pallas` (split-K kernel) or
-      `triton` (the same kernel through jax-triton; GPU only).
+      (the same as `implementation`; `pallas` under `mosaic`), `xla`,
+      `pallas` (split-K kernel) or `triton` (the same kernel through
+      jax-triton; GPU only).
     score_dtype: `float32` ranks the block scores as computed (project
       decision 2); `bfloat16` rounds them to bf16 first, as upstream's
       stage-1 and pooling kernels store them, so that blocks upstream
@@ -103,7 +106,7 @@ class SparseConfig:
   """
 
   variant: Literal["full", "infllmv2", "dma", "nosa"] = "nosa"
-  implementation: Literal["xla", "pallas"] = "xla"
+  implementation: Literal["xla", "pallas", "mosaic"] = "xla"
   decode_implementation: Literal["auto", "xla", "pallas", "triton"] = "auto"
   score_implementation: Literal["xla", "pallas"] = "xla"
   score_dtype: Literal["float32", "bfloat16"] = "float32"

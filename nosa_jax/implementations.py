@@ -9,9 +9,11 @@ hands back the Pallas / Triton wrapper with the interpret decision bound, and
 off the GPU, so every config runs everywhere, slowly off the GPU).
 
   op                      field (implementations)
-  block_sparse_attention  SparseConfig.implementation (xla, pallas)
+  block_sparse_attention  SparseConfig.implementation (xla, pallas,
+                          mosaic; mosaic is forward-only)
   decode_attention        SparseConfig.decode_implementation (auto, xla,
-                          pallas, triton); auto = `implementation`
+                          pallas, triton); auto = `implementation`, pallas
+                          under mosaic
   block_scores            SparseConfig.score_implementation (xla, pallas)
   block_fetch             HostStore.fetch (auto, loop, pallas, fused); auto
                           = fused on the GPU when decode attention is
@@ -68,7 +70,8 @@ class Op:
 
 def _auto_decode(backend: str, implementation: str = "xla") -> str:
   del backend  # decode attention follows the training / prefill attention
-  return implementation
+  # Decode has no Mosaic kernel yet: the Pallas one, as under "pallas".
+  return "pallas" if implementation == "mosaic" else implementation
 
 
 def _auto_fetch(backend: str, decode_attention: str = "xla") -> str:
@@ -103,8 +106,12 @@ IMPLEMENTATIONS: dict[str, Op] = {
             "xla": "query chunks of dense masked jnp under jax.checkpoint "
                    "(sparse_attention.sparse_attention)",
             "pallas": "pallas_kernels.block_sparse_attention (fwd, dq, "
-                      "dk/dv kernels)"},
-        kernels={"pallas": pallas_kernels.block_sparse_attention}),
+                      "dk/dv kernels)",
+            "mosaic": "pallas_kernels.block_sparse_attention_mosaic (the "
+                      "forward on Mosaic GPU; no backward: differentiating "
+                      "it raises)"},
+        kernels={"pallas": pallas_kernels.block_sparse_attention,
+                 "mosaic": pallas_kernels.block_sparse_attention_mosaic}),
     "decode_attention": Op(
         field="SparseConfig.decode_implementation",
         implementations={
@@ -237,9 +244,9 @@ def interpret_warning(sp: Any) -> str | None:
   xla. None when there is nothing to say."""
   if not interpret():
     return None
-  picked = [f"model.sparse.{name}=pallas" for name in (
+  picked = [f"model.sparse.{name}={getattr(sp, name)}" for name in (
       "implementation", "decode_implementation", "score_implementation")
-            if getattr(sp, name) == "pallas"]
+            if getattr(sp, name) in ("pallas", "mosaic")]
   if not picked:
     return None
   return (f"{', '.join(picked)}: the Pallas kernels run in interpret mode "

@@ -147,7 +147,8 @@ def _attend_chunk(q_BTHD, k_BSKD, v_BSKD, bias_BSK, mask_BKTN, pos_T,
 def sparse_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
                      bias_BTK: Optional[jax.Array], mask_BKTN: jax.Array, *,
                      block_size: int, query_chunk: int,
-                     implementation: Literal["xla", "pallas"] = "xla",
+                     implementation: Literal["xla", "pallas",
+                                             "mosaic"] = "xla",
                      tuning: Optional[dict] = None,
                      positions_T: Optional[jax.Array] = None) -> jax.Array:
   """Block-sparse causal attention with the eviction bias (§2.6-§2.7).
@@ -168,8 +169,9 @@ def sparse_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
     mask_BKTN: selected blocks (bool), N = ceil(T / C); not differentiated.
     block_size: C.
     query_chunk: queries per chunk.
-    implementation: `xla`, or `pallas` (the block-sparse kernel; resolved
-      by `implementations`, interpret mode off the GPU).
+    implementation: `xla`, `pallas` (the block-sparse kernels) or
+      `mosaic` (the Mosaic GPU forward; not differentiable); resolved by
+      `implementations`, interpret mode off the GPU.
     tuning: keyword options of the pallas kernel (`block_sizes` as a
       `KernelBlockSizes`, `num_warps`, `num_stages`); benchmarks sweep them.
     positions_T: the queries' positions when they are not 0..T-1 (a chunk

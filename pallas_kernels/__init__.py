@@ -6,6 +6,8 @@ Imports only jax and numpy (STYLE.md rule 1).
 from pallas_kernels.block_sparse_attention import block_sparse_attention
 from pallas_kernels.block_sparse_attention import (
     block_sparse_attention_reference)
+from pallas_kernels.block_sparse_attention_mosaic import (
+    block_sparse_attention_mosaic)
 from pallas_kernels.block_gather import gather_blocks
 from pallas_kernels.block_gather import gather_blocks_reference
 from pallas_kernels.block_scores import ScoreBlockSizes
@@ -32,6 +34,7 @@ __all__ = [
     "sparse_decode_reference",
     "sparse_decode_triton",
     "block_sparse_attention",
+    "block_sparse_attention_mosaic",
     "block_sparse_attention_reference",
     "gather_blocks",
     "gather_blocks_reference",

@@ -86,6 +86,18 @@ class ResolveTest(parameterized.TestCase):
       self.assertEqual(impls.resolve("dense_attention", "auto", dtype=dtype),
                        want)
 
+  def test_mosaic_is_a_block_sparse_attention_name_only(self):
+    for backend in ("cpu", "gpu"):
+      with _on(backend):
+        self.assertEqual(impls.resolve("block_sparse_attention", "mosaic"),
+                         "mosaic")
+        # Decode has no Mosaic kernel: "auto" under mosaic is pallas.
+        self.assertEqual(impls.resolve("decode_attention", "auto",
+                                       implementation="mosaic"), "pallas")
+    for op in ("decode_attention", "block_scores"):
+      with self.assertRaisesRegex(ValueError, "'mosaic' is invalid"):
+        impls.resolve(op, "mosaic")
+
   def test_auto_only_where_the_op_has_a_rule(self):
     with self.assertRaisesRegex(ValueError, "implementation='auto'"):
       impls.resolve("block_sparse_attention", "auto")
@@ -134,20 +146,43 @@ class ConfigTest(parameterized.TestCase):
                        ("loop", "pallas"))
 
 
-class KernelTest(absltest.TestCase):
+class KernelTest(parameterized.TestCase):
 
-  def test_pallas_kernels_get_the_interpret_decision(self):
+  @parameterized.parameters(
+      ("decode_attention", "pallas", {"num_warps": 4}, "sparse_decode"),
+      ("block_sparse_attention", "mosaic", {"block_size": 64},
+       "block_sparse_attention_mosaic"))
+  def test_pallas_kernels_get_the_interpret_decision(self, op, name, options,
+                                                     wrapper):
     for backend, want in (("cpu", True), ("gpu", False)):
       with _on(backend):
-        fn = impls.kernel("decode_attention", "pallas", num_warps=4)
-        self.assertIs(fn.func, pallas_kernels.sparse_decode)
-        self.assertEqual(fn.keywords, {"num_warps": 4, "interpret": want})
+        fn = impls.kernel(op, name, **options)
+        self.assertIs(fn.func, getattr(pallas_kernels, wrapper))
+        self.assertEqual(fn.keywords, {**options, "interpret": want})
 
   def test_triton_takes_no_interpret_flag(self):
     with _on("gpu"):
       fn = impls.kernel("decode_attention", "triton")
     self.assertIs(fn.func, pallas_kernels.sparse_decode_triton)
     self.assertEqual(fn.keywords, {})
+
+  def test_interpret_warning_names_mosaic(self):
+    sp = config_lib.SparseConfig(implementation="mosaic")
+    with _on("cpu"):
+      self.assertIn("model.sparse.implementation=mosaic",
+                    impls.interpret_warning(sp))
+
+  def test_mosaic_refuses_the_gradient(self):
+    # Forward only: a training step through it fails while tracing, with
+    # the kernel's one-line error (nothing runs).
+    q = jnp.zeros((1, 70, 4, 64), jnp.bfloat16)
+    kv = jnp.zeros((1, 70, 2, 64), jnp.bfloat16)
+    mask = jnp.ones((1, 2, 70, 2), bool)
+    loss = lambda q: jnp.sum(sparse_attention.sparse_attention(
+        q, kv, kv, None, mask, block_size=64, query_chunk=64,
+        implementation="mosaic").astype(jnp.float32))
+    with self.assertRaisesRegex(NotImplementedError, "no backward yet"):
+      jax.jit(jax.grad(loss)).trace(q)
 
   def test_kernel_errors(self):
     with self.assertRaisesRegex(ValueError, "runs in jnp"):
