@@ -5,7 +5,8 @@ r"""Kernel benchmark: NOSA's training and decode kernels on a GPU.
 All figures of one invocation come from the same process, so ratios compare
 like with like. Each part is a function of `experiments/bench/`, whose
 docstring says what it measures:
-  train, train_sweep, bwd_sweep, train_profile   bench/attention_kernels.py
+  train, train_sweep, bwd_sweep, train_profile,
+  fwd                                            bench/attention_kernels.py
   scores, scores_sweep, selection_profile        bench/selection_kernels.py
   decode, decode_sweep                           bench/decode_kernels.py
   step                                           bench/train_step.py
@@ -86,6 +87,7 @@ def _parts(save) -> dict:
       "train": p(attention_kernels.train, **train, iters=_ITERS.value,
                  xla_max_len=_XLA_MAX.value),
       "train_sweep": p(attention_kernels.train_sweep, **train),
+      "fwd": p(attention_kernels.fwd, **train, iters=_ITERS.value),
       "bwd_sweep": p(attention_kernels.bwd_sweep, **train, iters=_ITERS.value,
                      variants=_BWD.value, save=save),
       "train_profile": p(attention_kernels.train_profile, **train,

@@ -74,6 +74,7 @@ _LOG2E = math.log2(math.e)
 _ROWS = 64  # rows per consumer warpgroup: one wgmma M tile
 _BLOCK = 64  # C, the only selection block size supported
 _WORD = 32  # tokens per selection-bit word
+_PRODUCER_REGS = 40  # registers per thread of the TMA warpgroup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,15 +326,19 @@ def _fwd_kernel(
     return
 
   wg = lax.axis_index("wg")
+  # The register file (64k = 512 per thread of one warpgroup) moves from
+  # the producer to the consumers, as in Pallas' warp-specialized pipeline:
+  # 232 each for two consumers, 256 (the most) for one.
+  consumer_regs = min(256, (512 - _PRODUCER_REGS) // st.compute_wgs) // 8 * 8
 
   @pl.when(wg < st.compute_wgs)
   def _():
-    plgpu.set_max_registers(232, action="increase")
+    plgpu.set_max_registers(consumer_regs, action="increase")
     consume(wg=wg, before_block=lambda i: None)
 
   @pl.when(wg == st.compute_wgs)
   def _():
-    plgpu.set_max_registers(40, action="decrease")
+    plgpu.set_max_registers(_PRODUCER_REGS, action="decrease")
     _producer(st, refs, idx_ref, smem, barriers, x=x, qi=qi, cnt=cnt)
 
 

@@ -6,6 +6,9 @@ Parts of `experiments.kernel_bench` (each appends rows to `rows`):
                  block_scores kernel, and whether both give the same mask);
                  speedup vs dense without and with the selection counted
   train_sweep    the Pallas fwd and fwd+bwd over kernel tilings
+  fwd            the forward alone at each T: cuDNN dense vs the Pallas
+                 (Triton) kernel vs the Mosaic GPU kernel (issue 27), with
+                 effective TFLOP/s (attended pairs only)
   bwd_sweep      the backward variants (`BWD_VARIANTS`) with each one's
                  largest gradient difference from the first listed
   train_profile  per-kernel GPU time of one fwd+bwd call, beside cuDNN's
@@ -122,12 +125,65 @@ def fwd_bwd(attend):
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
 
 
-def dense_fwd_bwd():
-  """fwd_bwd of dense causal attention: cuDNN on the GPU (bf16), XLA
-  elsewhere (so that the parts run as CPU smoke tests)."""
-  return fwd_bwd(lambda q, kk, v, b, m: jax.nn.dot_product_attention(
+def dense(q, kk, v, b, m):
+  """Dense causal attention (bias and mask unused): cuDNN on the GPU
+  (bf16), XLA elsewhere (so that the parts run as CPU smoke tests)."""
+  del b, m
+  return jax.nn.dot_product_attention(
       q, kk, v, is_causal=True, implementation=implementations.resolve(
-          "dense_attention", "auto", dtype=q.dtype)))
+          "dense_attention", "auto", dtype=q.dtype))
+
+
+def dense_fwd_bwd():
+  """fwd_bwd of `dense`."""
+  return fwd_bwd(dense)
+
+
+def attended_flops(q, mask_BKTN):
+  """Forward matmul FLOPs of the attended (query, key) pairs only: 4 D per
+  pair and query head (Q K^T and P V), the "effective" FLOPs of
+  InfLLM-V2's figures. Block n holds keys n C .. n C + C - 1, of which
+  query t sees those <= t."""
+  _, t, h, d = q.shape
+  k = mask_BKTN.shape[1]
+  c = PAPER.block_size
+  first_N = jnp.arange(mask_BKTN.shape[-1]) * c
+  seen_TN = jnp.clip(jnp.arange(t)[:, None] - first_N[None, :] + 1, 0, c)
+  pairs = jnp.sum(jnp.where(mask_BKTN, seen_TN, 0), dtype=jnp.float32)
+  return 4.0 * d * (h // k) * float(pairs)
+
+
+def fwd(rows, *, lengths, masks, iters):
+  """The fwd part (module docstring); `mosaic_max_abs_diff_vs_pallas` is
+  the largest output difference of the two kernels (bf16 rounding ~1e-2;
+  a wrong kernel O(1))."""
+  for kind in masks:
+    for t in lengths:
+      args, _ = inputs_with_mask(t, kind)
+      flops = attended_flops(args[0], args[-1])
+      row = {"part": "fwd", "mask": kind, "T": t,
+             "selected_fraction_of_causal": float(jnp.mean(args[-1])) * 2,
+             "dense_cudnn_fwd_s": timing.timeit(jax.jit(dense), *args,
+                                                iters=iters)}
+      outs = {}
+      for name in ("pallas", "mosaic"):
+        try:
+          run = sparse_fwd(name)
+          row[f"{name}_fwd_s"] = timing.timeit(run, *args, iters=iters)
+          row[f"{name}_effective_tflops"] = (
+              flops / row[f"{name}_fwd_s"] / 1e12)
+          outs[name] = run(*args).astype(jnp.float32)
+        except Exception as e:  # a kernel that fails is a result
+          row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
+      if len(outs) == 2:
+        row["mosaic_speedup_vs_pallas"] = (row["pallas_fwd_s"] /
+                                           row["mosaic_fwd_s"])
+        row["mosaic_speedup_vs_dense"] = (row["dense_cudnn_fwd_s"] /
+                                          row["mosaic_fwd_s"])
+        row["mosaic_max_abs_diff_vs_pallas"] = float(
+            jnp.max(jnp.abs(outs["mosaic"] - outs["pallas"])))
+      print(row, flush=True)
+      rows.append(row)
 
 
 def bwd_variant(name):

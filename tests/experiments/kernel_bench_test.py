@@ -67,6 +67,17 @@ class KernelBenchTest(absltest.TestCase):
     self.assertTrue(all(r["same_masks_as_library"] for r in rows[2:]))
     self.assertLess(rows[1]["pallas_tf32_max_abs_diff_vs_xla"], 1e-4)
 
+  def test_fwd_part(self):
+    out = self.create_tempdir().full_path
+    run = _kernel_bench(f"--out={out}", "--parts=fwd", "--lengths=128",
+                        "--masks=local", "--iters=1")
+    self.assertEqual(run.returncode, 0, run.stderr[-3000:])
+    row, = json.load(open(os.path.join(out, "results.json")))["rows"]
+    self.assertNotIn("mosaic_error", row)
+    # The Mosaic and Triton forwards agree (bf16 rounding).
+    self.assertLess(row["mosaic_max_abs_diff_vs_pallas"], 2e-2)
+    self.assertGreater(row["mosaic_effective_tflops"], 0)
+
 
 class FlagsTest(absltest.TestCase):
 
