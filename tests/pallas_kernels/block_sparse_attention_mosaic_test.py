@@ -232,7 +232,9 @@ class BlockSparseAttentionMosaicInterpretTest(_MosaicCases):
         " as m",
         "m.run_warp_specialized_cases()",
     ))
-    proc = subprocess.run([sys.executable, "-c", code], env=env,
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env,
                           capture_output=True, text=True, timeout=600,
                           check=False)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
