@@ -34,8 +34,8 @@ kept for a backward) through SMEM by TMA.
 
 Token mask. The selection is per token, the wgmma fragment per row, and
 there is no register reshape [R] -> [block_q, G] in the WGMMA layout. So
-XLA packs, per (tile, block), each warpgroup's token selections into bits
-(int32 words of 32 tokens; two words when G = 1), and row r's bit is
+XLA packs, per (tile, listed block), each warpgroup's token selections into
+bits (int32 words of 32 tokens; two words when G = 1), and row r's bit is
 `(word >> ((r // G) % 32)) & 1`: a scalar shifted by the row's token, all
 in the logits' own layout. The causal mask compares key and row positions.
 Masked logits are `common.MASK_VALUE` (finite), as in the Triton kernel.
@@ -113,17 +113,18 @@ def _load_k(refs, smem, barriers, x, j, slot):
   """Starts the TMA copies of block j's K and bias (one barrier)."""
   k_ref, _, bias_ref = refs
   _, k_smem, _, bias_smem, _, _ = smem
+  k_bar = barriers[1].at[slot]
   blk = pl.ds(j * _BLOCK, _BLOCK)
-  plgpu.copy_gmem_to_smem(k_ref.at[x, blk], k_smem.at[slot],
-                          barriers[1].at[slot])
-  plgpu.copy_gmem_to_smem(bias_ref.at[x, blk], smem[3].at[slot],
-                          barriers[1].at[slot])
+  plgpu.copy_gmem_to_smem(k_ref.at[x, blk], k_smem.at[slot], k_bar)
+  plgpu.copy_gmem_to_smem(bias_ref.at[x, blk], bias_smem.at[slot], k_bar)
 
 
 def _load_v(refs, smem, barriers, x, j, slot):
   """Starts the TMA copy of block j's V."""
-  plgpu.copy_gmem_to_smem(refs[1].at[x, pl.ds(j * _BLOCK, _BLOCK)],
-                          smem[2].at[slot], barriers[2].at[slot])
+  _, v_ref, _ = refs
+  _, _, v_smem, _, _, _ = smem
+  plgpu.copy_gmem_to_smem(v_ref.at[x, pl.ds(j * _BLOCK, _BLOCK)],
+                          v_smem.at[slot], barriers[2].at[slot])
 
 
 def _consumer(st, q_ref, bits_ref, idx_ref, o_ref, lse_ref, smem, barriers,
@@ -153,13 +154,12 @@ def _consumer(st, q_ref, bits_ref, idx_ref, o_ref, lse_ref, smem, barriers,
   row_pos = first_tok + row_tok
   bit = lax.bitwise_and(row_tok, _WORD - 1)
 
-  def token_mask(j):
+  def token_mask(words, j):
     """[64, C] bool: the row's token selected block j, and key <= query.
 
     As one compare per entry: key j * C + col is visible to a row iff col
     <= its limit, row_pos - j * C if the token selected block j, else -1.
     """
-    words = [bits_ref[x, qi, j, wg * st.words + w] for w in range(st.words)]
     word = words[0] if st.words == 1 else jnp.where(row_tok >= _WORD,
                                                     words[1], words[0])
     sel = lax.bitwise_and(lax.shift_right_logical(word, bit), 1) != 0
@@ -168,20 +168,22 @@ def _consumer(st, q_ref, bits_ref, idx_ref, o_ref, lse_ref, smem, barriers,
 
   all_tokens = -1 if st.wg_tokens >= _WORD else (1 << st.wg_tokens) - 1
 
-  def is_full(j):
+  def is_full(words, j):
     """[] bool: every token of the warpgroup selected block j, and the block
     ends at or before its first token: no mask needed (most pairs on local
     selections, as the Triton kernel's `full_fast_path`)."""
     full = j * c + c - 1 <= first_tok
-    for w in range(st.words):
-      full &= bits_ref[x, qi, j, wg * st.words + w] == all_tokens
+    for word in words:
+      full &= word == all_tokens
     return full
 
-  def masked_logits(s, j):
-    masked = lambda s: jnp.where(token_mask(j), s, common.MASK_VALUE)
+  def masked_logits(s, i, j):
+    # The bits are stored in list order: loads that need not wait for j.
+    words = [bits_ref[x, qi, i, wg * st.words + w] for w in range(st.words)]
+    masked = lambda s: jnp.where(token_mask(words, j), s, common.MASK_VALUE)
     if not st.full_fast_path:
       return masked(s)
-    return lax.cond(is_full(j), lambda s: s, masked, s)
+    return lax.cond(is_full(words, j), lambda s: s, masked, s)
 
   def body(i, carry):
     acc, m_prev, l_prev = carry
@@ -201,7 +203,7 @@ def _consumer(st, q_ref, bits_ref, idx_ref, o_ref, lse_ref, smem, barriers,
     # Base 2, so that the softmax uses exp2 (as the Triton kernel).
     s = (s * (st.scale * _LOG2E)
          + lax.broadcast_in_dim(bias * _LOG2E, shape, [1]))
-    s = masked_logits(s, j)
+    s = masked_logits(s, i, j)
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
     # In a row masked so far m_next is MASK_VALUE itself: subtract 0 there,
     # so that its masked entries give exp2(MASK_VALUE) = 0.
@@ -290,7 +292,7 @@ def _fwd_kernel(
     k_ref,  # [X, S, D]
     v_ref,  # [X, S, D]
     bias_ref,  # [X, S] fp32
-    bits_ref,  # [X, Tp / block_q, N, compute_wgs * words] int32
+    bits_ref,  # [X, Tp / block_q, N, compute_wgs * words] int32, by entry
     idx_ref,  # [X, Tp / block_q, N] int32, the tile's blocks first, ascending
     cnt_ref,  # [X, Tp / block_q] int32, how many
     o_ref,  # [X, Tp * G, D]
@@ -527,7 +529,10 @@ def block_sparse_attention_mosaic(
   mask_BKTN = jnp.pad(lax.stop_gradient(mask_BKTN).astype(bool),
                       ((0, 0), (0, 0), (0, tp - t), (0, 0)))
   idx_XQN, cnt_XQ = bsa._compact(bsa._tile_unions(mask_BKTN, st.block_q, c))
-  lists = (_selection_bits(mask_BKTN, st), idx_XQN, cnt_XQ)
+  # Each list entry's bits, so that the kernel reads them at the entry.
+  bits_XQNW = jnp.take_along_axis(_selection_bits(mask_BKTN, st),
+                                  idx_XQN[..., None], axis=2)
+  lists = (bits_XQNW, idx_XQN, cnt_XQ)
 
   out_XRD, lse_XR = _attention(st, q_XRD, k_XSD, v_XSD, bias_XS, lists)
   out_BTHD = bsa._from_rows(out_XRD, b, t, h, kh, gp)
