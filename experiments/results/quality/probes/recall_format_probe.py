@@ -6,6 +6,8 @@
 # (key=value arguments; see `args.get` below). Prints the NLL of each value
 # digit of the windows' queries (probe windows), and with rcopy=S the NLL of
 # a random-offset repeated span of S random letters (content induction).
+# copy_until=K (session 12): a curriculum, every row a copy row for the
+# first K steps, then the mix the other arguments give.
 """CPU probe: records pre + key + sep + value + post, spread in a haystack;
 queries at the end of the window."""
 import functools, sys, time
@@ -65,6 +67,8 @@ t0 = time.time()
 for i in range(1, N + 1):
   batch = np.stack([doc(np.random.default_rng([1, i, j]))[0] for j in range(B)])
   ncopy = int(args.get("copy", 0))
+  if i <= int(args.get("copy_until", 0)):  # curriculum: copy rows only first
+    ncopy = B
   if ncopy:
     x = np.random.default_rng([2, i]).integers(97, 123, size=(ncopy, L // 2 + 1))
     if args.get("rcopy"):
