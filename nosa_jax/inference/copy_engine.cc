@@ -383,6 +383,41 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NosaDmaWait, WaitImpl,
                                   .RemainingArgs()
                                   .RemainingRets());
 
+// The same handlers without a stream, registered for XLA's CPU platform by
+// tests only, over a stand-in runtime (tests/.../fake_cudart.c) whose copies
+// are plain memcpy: the address arithmetic, the FIFO pairing and the
+// engine's use of issue / wait run in CPU CI.
+ffi::Error IssueCpu(ffi::AnyBuffer dst, ffi::Buffer<ffi::S32> plan,
+                    ffi::Result<ffi::AnyBuffer> out, uint64_t src_base,
+                    int64_t row_bytes) {
+  return IssueImpl(nullptr, dst, plan, out, src_base, row_bytes);
+}
+ffi::Error IssueFromCpu(ffi::Buffer<ffi::S32> plan, ffi::RemainingArgs args,
+                        ffi::RemainingRets rets, int64_t row_bytes) {
+  return IssueFromImpl(nullptr, plan, args, rets, row_bytes);
+}
+ffi::Error WaitCpu(ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  return WaitImpl(nullptr, args, rets);
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NosaDmaIssueCpu, IssueCpu,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<uint64_t>("src_base")
+                                  .Attr<int64_t>("row_bytes"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NosaDmaIssueFromCpu, IssueFromCpu,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<int64_t>("row_bytes"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NosaDmaWaitCpu, WaitCpu,
+                              ffi::Ffi::Bind().RemainingArgs().RemainingRets());
+
 extern "C" {
 
 // 0 on success, else a negative step number or a CUDA error code. batch:
@@ -420,6 +455,21 @@ int nosa_dma_init(const char* cudart_path, int batch) {
   s.batch = batch;
   s.ready = true;
   return 0;
+}
+
+// Forgets the pending issues (after a computation failed between an issue
+// and its wait: their waits will never come); returns how many.
+int64_t nosa_dma_drop_pending() {
+  State& s = S();
+  std::lock_guard<std::mutex> lock(s.mu);
+  const int64_t n = static_cast<int64_t>(s.pending.size());
+  for (Job& job : s.pending) {
+    if (s.ready) s.cuda.EventSynchronize(job.plan_ready);
+    s.free_events.push_back(job.plan_ready);
+    s.free_plans.push_back(job.plan);
+  }
+  s.pending.clear();
+  return n;
 }
 
 // Counters: calls, copies, bytes, waits, pending; reset when reset != 0.

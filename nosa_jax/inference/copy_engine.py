@@ -158,6 +158,12 @@ class CopyEngine:
         has_side_effect=True)(*dsts)
     return out[0] if len(dsts) == 1 else tuple(out)
 
+  def drop_pending(self) -> int:
+    """Forgets issues whose waits will never run (a computation failed
+    between them); returns how many. Without it the next wait refuses."""
+    self.lib.nosa_dma_drop_pending.restype = ctypes.c_int64
+    return int(self.lib.nosa_dma_drop_pending())
+
   def counters(self, reset: bool = False) -> dict:
     """Issue calls, copies, bytes and waits since the last reset; pending
     issues not yet waited for."""
@@ -189,18 +195,28 @@ def _check_plan(dst, plan_N2, row_bytes):
                      f"destination's {nbytes} bytes")
 
 
-_LIBS: dict[str, ctypes.CDLL] = {}
+_LIBS: dict[str, ctypes.CDLL] = {}  # built library path -> loaded
+_REGISTERED: set[str] = set()  # XLA platforms with the targets registered
+_ENGINES: dict[str, CopyEngine] = {}  # "gpu" / "cpu" -> the loaded engine
 
 
-def load(batch: bool = True) -> tuple[Optional[CopyEngine], str]:
+def load(batch: bool = True, *, cudart: Optional[str] = None,
+         platform: Optional[str] = None
+         ) -> tuple[Optional[CopyEngine], str]:
   """(the engine, "") on a CUDA GPU with a compiler, else (None, why).
 
-  batch: one cudaMemcpyBatchAsync per issue (CUDA >= 12.8) instead of one
-  cudaMemcpyAsync per row. The mode is per process: the last load() sets it
-  for every engine.
+  Args:
+    batch: one cudaMemcpyBatchAsync per wait (CUDA >= 12.8) instead of one
+      cudaMemcpyAsync per row. The mode is per process: the last load()
+      sets it for every engine.
+    cudart, platform: tests only. A stand-in runtime library, and "cpu":
+      the handlers without a stream, registered for XLA's CPU platform, so
+      that issue / wait run in CPU CI over that stand-in (its copies are
+      memcpy). One runtime per process: the first load() chooses it.
   """
-  if jax.default_backend() != "gpu":
+  if platform is None and jax.default_backend() != "gpu":
     return None, f"needs a CUDA GPU (backend {jax.default_backend()!r})"
+  platform = platform or "CUDA"
   try:
     path = build()
   except RuntimeError as e:
@@ -208,21 +224,36 @@ def load(batch: bool = True) -> tuple[Optional[CopyEngine], str]:
   lib = _LIBS.get(path) or ctypes.CDLL(path)
   lib.nosa_dma_init.argtypes = [ctypes.c_char_p, ctypes.c_int]
   code, tried = None, []
-  for cudart in cudart_paths():
-    code = lib.nosa_dma_init(cudart.encode(), int(batch))
-    tried.append(f"{cudart}: {code}")
+  for candidate in [cudart] if cudart else cudart_paths():
+    code = lib.nosa_dma_init(candidate.encode(), int(batch))
+    tried.append(f"{candidate}: {code}")
     if code != -1:  # -1: dlopen failed, try the next
       break
   if code != 0:
     return None, f"nosa_dma_init failed ({'; '.join(tried)})"
-  if path not in _LIBS:
-    for name, fn in ((_ISSUE, lib.NosaDmaIssue),
-                     (_ISSUE_FROM, lib.NosaDmaIssueFrom),
-                     (_WAIT, lib.NosaDmaWait)):
-      jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn),
-                                  platform="CUDA")
-    _LIBS[path] = lib
-  return CopyEngine(lib, batch), ""
+  _LIBS[path] = lib
+  if platform not in _REGISTERED:
+    suffix = "Cpu" if platform == "cpu" else ""
+    for name, symbol in ((_ISSUE, "NosaDmaIssue"),
+                         (_ISSUE_FROM, "NosaDmaIssueFrom"),
+                         (_WAIT, "NosaDmaWait")):
+      jax.ffi.register_ffi_target(
+          name, jax.ffi.pycapsule(getattr(lib, symbol + suffix)),
+          platform=platform)
+    _REGISTERED.add(platform)
+  engine = CopyEngine(lib, batch)
+  _ENGINES["cpu" if platform == "cpu" else "gpu"] = engine
+  return engine, ""
+
+
+def current() -> tuple[Optional[CopyEngine], str]:
+  """The engine for this backend: on the GPU `load()`'s (batched copies);
+  elsewhere the one a test loaded for the CPU, if any."""
+  if jax.default_backend() == "gpu":
+    return (_ENGINES["gpu"], "") if "gpu" in _ENGINES else load()
+  if "cpu" in _ENGINES:
+    return _ENGINES["cpu"], ""
+  return None, f"needs a CUDA GPU (backend {jax.default_backend()!r})"
 
 
 def main() -> int:

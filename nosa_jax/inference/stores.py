@@ -405,10 +405,12 @@ class HostStore:
                  for x in (kv.k_host, kv.v_host))
 
   def copies_async(self) -> bool:
-    """Whether `prefetch` leaves copies in flight that `settle` completes
-    (prefetch_copy "dma" on the GPU)."""
+    """Whether `prefetch` leaves copies in flight that `settle` completes:
+    prefetch_copy "dma" on the GPU (or on the CPU over a stand-in runtime a
+    test loaded, `copy_engine.load(platform="cpu")`)."""
     return (implementations.resolve("block_prefetch", self.prefetch_copy)
-            == "dma" and jax.default_backend() == "gpu")
+            == "dma" and (jax.default_backend() == "gpu"
+                          or copy_engine.current()[0] is not None))
 
   def prefetch(self, kv: HostKV, guess_BKQ, pos_B,
                sp: config_lib.SparseConfig, after=None):
@@ -573,7 +575,7 @@ def _fill_free_slots(slot_map_BKP, free_BKP, keep_BKP, ids_BKQ, n_BK):
 
 
 def _dma_engine():
-  engine, why = copy_engine.load(batch=True)
+  engine, why = copy_engine.current()
   if engine is None:
     raise ValueError(f"HostStore.prefetch_copy='dma' cannot run: {why}")
   return engine

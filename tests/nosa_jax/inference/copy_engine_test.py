@@ -1,7 +1,12 @@
-"""The copy-engine FFI extension: build, errors, and (GPU) copies in a jit."""
+"""The copy-engine FFI extension: build, errors, and copies inside a jit.
+
+`CopyTest` runs issue / wait inside jitted functions: on the CPU over a
+stand-in runtime (fake_dma: copies are memcpy, so the address arithmetic,
+the pinned_host operands, the aliasing and the FIFO pairing are checked,
+not asynchrony), and on the GPU (`-m gpu`, NOSA_TEST_GPU=1) over CUDA.
+"""
 
 import ctypes
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +15,10 @@ import pytest
 from absl.testing import absltest
 
 from nosa_jax.inference import copy_engine
+from tests.nosa_jax.inference import fake_dma
 
 _ON_GPU = jax.default_backend() == "gpu"
+_NO_COMPILER = not fake_dma.compilers_present()
 
 
 class ReferenceTest(absltest.TestCase):
@@ -25,15 +32,14 @@ class ReferenceTest(absltest.TestCase):
                                   [[16, 17, 18, 19], [-1] * 4, [8, 9, 10, 11]])
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                    reason="no C++ compiler")
+@pytest.mark.skipif(_NO_COMPILER, reason="no C / C++ compiler")
 class BuildTest(absltest.TestCase):
 
   def test_builds_exports_handlers_and_reports_a_missing_runtime(self):
     path = copy_engine.build(self.create_tempdir().full_path)
     lib = ctypes.CDLL(path)
-    for name in ("NosaDmaIssue", "NosaDmaWait", "nosa_dma_init",
-                 "nosa_dma_counters"):
+    for name in ("NosaDmaIssue", "NosaDmaIssueFrom", "NosaDmaWait",
+                 "NosaDmaIssueCpu", "nosa_dma_init", "nosa_dma_counters"):
       self.assertTrue(hasattr(lib, name), name)
     lib.nosa_dma_init.argtypes = [ctypes.c_char_p, ctypes.c_int]
     self.assertEqual(lib.nosa_dma_init(b"/no/such/libcudart.so", 0), -1)
@@ -60,13 +66,18 @@ class ErrorsTest(absltest.TestCase):
                 row_bytes=300)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not _ON_GPU, reason="needs a GPU")
-class GpuCopyTest(absltest.TestCase):
+@pytest.mark.skipif(not _ON_GPU and _NO_COMPILER, reason="no C compiler")
+class CopyTest(absltest.TestCase):
+
+  def _engine(self, batch):
+    if _ON_GPU:
+      engine, why = copy_engine.load(batch=batch)
+      self.assertIsNotNone(engine, why)
+      return engine
+    return fake_dma.engine(batch)
 
   def _run(self, batch, from_operand=False):
-    engine, why = copy_engine.load(batch=batch)
-    self.assertIsNotNone(engine, why)
+    engine = self._engine(batch)
     rows, row_elems, n = 64, 1024, 12
     rng = np.random.default_rng(0)
     src_np = rng.standard_normal((rows, row_elems)).astype(np.float32)
@@ -76,6 +87,7 @@ class GpuCopyTest(absltest.TestCase):
     plan_np[3, 0] = -1  # skipped: the destination row keeps its value
     plan = jnp.asarray(plan_np)
     dst = jnp.full((n * row_elems,), 7.0, jnp.float32)
+    address = src.unsafe_buffer_pointer()
 
     @jax.jit
     def step(d, p, x, src):
@@ -87,14 +99,13 @@ class GpuCopyTest(absltest.TestCase):
       y = jnp.tanh(x @ x)  # between issue and wait
       return engine.wait(d), y
 
-    address = src.unsafe_buffer_pointer()
-    x = jnp.ones((256, 256))
-    got, _ = step(dst, plan, x, src)
+    engine.counters(reset=True)
+    got, _ = step(dst, plan, jnp.ones((256, 256)), src)
     want = copy_engine.issue_reference(dst, jnp.asarray(src_np), plan)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     counts = engine.counters(reset=True)
-    self.assertEqual(counts["copies"], n - 1)
-    self.assertEqual(counts["pending"], 0)
+    self.assertEqual((counts["calls"], counts["copies"], counts["waits"],
+                      counts["pending"]), (1, n - 1, 1, 0))
     del src
 
   def test_loop_copies_equal_reference(self):
@@ -107,8 +118,7 @@ class GpuCopyTest(absltest.TestCase):
     self._run(batch=True, from_operand=True)
 
   def test_issue_from_two_pairs_one_plan(self):
-    engine, why = copy_engine.load(batch=True)
-    self.assertIsNotNone(engine, why)
+    engine = self._engine(True)
     rng = np.random.default_rng(1)
     k_np, v_np = (rng.standard_normal((32, 256)).astype(np.float32)
                   for _ in range(2))
@@ -128,6 +138,33 @@ class GpuCopyTest(absltest.TestCase):
       np.testing.assert_array_equal(
           np.asarray(got), np.asarray(copy_engine.issue_reference(
               zeros, jnp.asarray(src), plan)))
+
+  def test_out_of_range_rows_and_unpaired_waits_are_refused(self):
+    engine = self._engine(True)
+    src = jax.device_put(np.zeros((4, 256), np.float32), jax.memory.Space.Host)
+    dst = jnp.zeros((2 * 256,), jnp.float32)
+
+    def copy(plan):
+      return jax.jit(lambda d, s, p: engine.wait(
+          engine.issue_from([(d, s)], p, row_bytes=1024)[0]))(dst, src, plan)
+
+    with self.assertRaisesRegex(Exception, "source row 9 outside"):
+      jax.block_until_ready(copy(jnp.array([[9, 0]], jnp.int32)))
+    with self.assertRaisesRegex(Exception, "destination row 5 outside"):
+      jax.block_until_ready(copy(jnp.array([[1, 5]], jnp.int32)))
+    # A wait on buffers that are not the oldest issue's destinations.
+    other = jnp.zeros((2 * 256,), jnp.float32)
+
+    @jax.jit
+    def crossed(d, o, s, p):
+      d, = engine.issue_from([(d, s)], p, row_bytes=1024)
+      return d, engine.wait(o + 1.0)
+
+    with self.assertRaisesRegex(Exception, "not the oldest issue's"):
+      jax.block_until_ready(crossed(dst, other, src,
+                                    jnp.array([[1, 0]], jnp.int32)))
+    self.assertEqual(engine.drop_pending(), 1)  # the issue left unpaired
+    self.assertEqual(engine.counters(reset=True)["pending"], 0)
 
 
 if __name__ == "__main__":

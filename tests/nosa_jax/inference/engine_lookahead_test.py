@@ -14,9 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from nosa_jax import testing
+from nosa_jax.inference import copy_engine
 from nosa_jax.inference import engine
 from nosa_jax.inference import stores
 from tests import tolerances
+from tests.nosa_jax.inference import fake_dma
 from tests.nosa_jax.inference import engine_test as shared
 
 _model, _reference, _run = shared._model, shared._reference, shared._run  # pylint: disable=protected-access
@@ -112,13 +114,21 @@ class PrefetchTest(parameterized.TestCase):
     return pre.sum(), hit.sum(), waste.sum()
 
   # "dma": the copy-engine extension (copies issued a layer ahead, waited
-  # for before the layer attends); GPU only (off it, the serial copy).
+  # for before the layer attends); on the CPU over a memcpy stand-in for
+  # the CUDA runtime (tests/nosa_jax/inference/fake_dma.py).
   @parameterized.named_parameters(("model_guess", False, "fetch"),
                                   ("oracle", True, "fetch"),
                                   ("model_guess_dma", False, "dma"))
   def test_outputs_equal_the_device_store(self, oracle, prefetch_copy):
-    if prefetch_copy == "dma" and jax.default_backend() != "gpu":
-      self.skipTest("off the GPU dma is the serial copy: model_guess is it")
+    dma = None
+    if prefetch_copy == "dma":
+      if jax.default_backend() == "gpu":
+        dma = copy_engine.current()[0]
+      elif fake_dma.compilers_present():
+        dma = fake_dma.engine()  # the extension over a memcpy runtime
+      else:
+        self.skipTest("no C compiler for the stand-in CUDA runtime")
+      dma.counters(reset=True)
     cfg, _, params = _model("nosa")
     tokens, _, want, want_idx, _ = _reference("nosa")
     guess = (_TableGuess(np.stack([idx for idx, _ in want_idx]),
@@ -138,6 +148,11 @@ class PrefetchTest(parameterized.TestCase):
         if i > 0:  # after the cold start nothing later layers need misses
           np.testing.assert_array_equal(info["fetched"][1:], 0)
     self.assertGreater(loaded, 0, "no prefetch at all: a vacuous case")
+    if dma is not None:  # the loads went through the extension
+      counts = dma.counters(reset=True)
+      self.assertEqual(counts["pending"], 0)
+      self.assertEqual(counts["calls"], counts["waits"])
+      self.assertEqual(counts["copies"], 2 * loaded)  # K and V
 
   def test_wrong_guesses_cost_loads_not_answers(self):
     # Contexts of 19-20 blocks against a budget of 8, guessing exactly the
