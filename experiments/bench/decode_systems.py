@@ -62,6 +62,7 @@ from nosa_jax import config as config_lib
 from nosa_jax import cost_model
 from nosa_jax import implementations
 from nosa_jax import model
+from nosa_jax.inference import copy_engine
 from nosa_jax.inference import engine
 from nosa_jax.inference import host_memory
 from nosa_jax.inference import stores
@@ -279,6 +280,10 @@ def run_decode(run: Run, cfg: config_lib.ModelConfig, params,
     state = step(state)[0]
   jax.block_until_ready(state)
   warm_s = time.perf_counter() - t0
+  dma = copy_engine.current()[0] if getattr(store, "copies_async",
+                                            lambda: False)() else None
+  if dma is not None:
+    dma.counters(reset=True)
   infos = []
   with _trace(proto, run):
     t0 = time.perf_counter()
@@ -290,6 +295,11 @@ def run_decode(run: Run, cfg: config_lib.ModelConfig, params,
     dt = (time.perf_counter() - t0) / proto.steps
   mem = (jax.devices()[0].memory_stats() or {}).get("bytes_in_use", 0)
   rec = run.describe()
+  if dma is not None:  # the copy engine's issues / copies per timed step
+    counts = dma.counters(reset=True)
+    rec.update(dma_copies_per_step=counts["copies"] / proto.steps,
+               dma_waits_per_step=counts["waits"] / proto.steps,
+               dma_pending=counts["pending"])
   rec.update(emulated_hbm_gib=proto.emulated_hbm_gib, step_ms=dt * 1e3,
              tokens_per_s=run.batch / dt, setup_s=setup_s,
              compile_and_warmup_s=warm_s, gpu_bytes_in_use=int(mem),

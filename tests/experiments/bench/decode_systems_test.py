@@ -5,11 +5,13 @@ from unittest import mock
 
 from absl.testing import absltest
 import jax
+import pytest
 
 from experiments.bench import decode_systems
 from nosa_jax import cost_model
 from nosa_jax import testing
 from nosa_jax.inference import host_memory
+from tests.nosa_jax.inference import fake_dma
 
 
 class OffloadStoreTest(absltest.TestCase):
@@ -25,8 +27,35 @@ class OffloadStoreTest(absltest.TestCase):
             "infllmv2_offload_fused", 64, 2).fetch, "fused")
     cache = decode_systems.offload_store("nosa_offload_cache", 64, 2)
     self.assertEqual(cache.cache_blocks, 128)
+    dma = decode_systems.offload_store("nosa_offload_dma", 64, 2)
+    self.assertEqual((dma.cache_blocks, dma.prefetch_copy), (128, "dma"))
+    self.assertEqual(cache.prefetch_copy, "fetch")
     self.assertIsNone(
         decode_systems.offload_store("nosa_offload", 64, 2).cache_blocks)
+
+
+@pytest.mark.skipif(not fake_dma.compilers_present(), reason="no C compiler")
+class DmaRunTest(absltest.TestCase):
+
+  def test_dma_system_reports_the_copy_engine_counts(self):
+    # On the CPU over the memcpy stand-in runtime: the record carries the
+    # copies the extension made per timed step, and none left pending.
+    fake_dma.engine()
+    cfg = testing.tiny_model_config("nosa")
+    proto = decode_systems.Protocol(batch=2, steps=2, warmup=2,
+                                    gamma=(("nosa", 0.9), ("infllmv2", 0.8)))
+    (run,) = decode_systems.plan(["nosa_offload_dma"], cfg, cfg, [200],
+                                 proto, small=True)[:1]
+    params = decode_systems.random_params(cfg)
+    hw = cost_model.Hardware(hbm_bytes_per_s=1e12, pcie_bytes_per_s=1e10,
+                             peak_flops=1e14)
+    rec = decode_systems.run_decode(run, cfg, params, hw, proto)
+    self.assertTrue(rec["prefetch"])
+    self.assertEqual(rec["dma_pending"], 0)
+    self.assertEqual(rec["dma_waits_per_step"], cfg.num_layers - 1)
+    loaded = rec["prefetch_hits"] + rec["wasted"]  # over the timed steps
+    self.assertGreater(loaded, 0)
+    self.assertEqual(rec["dma_copies_per_step"] * proto.steps, 2 * loaded)
 
 
 class PlanTest(absltest.TestCase):
