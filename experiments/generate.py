@@ -59,6 +59,11 @@ _PREFETCH = flags.DEFINE_bool(
     "prefetch", False, "--offload=host with --cache_blocks above topk: load "
     "each layer's guessed selection (from the previous layer's input) into "
     "spare slots before it runs.")
+_PREFETCH_COPY = flags.DEFINE_enum(
+    "prefetch_copy", "fetch", ["fetch", "dma"],
+    "--prefetch: how the guessed blocks are copied: 'fetch' (the serial "
+    "fetch's copy, in line) or 'dma' (copy engines on their own stream, "
+    "nosa_jax.inference.copy_engine; GPU, built with g++ at first use).")
 
 
 def main(argv):
@@ -90,7 +95,8 @@ def main(argv):
     for warning in filter(None, [implementations.interpret_warning(
         mcfg.sparse)]):
       logging.warning("%s", warning)
-    store = (stores.HostStore(cache_blocks=_CACHE_BLOCKS.value)
+    store = (stores.HostStore(cache_blocks=_CACHE_BLOCKS.value,
+                              prefetch_copy=_PREFETCH_COPY.value)
              if _OFFLOAD.value == "host" else stores.DeviceStore())
     (out,), stats = engine.generate(
         params, mcfg, [prompt], _MAX_NEW.value, store=store,
