@@ -59,6 +59,7 @@ constexpr unsigned kEventDisableTiming = 2;
 constexpr int kSrcAccessOrderStream = 1;
 constexpr unsigned kPreferOverlapWithCompute = 1;  // cudaMemcpyFlag...
 constexpr int kErrorInvalidValue = 1;
+constexpr int kMemoryTypeHost = 1;  // cudaMemoryTypeHost
 
 struct Cuda {
   int (*MemcpyAsync)(void*, const void*, size_t, int, cudaStream_t);
@@ -76,6 +77,7 @@ struct Cuda {
   int (*GetLastError)();
   const char* (*GetErrorString)(int);
   int (*RuntimeGetVersion)(int*);
+  int (*PointerGetAttributes)(void*, const void*);
 };
 
 struct Pair {
@@ -275,6 +277,24 @@ ffi::Error IssueImpl(cudaStream_t compute, ffi::AnyBuffer dst,
                  row_bytes);
 }
 
+// A source operand must still be host memory: had XLA copied the pinned
+// store to the device before the call, the copies would be device to device
+// (right values, none of the point).
+ffi::Error CheckHost(const void* ptr, size_t j) {
+  State& s = S();
+  alignas(8) unsigned char attrs[64] = {};  // cudaPointerAttributes, type 1st
+  int code = s.cuda.PointerGetAttributes(attrs, ptr);
+  if (code != 0) return CudaErr(code, "cudaPointerGetAttributes");
+  int type = 0;
+  std::memcpy(&type, attrs, sizeof(type));
+  if (type != kMemoryTypeHost)
+    return ffi::Error::InvalidArgument(
+        "nosa_dma_issue_from: source " + std::to_string(j) +
+        " is not pinned host memory (cudaMemoryType " + std::to_string(type) +
+        "): XLA moved the store to the device before the call");
+  return ffi::Error::Success();
+}
+
 // Operands (dst_0, src_0, dst_1, src_1, ...), results dst_j aliased: the
 // sources are operands of the jit (pinned_host arrays), so XLA hands over
 // their addresses and nothing outside the jit holds a raw pointer.
@@ -301,6 +321,7 @@ ffi::Error IssueFromImpl(cudaStream_t compute, ffi::Buffer<ffi::S32> plan,
     if (src->size_bytes() % row_bytes || dst->size_bytes() % row_bytes)
       return ffi::Error::InvalidArgument(
           "nosa_dma_issue_from: row_bytes must divide every operand's bytes");
+    if (auto e = CheckHost(src->untyped_data(), j); e.failure()) return e;
     pairs.push_back(Pair{static_cast<char*>(dst->untyped_data()),
                          dst->size_bytes() / row_bytes,
                          reinterpret_cast<uint64_t>(src->untyped_data()),
@@ -443,7 +464,8 @@ int nosa_dma_init(const char* cudart_path, int batch) {
             Sym(lib, "cudaHostAlloc", &c.HostAlloc) &&
             Sym(lib, "cudaGetLastError", &c.GetLastError) &&
             Sym(lib, "cudaGetErrorString", &c.GetErrorString) &&
-            Sym(lib, "cudaRuntimeGetVersion", &c.RuntimeGetVersion);
+            Sym(lib, "cudaRuntimeGetVersion", &c.RuntimeGetVersion) &&
+            Sym(lib, "cudaPointerGetAttributes", &c.PointerGetAttributes);
   if (!ok) return -2;
   c.RuntimeGetVersion(&s.runtime);
   void* batch_fn = dlsym(lib, "cudaMemcpyBatchAsync");

@@ -166,6 +166,21 @@ class CopyTest(absltest.TestCase):
     self.assertEqual(engine.drop_pending(), 1)  # the issue left unpaired
     self.assertEqual(engine.counters(reset=True)["pending"], 0)
 
+  @pytest.mark.skipif(_ON_GPU, reason="the stand-in runtime says it")
+  def test_a_source_moved_to_the_device_is_refused(self):
+    engine = self._engine(True)
+    src = jax.device_put(np.zeros((4, 256), np.float32), jax.memory.Space.Host)
+    dst = jnp.zeros((2 * 256,), jnp.float32)
+    fake_dma.set_memory_type(2)  # cudaMemoryTypeDevice
+    try:
+      with self.assertRaisesRegex(Exception, "is not pinned host memory"):
+        jax.block_until_ready(jax.jit(lambda d, s, p: engine.wait(
+            engine.issue_from([(d, s)], p, row_bytes=1024)[0]))(
+                dst, src, jnp.array([[1, 0]], jnp.int32)))
+    finally:
+      fake_dma.set_memory_type(1)
+    engine.drop_pending()
+
 
 if __name__ == "__main__":
   absltest.main()

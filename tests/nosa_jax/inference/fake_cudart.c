@@ -53,3 +53,10 @@ int cudaHostAlloc(void** ptr, size_t n, unsigned flags) {
 int cudaGetLastError(void) { return 0; }
 const char* cudaGetErrorString(int code) { (void)code; return "fake error"; }
 int cudaRuntimeGetVersion(int* version) { *version = 13000; return 0; }
+/* Every pointer is host memory here (cudaMemoryTypeHost = 1, the first
+   field of cudaPointerAttributes), unless a test says otherwise. */
+static int memory_type = 1;
+void fake_set_memory_type(int type) { memory_type = type; }
+int cudaPointerGetAttributes(void* attrs, const void* ptr) {
+  (void)ptr; *(int*)attrs = memory_type; return 0;
+}

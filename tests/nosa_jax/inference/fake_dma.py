@@ -41,6 +41,12 @@ def engine(batch: bool = True):
   return eng
 
 
+def set_memory_type(memory_type: int) -> None:
+  """What the stand-in says every pointer is (cudaMemoryType: 1 host,
+  2 device)."""
+  ctypes.CDLL(runtime()).fake_set_memory_type(memory_type)
+
+
 def copies_made() -> int:
   """Copies the stand-in runtime has made in this process."""
   lib = ctypes.CDLL(runtime())
