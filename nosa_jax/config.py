@@ -66,9 +66,9 @@ class SparseConfig:
     implementation: `xla` (pure JAX) or `pallas` (GPU kernels) for the
       block-sparse attention of training / prefill, and for decode
       attention unless `decode_implementation` says otherwise; `mosaic`
-      (the Mosaic GPU forward, bf16 / fp16, D % 64 == 0, C = 64) for
-      forward-only use: it has no backward, and differentiating it is an
-      error. Kernels run in Pallas interpret mode off the GPU
+      (the Mosaic GPU kernels, bf16 / fp16, D % 64 == 0, C = 64; its
+      backward takes D <= 128, and differentiating larger D is an error).
+      Kernels run in Pallas interpret mode off the GPU
       (nosa_jax/implementations.py resolves every kernel choice).
     decode_implementation: decode attention over the cached blocks: `auto`
       (the same as `implementation`; `pallas` under `mosaic`), `xla`,

@@ -10,7 +10,7 @@ off the GPU, so every config runs everywhere, slowly off the GPU).
 
   op                      field (implementations)
   block_sparse_attention  SparseConfig.implementation (xla, pallas,
-                          mosaic; mosaic is forward-only)
+                          mosaic; mosaic's backward takes D <= 128)
   decode_attention        SparseConfig.decode_implementation (auto, xla,
                           pallas, triton); auto = `implementation`, pallas
                           under mosaic
@@ -107,9 +107,9 @@ IMPLEMENTATIONS: dict[str, Op] = {
                    "(sparse_attention.sparse_attention)",
             "pallas": "pallas_kernels.block_sparse_attention (fwd, dq, "
                       "dk/dv kernels)",
-            "mosaic": "pallas_kernels.block_sparse_attention_mosaic (the "
-                      "forward on Mosaic GPU; no backward: differentiating "
-                      "it raises)"},
+            "mosaic": "pallas_kernels.block_sparse_attention_mosaic (fwd, "
+                      "dq, dk/dv kernels on Mosaic GPU; D <= 128 to "
+                      "differentiate)"},
         kernels={"pallas": pallas_kernels.block_sparse_attention,
                  "mosaic": pallas_kernels.block_sparse_attention_mosaic}),
     "decode_attention": Op(

@@ -170,8 +170,8 @@ def sparse_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
     block_size: C.
     query_chunk: queries per chunk.
     implementation: `xla`, `pallas` (the block-sparse kernels) or
-      `mosaic` (the Mosaic GPU forward; not differentiable); resolved by
-      `implementations`, interpret mode off the GPU.
+      `mosaic` (the Mosaic GPU kernels; differentiable for D <= 128);
+      resolved by `implementations`, interpret mode off the GPU.
     tuning: keyword options of the pallas kernel (`block_sizes` as a
       `KernelBlockSizes`, `num_warps`, `num_stages`); benchmarks sweep them.
     positions_T: the queries' positions when they are not 0..T-1 (a chunk

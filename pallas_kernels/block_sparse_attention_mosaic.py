@@ -10,8 +10,10 @@ softmax; the G query heads of a KV head share the selection (GQA). Same
 semantics and positional arguments as
 `block_sparse_attention.block_sparse_attention_reference`.
 
-Forward only: there is no backward yet. Differentiating raises a one-line
-error (the custom VJP's backward); train with implementation "pallas".
+Differentiable w.r.t. q, k, v and the bias (and through the returned lse):
+the custom VJP's backward is the Mosaic GPU dq and dk/dv/dbias kernels of
+`block_sparse_attention_mosaic_bwd.py`, from the lse saved here; it takes
+D <= 128 and refuses other shapes with a one-line error.
 
 Design. As in the Triton kernel, a query tile is consecutive tokens times
 the G heads of one KV head (row = token * G + head), and a program walks
@@ -109,6 +111,41 @@ class _Static:
 # ---------------------------------------------------------------------------
 
 
+def _query_tokens(st, dim):
+  """[64] int32 token offset (row // G) of each query row within its
+  warpgroup, in the layout of a WGMMA tile's axis `dim` (the forward's
+  logits have queries on axis 0, the key-major backward's on axis 1)."""
+  rows = plgpu.broadcasted_iota(jnp.int32, (_ROWS,), 0,
+                                layout=plgpu.Layout.WGMMA.reduce(1 - dim))
+  return lax.shift_right_logical(rows, int(math.log2(st.groups)))
+
+
+def _query_limit(st, words, tok, first_tok, j):
+  """[64] int32 in tok's layout: the last key offset in block j each query
+  row sees, its position - j * C if its token selected block j, else -1.
+
+  `words` are the warpgroup's selection-bit words for block j (the token's
+  bit `tok % 32` of word `tok // 32`), `first_tok` its first token. A key
+  `j * C + col` is then visible iff `col <= limit`: one compare per logit.
+  """
+  word = words[0] if st.words == 1 else jnp.where(tok >= _WORD, words[1],
+                                                  words[0])
+  bit = lax.bitwise_and(tok, _WORD - 1)
+  sel = lax.bitwise_and(lax.shift_right_logical(word, bit), 1) != 0
+  return jnp.where(sel, first_tok + tok - j * _BLOCK, -1)
+
+
+def _is_full(st, words, j, first_tok):
+  """[] bool: every token of the warpgroup selected block j, and the block
+  ends at or before its first token: no mask needed (most pairs on local
+  selections, as the Triton kernel's `full_fast_path`)."""
+  all_tokens = -1 if st.wg_tokens >= _WORD else (1 << st.wg_tokens) - 1
+  full = j * _BLOCK + _BLOCK - 1 <= first_tok
+  for word in words:
+    full &= word == all_tokens
+  return full
+
+
 def _load_k(refs, smem, barriers, x, j, slot):
   """Starts the TMA copies of block j's K and bias (one barrier)."""
   k_ref, _, bias_ref = refs
@@ -148,42 +185,21 @@ def _consumer(st, q_ref, bits_ref, idx_ref, o_ref, lse_ref, smem, barriers,
   col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
   # Per-row quantities live in the row layout of the logits, [64] (each
   # thread holds its rows' values), and are broadcast along the keys.
-  row = plgpu.broadcasted_iota(jnp.int32, (_ROWS,), 0,
-                               layout=plgpu.Layout.WGMMA.reduce(1))
-  row_tok = lax.shift_right_logical(row, int(math.log2(st.groups)))
-  row_pos = first_tok + row_tok
-  bit = lax.bitwise_and(row_tok, _WORD - 1)
-
-  def token_mask(words, j):
-    """[64, C] bool: the row's token selected block j, and key <= query.
-
-    As one compare per entry: key j * C + col is visible to a row iff col
-    <= its limit, row_pos - j * C if the token selected block j, else -1.
-    """
-    word = words[0] if st.words == 1 else jnp.where(row_tok >= _WORD,
-                                                    words[1], words[0])
-    sel = lax.bitwise_and(lax.shift_right_logical(word, bit), 1) != 0
-    limit = jnp.where(sel, row_pos - j * c, -1)
-    return col <= lax.broadcast_in_dim(limit, shape, [0])
-
-  all_tokens = -1 if st.wg_tokens >= _WORD else (1 << st.wg_tokens) - 1
-
-  def is_full(words, j):
-    """[] bool: every token of the warpgroup selected block j, and the block
-    ends at or before its first token: no mask needed (most pairs on local
-    selections, as the Triton kernel's `full_fast_path`)."""
-    full = j * c + c - 1 <= first_tok
-    for word in words:
-      full &= word == all_tokens
-    return full
+  row_tok = _query_tokens(st, 0)
 
   def masked_logits(s, i, j):
     # The bits are stored in list order: loads that need not wait for j.
     words = [bits_ref[x, qi, i, wg * st.words + w] for w in range(st.words)]
-    masked = lambda s: jnp.where(token_mask(words, j), s, common.MASK_VALUE)
+
+    def masked(s):
+      limit = _query_limit(st, words, row_tok, first_tok, j)
+      return jnp.where(col <= lax.broadcast_in_dim(limit, shape, [0]), s,
+                       common.MASK_VALUE)
+
     if not st.full_fast_path:
       return masked(s)
-    return lax.cond(is_full(words, j), lambda s: s, masked, s)
+    return lax.cond(_is_full(st, words, j, first_tok), lambda s: s, masked,
+                    s)
 
   def body(i, carry):
     acc, m_prev, l_prev = carry
@@ -380,18 +396,20 @@ def _forward(st: _Static, q_XRD, k_XSD, v_XSD, bias_XS, bits_XQNW, idx_XQN,
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention(st, q_XRD, k_XSD, v_XSD, bias_XS, lists):
-  return _forward(st, q_XRD, k_XSD, v_XSD, bias_XS, *lists)
+  return _forward(st, q_XRD, k_XSD, v_XSD, bias_XS, *lists["fwd"])
 
 
 def _attention_fwd(st, q_XRD, k_XSD, v_XSD, bias_XS, lists):
-  return _attention(st, q_XRD, k_XSD, v_XSD, bias_XS, lists), None
+  out_XRD, lse_XR = _attention(st, q_XRD, k_XSD, v_XSD, bias_XS, lists)
+  res = (q_XRD, k_XSD, v_XSD, bias_XS, lists, out_XRD, lse_XR)
+  return (out_XRD, lse_XR), res
 
 
-def _attention_bwd(st, res, do_XRD):
-  del st, res, do_XRD
-  raise NotImplementedError(
-      "block_sparse_attention_mosaic has no backward yet: differentiate "
-      "implementation 'pallas' (Triton) or 'xla'")
+def _attention_bwd(st, res, cts):
+  # The backward kernels' module imports this one (one way at import time).
+  bwd = importlib.import_module(
+      "pallas_kernels.block_sparse_attention_mosaic_bwd")
+  return bwd.attention_bwd(st, res, cts)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -468,12 +486,13 @@ def block_sparse_attention_mosaic(
     return_lse: bool = False,
     interpret: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
-  """Block-sparse causal GQA attention with a key bias, forward only.
+  """Block-sparse causal GQA attention with a key bias, on Mosaic GPU.
 
   Same semantics and positional arguments as
   `block_sparse_attention_reference` (and the Triton
   `block_sparse_attention`), for the shapes the Mosaic kernel takes (module
-  docstring); not differentiable.
+  docstring); differentiable w.r.t. q, k, v and the bias (not the mask)
+  through the Mosaic backward kernels, for D <= 128.
 
   Args:
     q_BTHD, k_BTKD, v_BTKD, bias_BTK, mask_BKTN: as in the reference;
@@ -532,7 +551,11 @@ def block_sparse_attention_mosaic(
   # Each list entry's bits, so that the kernel reads them at the entry.
   bits_XQNW = jnp.take_along_axis(_selection_bits(mask_BKTN, st),
                                   idx_XQN[..., None], axis=2)
-  lists = (bits_XQNW, idx_XQN, cnt_XQ)
+  fwd_lists = (bits_XQNW, idx_XQN, cnt_XQ)
+  # The backward's lists; XLA drops them when nothing differentiates.
+  bwd = importlib.import_module(
+      "pallas_kernels.block_sparse_attention_mosaic_bwd")
+  lists = dict(fwd=fwd_lists, **bwd.backward_lists(mask_BKTN, st, fwd_lists))
 
   out_XRD, lse_XR = _attention(st, q_XRD, k_XSD, v_XSD, bias_XS, lists)
   out_BTHD = bsa._from_rows(out_XRD, b, t, h, kh, gp)

@@ -19,8 +19,16 @@ the output. Small cases use the per-dtype element-wise `tolerances.tol`
 is 0.016, within 2e-2 + 2e-2 |out|); the large case, where a few outputs
 are long sums near zero, the whole-array criterion
 `tolerances.assert_close_to_reference` against the reference run in bf16.
+
+Gradients (the backward kernels of `block_sparse_attention_mosaic_bwd.py`)
+are compared with `jax.vjp` of the reference on a random cotangent: the same
+element-wise `tol`, except where G = 16 query heads (and a long NOSA-like
+case) sum many bf16-rounded probabilities into dk / dv, a few of which land
+near zero with a rounding error that is not: there the whole-array
+criterion, as in the Triton kernel's large cases.
 """
 
+import functools
 import importlib
 import math
 import os
@@ -52,6 +60,11 @@ def _inputs(seed, b, t, h, kh, d, dtype, with_bias):
   return bsa_test._inputs(seed, b, t, h, kh, d, dtype, with_bias)[:4]
 
 
+def _grad_inputs(seed, b, t, h, kh, d, dtype, with_bias):
+  """q, k, v, bias and a cotangent of the output."""
+  return bsa_test._inputs(seed, b, t, h, kh, d, dtype, with_bias)
+
+
 def _mask(seed, b, kh, t, density):
   return bsa_test._mask(seed, b, kh, t, _C, density)
 
@@ -77,6 +90,24 @@ def _lse_reference(q, k, bias, mask):
   logits = np.where(sel[:, :, None], logits, -np.inf)
   lse = np.logaddexp.reduce(logits, axis=-1)  # [B, K, G, T]
   return lse.transpose(0, 3, 1, 2).reshape(b, t, h)
+
+
+def _out_and_lse_jnp(q, k, v, bias, mask):
+  """The reference's out and [B, T, H] natural lse, differentiable (jnp)."""
+  b, t, h, d = q.shape
+  kh = k.shape[2]
+  out = pallas_kernels.block_sparse_attention_reference(q, k, v, bias, mask,
+                                                        _C)
+  f32 = lambda x: x.astype(jnp.float32)
+  q_BTKGD = f32(q).reshape(b, t, kh, h // kh, d)
+  logits = jnp.einsum("BTKGD,BSKD->BKGTS", q_BTKGD, f32(k),
+                      precision=jax.lax.Precision.HIGHEST) / math.sqrt(d)
+  logits = logits + bias.transpose(0, 2, 1)[:, :, None, None, :]
+  sel = jnp.take(mask, jnp.arange(t) // _C, axis=3)  # [B, K, T, S]
+  sel = sel & jnp.tril(jnp.ones((t, t), bool))
+  logits = jnp.where(sel[:, :, None], logits, -jnp.inf)
+  lse = jax.nn.logsumexp(logits, axis=-1)  # [B, K, G, T]
+  return out, lse.transpose(0, 3, 1, 2).reshape(b, t, h)
 
 
 # name, B, T, K, G, D, mask density, bias, dtype. T is never a multiple of
@@ -119,6 +150,119 @@ class _MosaicCases(parameterized.TestCase):
     np.testing.assert_allclose(np.asarray(lse)[rows], want_lse[rows],
                                err_msg="lse", **tolerances.tol(np.float32))
     return out
+
+  def _compare_grads(self, q, k, v, bias, mask, cot, lowp_reference=False,
+                     **options):
+    """Kernel vs reference: out and the grads w.r.t. q, k, v (and bias).
+
+    Element-wise `tol` by default; with `lowp_reference`, the whole-array
+    `tolerances.assert_close_to_reference` against the reference run in
+    q's dtype as well as in fp32 (module docstring).
+    """
+    kernel_fn = functools.partial(self._kernel, mask_BKTN=mask, block_size=_C,
+                                  **options)
+    ref_fn = functools.partial(
+        pallas_kernels.block_sparse_attention_reference, mask_BKTN=mask,
+        block_size=_C)
+    # Differentiate w.r.t. the bias only when there is one.
+    args = (q, k, v) if bias is None else (q, k, v, bias)
+    kernel = lambda q, k, v, *b: kernel_fn(q, k, v, b[0] if b else None)
+    ref = lambda q, k, v, *b, **kw: ref_fn(q, k, v, b[0] if b else None,
+                                           **kw)
+    got = bsa_test._out_and_grads(kernel, args, cot)
+    want = bsa_test._out_and_grads(ref, args, cot)
+    if lowp_reference:
+      lowp = bsa_test._out_and_grads(
+          functools.partial(ref, compute_dtype=q.dtype), args, cot)
+    names = ("out", "dq", "dk", "dv", "dbias")[:len(args) + 1]
+    flat = lambda pair: (pair[0], *pair[1])
+    for i, name in enumerate(names):
+      g, w = flat(got)[i], flat(want)[i]
+      self.assertEqual(g.dtype, w.dtype, name)
+      self.assertTrue(np.all(np.isfinite(_f32(g))), name)
+      if lowp_reference:
+        tolerances.assert_close_to_reference(g, w, flat(lowp)[i],
+                                             err_msg=name)
+      else:
+        # The fp32 bias gradient too is computed from q's dtype.
+        np.testing.assert_allclose(_f32(g), _f32(w), err_msg=name,
+                                   **tolerances.tol(q.dtype))
+    return got
+
+  def _grad_case(self, b, t, kh, g, d, density, with_bias, dtype):
+    q, k, v, bias, cot = _grad_inputs(t + g, b, t, kh * g, kh, d, dtype,
+                                      with_bias)
+    self._compare_grads(q, k, v, bias, _mask(t + g, b, kh, t, density), cot,
+                        lowp_reference=g >= 16)
+
+  def test_grads_cheap(self):
+    """The grid's first case, with gradients: the backward's case of the
+    default CPU suite."""
+    self._grad_case(*_GRID[0][1:])
+
+  @parameterized.named_parameters(*_GRID[1:])
+  @pytest.mark.slow  # inside: the generated cases copy the mark
+  def test_grads(self, *case):
+    self._grad_case(*case)
+
+  @pytest.mark.slow
+  def test_full_budget_grads_are_dense_causal_attention(self):
+    # Every block selected: the gradients are dense causal attention's.
+    b, t, kh, g, d = 1, 100, 2, 4, 64
+    q, k, v, _, cot = _grad_inputs(3, b, t, kh * g, kh, d, _BF16, False)
+    mask = _mask(3, b, kh, t, 1.0)
+    kernel = lambda q, k, v: self._kernel(q, k, v, None, mask, _C)
+    dense = lambda q, k, v: jax.nn.dot_product_attention(
+        q.astype(jnp.float32), k.astype(jnp.float32),
+        v.astype(jnp.float32), is_causal=True)
+    got = bsa_test._out_and_grads(kernel, (q, k, v), cot)
+    want = bsa_test._out_and_grads(dense, (q, k, v), cot.astype(jnp.float32))
+    for name, g, w in zip(("out", "dq", "dk", "dv"), (got[0], *got[1]),
+                          (want[0], *want[1]), strict=True):
+      np.testing.assert_allclose(_f32(g), _f32(w), err_msg=name,
+                                 **tolerances.tol(_BF16))
+
+  @parameterized.parameters(True, False)
+  @pytest.mark.slow  # inside: the generated cases copy the mark
+  def test_grads_nosa_like_empty_rows(self, full_fast_path):
+    # test_nosa_like_full_fast_path's case with gradients: full and partial
+    # (tile, block) pairs, tokens that select nothing on the second KV head
+    # (zero dq rows, no NaN), dk/dv programs of the sink block walking every
+    # tile, and rings reused in both kernels.
+    b, t, kh, g, d = 1, 400, 2, 8, 64
+    q, k, v, bias, cot = _grad_inputs(5, b, t, kh * g, kh, d, _BF16, True)
+    mask = np.array(_nosa_like_mask(5, b, kh, t, sink=1, window=3, extra=1))
+    empty = np.arange(t) % 3 == 0
+    mask[:, 1, empty] = False
+    _, (dq, *_) = self._compare_grads(
+        q, k, v, bias, jnp.asarray(mask), cot, lowp_reference=True,
+        max_concurrent_steps=3, full_fast_path=full_fast_path)
+    np.testing.assert_array_equal(_f32(dq)[:, empty, g:], 0.0)
+
+  @pytest.mark.slow
+  def test_lse_grad(self):
+    # The returned lse is differentiable too (its cotangent folds into the
+    # backward's delta): d(sum(out * cot) + sum(lse * w)) against jnp.
+    b, t, kh, g, d = 1, 100, 1, 4, 64
+    q, k, v, bias, cot = _grad_inputs(9, b, t, kh * g, kh, d, _BF16, True)
+    mask = _mask(9, b, kh, t, 0.5)
+    w = jnp.asarray(np.random.default_rng(9).normal(size=(b, t, kh * g)),
+                    jnp.float32)
+
+    def loss(fn):
+      def f(q, k, v, bias):
+        out, lse = fn(q, k, v, bias)
+        return (jnp.sum(out.astype(jnp.float32) * cot.astype(jnp.float32))
+                + jnp.sum(lse * w))
+      return jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))
+
+    kernel = lambda *a: self._kernel(*a, mask, _C, return_lse=True)
+    got = loss(kernel)(q, k, v, bias)
+    want = loss(lambda *a: _out_and_lse_jnp(*a, mask))(q, k, v, bias)
+    for name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want,
+                          strict=True):
+      np.testing.assert_allclose(_f32(g), _f32(w), err_msg=name,
+                                 **tolerances.tol(_BF16))
 
   def _case(self, b, t, kh, g, d, density, with_bias, dtype):
     q, k, v, bias = _inputs(t + g, b, t, kh * g, kh, d, dtype, with_bias)
@@ -202,14 +346,18 @@ class _MosaicCases(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "G=128 .* at most 64"):
       fn(g128, kv1, kv1, None, jnp.ones((1, 1, 8, 1), bool), _C)
 
-  def test_gradient_is_refused(self):
-    q, k, v, bias = _inputs(0, 1, 70, 4, 2, 64, _BF16, True)
+  def test_gradient_is_refused_for_d256(self):
+    # The forward takes D = 256, the backward D <= 128 only.
+    q, k, v, bias = _inputs(0, 1, 70, 4, 2, 256, _BF16, True)
     mask = _mask(0, 1, 2, 70, 1.0)
     loss = lambda q: jnp.sum(self._kernel(q, k, v, bias, mask, _C).astype(
         jnp.float32))
     # Traced only: the refusal comes while building the backward.
-    with self.assertRaisesRegex(NotImplementedError, "no backward yet"):
+    with self.assertRaisesRegex(NotImplementedError,
+                                "D=256: the Mosaic backward takes D <= 128"
+                                ) as cm:
       jax.jit(jax.grad(loss)).trace(q)
+    self.assertNotIn("\n", str(cm.exception))
 
 
 class BlockSparseAttentionMosaicInterpretTest(_MosaicCases):
