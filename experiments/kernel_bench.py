@@ -6,7 +6,7 @@ All figures of one invocation come from the same process, so ratios compare
 like with like. Each part is a function of `experiments/bench/`, whose
 docstring says what it measures:
   train, train_sweep, bwd_sweep, train_profile,
-  fwd                                            bench/attention_kernels.py
+  fwd, fwd_bwd                                   bench/attention_kernels.py
   scores, scores_sweep, selection_profile        bench/selection_kernels.py
   decode, decode_sweep                           bench/decode_kernels.py
   step                                           bench/train_step.py
@@ -88,6 +88,8 @@ def _parts(save) -> dict:
                  xla_max_len=_XLA_MAX.value),
       "train_sweep": p(attention_kernels.train_sweep, **train),
       "fwd": p(attention_kernels.fwd, **train, iters=_ITERS.value),
+      "fwd_bwd": p(attention_kernels.fwd_bwd_mosaic, **train,
+                   iters=_ITERS.value),
       "bwd_sweep": p(attention_kernels.bwd_sweep, **train, iters=_ITERS.value,
                      variants=_BWD.value, save=save),
       "train_profile": p(attention_kernels.train_profile, **train,

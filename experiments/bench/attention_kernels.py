@@ -9,6 +9,9 @@ Parts of `experiments.kernel_bench` (each appends rows to `rows`):
   fwd            the forward alone at each T: cuDNN dense vs the Pallas
                  (Triton) kernel vs the Mosaic GPU kernel (issue 27), with
                  effective TFLOP/s (attended pairs only)
+  fwd_bwd        the same three, forward + backward (jit of grad w.r.t.
+                 q, k, v, bias): the Mosaic backward against the Triton
+                 one; effective TFLOP/s count backward = 2.5 forward
   bwd_sweep      the backward variants (`BWD_VARIANTS`) with each one's
                  largest gradient difference from the first listed
   train_profile  per-kernel GPU time of one fwd+bwd call, beside cuDNN's
@@ -153,37 +156,65 @@ def attended_flops(q, mask_BKTN):
   return 4.0 * d * (h // k) * float(pairs)
 
 
+def _mosaic_vs_pallas(rows, *, part, lengths, masks, iters):
+  """The fwd and fwd_bwd parts: cuDNN dense, the Pallas (Triton) and the
+  Mosaic kernels, forward alone or jit(grad) (fwd_bwd); a kernel that fails
+  is a row with `<name>_error`."""
+  grads = part == "fwd_bwd"
+  wrap = fwd_bwd if grads else jax.jit
+  # Effective FLOPs: the forward's 4 D per attended pair, and for fwd+bwd
+  # FlashAttention's convention, backward = 2.5 forward.
+  flop_factor = 3.5 if grads else 1.0
+  suffix = f"{part}_s"
+  for kind in masks:
+    for t in lengths:
+      args, _ = inputs_with_mask(t, kind)
+      flops = attended_flops(args[0], args[-1]) * flop_factor
+      row = {"part": part, "mask": kind, "T": t,
+             "selected_fraction_of_causal": float(jnp.mean(args[-1])) * 2,
+             f"dense_cudnn_{suffix}": timing.timeit(wrap(dense), *args,
+                                                    iters=iters)}
+      outs = {}
+      for name in ("pallas", "mosaic"):
+        try:
+          attend = sparse_fwd(name)
+          run = fwd_bwd(attend) if grads else attend
+          row[f"{name}_{suffix}"] = timing.timeit(run, *args, iters=iters)
+          row[f"{name}_effective_tflops"] = (
+              flops / row[f"{name}_{suffix}"] / 1e12)
+          outs[name] = run(*args)
+        except Exception as e:  # a kernel that fails is a result
+          row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
+      if len(outs) == 2:
+        row["mosaic_speedup_vs_pallas"] = (row[f"pallas_{suffix}"] /
+                                           row[f"mosaic_{suffix}"])
+        row["mosaic_speedup_vs_dense"] = (row[f"dense_cudnn_{suffix}"] /
+                                          row[f"mosaic_{suffix}"])
+        if grads:
+          row["mosaic_max_rel_diff_vs_pallas"] = max_rel_diff(
+              outs["mosaic"], outs["pallas"])
+        else:
+          row["mosaic_max_abs_diff_vs_pallas"] = float(jnp.max(jnp.abs(
+              outs["mosaic"].astype(jnp.float32) -
+              outs["pallas"].astype(jnp.float32))))
+      print(row, flush=True)
+      rows.append(row)
+
+
 def fwd(rows, *, lengths, masks, iters):
   """The fwd part (module docstring); `mosaic_max_abs_diff_vs_pallas` is
   the largest output difference of the two kernels (bf16 rounding ~1e-2;
   a wrong kernel O(1))."""
-  for kind in masks:
-    for t in lengths:
-      args, _ = inputs_with_mask(t, kind)
-      flops = attended_flops(args[0], args[-1])
-      row = {"part": "fwd", "mask": kind, "T": t,
-             "selected_fraction_of_causal": float(jnp.mean(args[-1])) * 2,
-             "dense_cudnn_fwd_s": timing.timeit(jax.jit(dense), *args,
-                                                iters=iters)}
-      outs = {}
-      for name in ("pallas", "mosaic"):
-        try:
-          run = sparse_fwd(name)
-          row[f"{name}_fwd_s"] = timing.timeit(run, *args, iters=iters)
-          row[f"{name}_effective_tflops"] = (
-              flops / row[f"{name}_fwd_s"] / 1e12)
-          outs[name] = run(*args).astype(jnp.float32)
-        except Exception as e:  # a kernel that fails is a result
-          row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
-      if len(outs) == 2:
-        row["mosaic_speedup_vs_pallas"] = (row["pallas_fwd_s"] /
-                                           row["mosaic_fwd_s"])
-        row["mosaic_speedup_vs_dense"] = (row["dense_cudnn_fwd_s"] /
-                                          row["mosaic_fwd_s"])
-        row["mosaic_max_abs_diff_vs_pallas"] = float(
-            jnp.max(jnp.abs(outs["mosaic"] - outs["pallas"])))
-      print(row, flush=True)
-      rows.append(row)
+  _mosaic_vs_pallas(rows, part="fwd", lengths=lengths, masks=masks,
+                    iters=iters)
+
+
+def fwd_bwd_mosaic(rows, *, lengths, masks, iters):
+  """The fwd_bwd part (module docstring); `mosaic_max_rel_diff_vs_pallas`
+  is the worst gradient's largest difference from the Triton kernel's over
+  its largest entry (`max_rel_diff`)."""
+  _mosaic_vs_pallas(rows, part="fwd_bwd", lengths=lengths, masks=masks,
+                    iters=iters)
 
 
 def bwd_variant(name):

@@ -78,6 +78,18 @@ class KernelBenchTest(absltest.TestCase):
     self.assertLess(row["mosaic_max_abs_diff_vs_pallas"], 2e-2)
     self.assertGreater(row["mosaic_effective_tflops"], 0)
 
+  def test_fwd_bwd_part(self):
+    out = self.create_tempdir().full_path
+    run = _kernel_bench(f"--out={out}", "--parts=fwd_bwd", "--lengths=128",
+                        "--masks=local", "--iters=1")
+    self.assertEqual(run.returncode, 0, run.stderr[-3000:])
+    row, = json.load(open(os.path.join(out, "results.json")))["rows"]
+    self.assertNotIn("mosaic_error", row)
+    self.assertIn("dense_cudnn_fwd_bwd_s", row)
+    # The Mosaic and Triton backwards agree (bf16 rounding).
+    self.assertLess(row["mosaic_max_rel_diff_vs_pallas"], 2e-2)
+    self.assertGreater(row["mosaic_effective_tflops"], 0)
+
 
 class FlagsTest(absltest.TestCase):
 

@@ -104,7 +104,7 @@ def _out_and_lse_jnp(q, k, v, bias, mask):
                       precision=jax.lax.Precision.HIGHEST) / math.sqrt(d)
   logits = logits + bias.transpose(0, 2, 1)[:, :, None, None, :]
   sel = jnp.take(mask, jnp.arange(t) // _C, axis=3)  # [B, K, T, S]
-  sel = sel & jnp.tril(jnp.ones((t, t), bool))
+  sel = sel & jnp.tril(jnp.ones((t, t), bool))[None, None]
   logits = jnp.where(sel[:, :, None], logits, -jnp.inf)
   lse = jax.nn.logsumexp(logits, axis=-1)  # [B, K, G, T]
   return out, lse.transpose(0, 3, 1, 2).reshape(b, t, h)
@@ -386,11 +386,13 @@ class BlockSparseAttentionMosaicInterpretTest(_MosaicCases):
                           capture_output=True, text=True, timeout=600,
                           check=False)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
-    self.assertIn("ok 3 cases", proc.stdout)
+    self.assertIn("ok 4 cases", proc.stdout)
 
 
 def run_warp_specialized_cases():
-  """The producer variant with 1 and 2 consumers, and slots reused."""
+  """The producer variant with 1 and 2 consumers, and slots reused; then
+  gradients after a 2-consumer forward (the backward rebuilds its dq lists
+  for one-warpgroup tiles)."""
   case = _MosaicCases()
   case.INTERPRET = True
   for i, (name, *args) in enumerate((_GRID[0], _GRID[1], _GRID[3])):
@@ -400,7 +402,13 @@ def run_warp_specialized_cases():
     case._compare(q, k, v, bias, mask, warp_specialized=True,
                   compute_wgs=1 + i % 2)
     print(name, "ok", flush=True)
-  print("ok 3 cases")
+  b, t, kh, g, d, density, with_bias, dtype = _GRID[0][1:]
+  q, k, v, bias, cot = _grad_inputs(t + g, b, t, kh * g, kh, d, dtype,
+                                    with_bias)
+  case._compare_grads(q, k, v, bias, _mask(t + g, b, kh, t, density), cot,
+                      warp_specialized=True, compute_wgs=2)
+  print("grads ok", flush=True)
+  print("ok 4 cases")
 
 
 @pytest.mark.gpu
@@ -437,6 +445,31 @@ class BlockSparseAttentionMosaicTest(_MosaicCases):
     np.testing.assert_allclose(_f32(out), _f32(triton),
                                **tolerances.tol(_BF16))
 
+  @parameterized.product(compute_wgs=(1, 2), max_concurrent_steps=(2, 3))
+  def test_grad_variants(self, compute_wgs, max_concurrent_steps):
+    # The forward's variants set the backward's lists (its dq lists are the
+    # forward's with one consumer, rebuilt with two) and ring depth.
+    q, k, v, bias, cot = _grad_inputs(1, 1, 500, 2 * 16, 2, 128, _BF16,
+                                      True)
+    mask = _nosa_like_mask(1, 1, 2, 500, sink=1, window=2, extra=2)
+    self._compare_grads(q, k, v, bias, mask, cot, lowp_reference=True,
+                        compute_wgs=compute_wgs,
+                        max_concurrent_steps=max_concurrent_steps)
+
+  def test_large_nosa_like_grads(self):
+    b, t, kh, g, d = 1, 4096, 2, 16, 128
+    q, k, v, bias, cot = _grad_inputs(3, b, t, kh * g, kh, d, _BF16, True)
+    mask = _nosa_like_mask(3, b, kh, t, sink=1, window=4, extra=8)
+    _, grads = self._compare_grads(q, k, v, bias, mask, cot,
+                                   lowp_reference=True)
+    # The Triton backward computes the same gradients.
+    triton = lambda *a: pallas_kernels.block_sparse_attention(*a, mask, _C)
+    _, want = bsa_test._out_and_grads(triton, (q, k, v, bias), cot)
+    for name, g, w in zip(("dq", "dk", "dv", "dbias"), grads, want,
+                          strict=True):
+      tolerances.assert_close_to_reference(g, w, w, atol_floor=5e-2,
+                                           err_msg=name)
+
 
 class MosaicLoweringTest(parameterized.TestCase):
   """The kernel lowers to Mosaic GPU for CUDA (sm_90a) on the CPU.
@@ -460,6 +493,28 @@ class MosaicLoweringTest(parameterized.TestCase):
     text = jax.jit(fn).trace(q, kv, kv, bias, mask).lower(
         lowering_platforms=("cuda",)).as_text()
     self.assertIn("mosaic_gpu", text)
+    self.assertNotIn("__gpu$xla.gpu.triton", text)
+
+  @parameterized.parameters(
+      # warp_specialized, compute_wgs, G, D, dtype
+      (True, 2, 16, 128, _BF16), (False, 1, 1, 64, np.float16))
+  def test_grad_lowers_for_cuda(self, warp_specialized, compute_wgs, g, d,
+                                dtype):
+    # The compiled backward feeds P^T, dS^T, dS to wgmma from registers and
+    # accumulates in place (run_state), which interpret mode never runs.
+    b, t, kh = 1, 300, 2
+    q = jax.ShapeDtypeStruct((b, t, kh * g, d), dtype)
+    kv = jax.ShapeDtypeStruct((b, t, kh, d), dtype)
+    bias = jax.ShapeDtypeStruct((b, t, kh), jnp.float32)
+    mask = jax.ShapeDtypeStruct((b, kh, t, math.ceil(t / _C)), jnp.bool_)
+    loss = lambda *a: jnp.sum(bsm.block_sparse_attention_mosaic(
+        *a, _C, compute_wgs=compute_wgs,
+        warp_specialized=warp_specialized).astype(jnp.float32))
+    fn = jax.grad(loss, argnums=(0, 1, 2, 3))
+    text = jax.jit(fn).trace(q, kv, kv, bias, mask).lower(
+        lowering_platforms=("cuda",)).as_text()
+    # The forward, dq and dk/dv kernels, none through Triton.
+    self.assertGreaterEqual(text.count("custom_call @mosaic_gpu"), 3)
     self.assertNotIn("__gpu$xla.gpu.triton", text)
 
 
