@@ -8,6 +8,7 @@ from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from nosa_jax import config as config_lib
 from nosa_jax import selection
@@ -159,6 +160,25 @@ class SparseAttentionTest(parameterized.TestCase):
       np.testing.assert_allclose(np.asarray(a, np.float32),
                                  np.asarray(b, np.float32),
                                  **tolerances.tol(dtype))
+
+  @pytest.mark.slow
+  def test_mosaic_trains_like_xla(self):
+    """implementation="mosaic" (Mosaic GPU fwd + bwd, interpret mode on the
+    CPU) gives the xla path's output and gradients; the Mosaic kernels take
+    64-token blocks and D % 64 == 0, bf16."""
+    q, k, v, bias = _inputs(5, 1, 100, 4, 2, 64, jnp.bfloat16)
+    rng = np.random.default_rng(5)
+    mask = rng.random((1, 2, 100, 2)) < 0.5
+    mask[:, :, np.arange(100), np.arange(100) // 64] = True
+    cot = jnp.asarray(rng.normal(size=q.shape), jnp.bfloat16)
+    run = lambda impl: _grads(lambda *a: sa.sparse_attention(
+        *a, jnp.asarray(mask), block_size=64, query_chunk=64,
+        implementation=impl), (q, k, v, bias), cot)
+    (out_x, grads_x), (out_m, grads_m) = run("xla"), run("mosaic")
+    for a, b in zip((out_x, *grads_x), (out_m, *grads_m), strict=True):
+      np.testing.assert_allclose(np.asarray(a, np.float32),
+                                 np.asarray(b, np.float32),
+                                 **tolerances.tol(jnp.bfloat16))
 
   def test_decode_attention_implementations_agree(self):
     rng = np.random.default_rng(5)
