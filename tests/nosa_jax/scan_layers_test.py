@@ -61,24 +61,40 @@ class ScanLayersEquivalenceTest(parameterized.TestCase):
   # for nosa with full remat (the 1B setting) only, because each compile of
   # a sparse backward costs 5-10 s on a CPU. Each remat setting appears in
   # at least one scanned run; the set is kept small for the CI's 2 cores.
+  # nosa's case is test_biases_and_mup (its biases and muP multipliers
+  # only add terms to the same code path; one pair of sparse backward
+  # compiles instead of two).
   @parameterized.named_parameters(
       ("full", "full", ("dots",), ("none",)),
-      ("nosa", "nosa", ("full",), ("none",)),
       ("infllmv2", "infllmv2", (), ("full",)),
   )
   def test_scan_equals_loop(self, variant, grad_remats, forward_remats):
+    self._check_scan_equals_loop(variant, grad_remats, forward_remats)
+
+  def _check_scan_equals_loop(self, variant, grad_remats, forward_remats,
+                              base=None, batch_BT1=None):
+    """Scanned vs looped stack; returns the loop's (params, outputs)."""
     with_grads = bool(grad_remats)
-    cfg_loop = _cfg(variant, "none")
+    cfg_loop = dataclasses.replace(_cfg(variant, "none"), **(base or {}))
     graphdef_loop, params = _params(cfg_loop)
-    # 96 tokens = 6 blocks of 16: from block 5 on, a query has two free
-    # (neither sink nor window) blocks, so the locality penalty is non-zero.
-    batch_BT1 = testing.random_tokens(jax.random.key(1), 1, 97)
+    if base:  # every parameter non-trivial, the biases and A included
+      keys = jax.random.split(jax.random.key(4),
+                              len(jax.tree.leaves(params)))
+      params = jax.tree.unflatten(jax.tree.structure(params), [
+          x + 0.1 * jax.random.normal(k, x.shape, x.dtype)
+          for k, x in zip(keys, jax.tree.leaves(params), strict=True)])
+    if batch_BT1 is None:
+      # 96 tokens = 6 blocks of 16: from block 5 on, a query has two free
+      # (neither sink nor window) blocks, so the locality penalty is
+      # non-zero.
+      batch_BT1 = testing.random_tokens(jax.random.key(1), 1, 97)
     want = _run(graphdef_loop, params, cfg_loop, batch_BT1, with_grads)
     if cfg_loop.sparse.query_aware:
       self.assertGreater(float(want[1]), 0.0)  # the penalty is exercised
     tol = tolerances.tol(np.float32)
     for remat in grad_remats + forward_remats:
-      cfg_scan = _cfg(variant, remat, scan_layers=True)
+      cfg_scan = dataclasses.replace(_cfg(variant, remat, scan_layers=True),
+                                     **(base or {}))
       graphdef_scan, params_scan = _params(cfg_scan)
       # The layout is unchanged: the same per-layer parameter tree.
       self.assertEqual(jax.tree.structure(params),
@@ -102,6 +118,7 @@ class ScanLayersEquivalenceTest(parameterized.TestCase):
         norm = sum(float(np.abs(x).sum())
                    for x in jax.tree.leaves(got[2]["blocks"][i]))
         self.assertGreater(norm, 0.0, msg=f"layer {i}, remat={remat}")
+    return params, want
 
   def test_penalty_key_per_layer_in_scan_and_loop(self):
     """Layer i gets the penalty key fold_in(key, i) in the loop (here
@@ -153,27 +170,17 @@ class ScanLayersEquivalenceTest(parameterized.TestCase):
     self.assertTrue(all(a.dtype == np.dtype("bfloat16") for a in stacked))
 
   def test_biases_and_mup(self):
-    """A model with every bias and MiniCPM's muP multipliers: the scan
-    equals the loop, every bias gets a gradient, and the sharding rules
-    name every parameter."""
+    """nosa with every bias and MiniCPM's muP multipliers: the scan equals
+    the loop (gradients with full remat, the 1B setting; forward without
+    remat), every bias gets a gradient, and the sharding rules name every
+    parameter."""
     base = dict(attention_bias=True, mlp_bias=True, embed_scale=3.0,
                 residual_scale=0.5, logits_scale=0.25)
-    cfg_loop = dataclasses.replace(_cfg("nosa", "none"), **base)
-    graphdef_loop, params = _params(cfg_loop)
-    keys = jax.random.split(jax.random.key(4), len(jax.tree.leaves(params)))
-    params = jax.tree.unflatten(jax.tree.structure(params), [
-        x + 0.1 * jax.random.normal(k, x.shape, x.dtype)
-        for k, x in zip(keys, jax.tree.leaves(params), strict=True)])
-    batch_BT1 = testing.random_tokens(jax.random.key(5), 1, 49)
-    want = _run(graphdef_loop, params, cfg_loop, batch_BT1, True)
-    cfg_scan = dataclasses.replace(cfg_loop, scan_layers=True, remat="full")
-    graphdef_scan, _ = _params(cfg_scan)
-    got = _run(graphdef_scan, params, cfg_scan, batch_BT1, True)
-    tol = tolerances.tol(np.float32)
-    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got),
-                    strict=True):
-      np.testing.assert_allclose(g, w, **tol)
-    for i in range(cfg_loop.num_layers):
+    # 96 tokens, as in test_scan_equals_loop: the penalty is non-zero.
+    params, want = self._check_scan_equals_loop(
+        "nosa", ("full",), ("none",), base=base,
+        batch_BT1=testing.random_tokens(jax.random.key(5), 1, 97))
+    for i in range(len(want[2]["blocks"])):
       blk = want[2]["blocks"][i]
       for name in ("bq", "bk", "bv", "bo", "evict_delta_b"):
         self.assertGreater(float(np.abs(blk["attn"][name][...]).sum()), 0,
