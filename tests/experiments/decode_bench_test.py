@@ -64,11 +64,12 @@ class SmokeTest(absltest.TestCase):
     # loop, offloaded with the fused kernel), and both query-aware variants
     # offloaded; B=2 and 1 + 2 steps (the fused kernel runs interpreted on
     # the CPU, at a cost per step that grows with B: ~0.65 s at B=4, ~0.2 s
-    # at B=2).
+    # at B=2). 2 of the tiny config's 4 layers, as the engine tests' model:
+    # every program is half the size to compile (~30 s -> ~23 s).
     out = self.create_tempdir().full_path
     run = entry_points.run(
         "decode_bench", "--runlocal", f"--out_dir={out}", "--steps=2",
-        "--warmup=1", "--batch=2",
+        "--warmup=1", "--batch=2", "--num_layers=2",
         "--systems=nosa_gpu,nosa_offload,nosa_offload_fused,"
         "infllmv2_offload",
         # The second locality point: the issue-8 study's trained nosa.
@@ -76,6 +77,7 @@ class SmokeTest(absltest.TestCase):
     self.assertEqual(run.returncode, 0, run.stderr[-3000:])
     res = json.load(open(os.path.join(out, "decode_bench.json")))
     self.assertAlmostEqual(res["meta"]["gamma_nosa"], 0.917, places=3)
+    self.assertEqual(res["meta"]["num_layers_override"], 2)
     self.assertEqual([r["system"] for r in res["records"]],
                      ["infllmv2_offload", "nosa_gpu", "nosa_offload",
                       "nosa_offload_fused"])
