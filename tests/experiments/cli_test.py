@@ -116,6 +116,9 @@ class BadInputTest(absltest.TestCase):
          r"^evaluate error: no config.json in .*/none: not a training"),
         ([f"--workdir={self.tmp}", f"--out_json={self.file}/eval.json"],
          rf"^evaluate error: --out_json: {self.file} is a file, not a "),
+        ([f"--workdir={self.tmp}", "--passkey_depths=0.5,2"],
+         r"^flag error: --passkey_depths=\(0\.5, 2\.0\) is invalid: must "
+         r"be one or more numbers in \[0, 1\]$"),
     ])
 
   def test_export(self):
