@@ -56,10 +56,15 @@ import sys
 from typing import Optional
 
 import jax
+from jax.experimental import xla_metadata
 import jax.numpy as jnp
 import numpy as np
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "copy_engine.cc")
+# Set to "1": issue_from marks its sources with the operands_memory_spaces
+# frontend attribute (host, 5) for XLA:GPU's buffer colorer (a fallback,
+# not needed unless the host check fires).
+HOST_OPERANDS_ENV = "NOSA_DMA_HOST_OPERANDS_ATTR"
 _ISSUE, _ISSUE_FROM, _WAIT = ("nosa_dma_issue", "nosa_dma_issue_from",
                               "nosa_dma_wait")
 
@@ -142,12 +147,19 @@ class CopyEngine:
         raise ValueError(f"row_bytes={row_bytes} must divide the source's "
                          f"{src.size * src.dtype.itemsize} bytes")
     dsts = [d for d, _ in pairs]
-    return tuple(jax.ffi.ffi_call(
+    call = jax.ffi.ffi_call(
         _ISSUE_FROM, [jax.ShapeDtypeStruct(d.shape, d.dtype) for d in dsts],
         input_output_aliases={1 + 2 * j: j for j in range(len(pairs))},
-        has_side_effect=True)(
-            plan_N2.astype(jnp.int32), *[x for pair in pairs for x in pair],
-            row_bytes=np.int64(row_bytes)))
+        has_side_effect=True)
+    args = (plan_N2.astype(jnp.int32), *[x for pair in pairs for x in pair])
+    if os.environ.get(HOST_OPERANDS_ENV) != "1":
+      return tuple(call(*args, row_bytes=np.int64(row_bytes)))
+    # Opt-in: ask XLA's buffer colorer to keep the sources in host memory
+    # (memory space 5), should XLA:GPU move them to the device otherwise
+    # (issue_from's host check then refuses them).
+    spaces = ",".join(f"{2 + 2 * j}:5" for j in range(len(pairs)))
+    with xla_metadata.set_xla_metadata(operands_memory_spaces=f"{{{spaces}}}"):
+      return tuple(call(*args, row_bytes=np.int64(row_bytes)))
 
   def wait(self, *dsts: jax.Array):
     """Orders the oldest pending issue's copies before what uses the

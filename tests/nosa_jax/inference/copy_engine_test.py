@@ -7,6 +7,8 @@ not asynchrony), and on the GPU (`-m gpu`, NOSA_TEST_GPU=1) over CUDA.
 """
 
 import ctypes
+import os
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -165,6 +167,28 @@ class CopyTest(absltest.TestCase):
                                     jnp.array([[1, 0]], jnp.int32)))
     self.assertEqual(engine.drop_pending(), 1)  # the issue left unpaired
     self.assertEqual(engine.counters(reset=True)["pending"], 0)
+
+  def test_host_operand_attribute_is_opt_in(self):
+    engine = self._engine(True)
+    src = jax.device_put(np.arange(4 * 256, dtype=np.float32).reshape(4, 256),
+                         jax.memory.Space.Host)
+    dst, plan = jnp.zeros((2 * 256,), jnp.float32), jnp.array([[3, 1]],
+                                                               jnp.int32)
+
+    for env, attr in ((None, False), ("1", True)):
+
+      def copy(d, k, v, p):  # a new function: no trace reused across envs
+        return engine.wait(*engine.issue_from([(d, k), (d + 0, v)], p,
+                                              row_bytes=1024))
+
+      with mock.patch.dict(os.environ, {} if env is None else
+                           {copy_engine.HOST_OPERANDS_ENV: env}):
+        lowered = jax.jit(copy).lower(dst, src, src, plan)
+        self.assertEqual('operands_memory_spaces = "{2:5,4:5}"'
+                         in lowered.as_text(), attr)
+        got, _ = jax.jit(copy)(dst, src, src, plan)
+        np.testing.assert_array_equal(np.asarray(got)[256:],
+                                      np.asarray(src)[3])
 
   @pytest.mark.skipif(_ON_GPU, reason="the stand-in runtime says it")
   def test_a_source_moved_to_the_device_is_refused(self):
